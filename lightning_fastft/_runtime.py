@@ -1,0 +1,47 @@
+"""Where the Triton kernels can run, and the one-time warning when they cannot.
+
+The kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter
+(``TRITON_INTERPRET=1`` set before ``triton`` is imported, as the tests do). Anywhere
+else every public op falls back to its PyTorch reference and warns once per op.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - triton is a hard dependency on Linux
+    HAS_TRITON = False
+
+_warned: set[str] = set()
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_enabled(*tensors: torch.Tensor) -> bool:
+    """True when the Triton kernels can run on these tensors."""
+    if not HAS_TRITON:
+        return False
+    if all(t.is_cuda for t in tensors):
+        return True
+    return triton_interpreting() and all(t.device.type == "cpu" for t in tensors)
+
+
+def warn_fallback(op: str) -> None:
+    """Warn once per op that it runs the PyTorch reference instead of its Triton kernel."""
+    if op in _warned:
+        return
+    _warned.add(op)
+    warnings.warn(
+        f"lightning_fastft: {op} runs its PyTorch reference (no CUDA device and "
+        "TRITON_INTERPRET is not set); results are identical, only slower.",
+        stacklevel=3,
+    )
