@@ -1,0 +1,163 @@
+"""GPU micro-benchmarks: SwiGLU/GeGLU and fused linear cross-entropy vs eager PyTorch and Liger.
+
+``run(results)`` appends one dict per (kernel, shape, dtype, impl):
+``{kernel, shape, dtype, impl, fwd_ms, bwd_ms, fwd_gbps, bwd_gbps, peak_mib}``.
+
+* Times are medians of ``triton.testing.do_bench``. ``fwd_ms`` is the forward with autograd
+  recording; ``bwd_ms`` is (forward + backward) minus forward, since the fused cross-entropy
+  computes its gradients inside the forward and allows one backward per forward.
+* ``fwd_gbps``/``bwd_gbps`` (GLU only): nominal bytes over time; forward reads gate and up and
+  writes h, backward reads dh, gate and up and writes dgate and dup.
+* ``peak_mib``: peak CUDA memory of one forward + backward above what was allocated before it
+  (the inputs), i.e. activations, logits, workspaces and the gradients produced.
+
+Liger kernels are imported lazily and skipped when ``liger_kernel`` is not installed.
+Run ``python benchmarks/kernels_glu_ce.py`` for a table.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+GLU_TOKENS = (2048, 8192)
+GLU_INTERMEDIATE = 14336
+CE_TOKENS = (2048, 8192)
+CE_HIDDEN = 4096
+CE_VOCAB = 128256
+
+
+def _liger(module: str, name: str):
+    try:
+        return getattr(__import__(f"liger_kernel.ops.{module}", fromlist=[name]), name)
+    except ImportError:
+        return None
+
+
+def _time_and_memory(forward, leaves):
+    """(fwd_ms, bwd_ms, peak_mib) of ``forward()`` returning a tensor to backpropagate."""
+    from triton.testing import do_bench
+
+    def step():
+        out = forward()
+        out.backward(torch.ones_like(out))
+
+    fwd_ms = do_bench(forward, grad_to_none=leaves, return_mode="median")
+    step_ms = do_bench(step, grad_to_none=leaves, return_mode="median")
+    for leaf in leaves:
+        leaf.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    peak_mib = (torch.cuda.max_memory_allocated() - before) / 2**20
+    for leaf in leaves:
+        leaf.grad = None
+    return fwd_ms, max(step_ms - fwd_ms, 0.0), peak_mib
+
+
+def _bench_glu(results: list) -> None:
+    from lightning_fastft.kernels.glu import glu
+
+    eager_acts = {"silu": F.silu, "gelu_pytorch_tanh": lambda g: F.gelu(g, approximate="tanh")}
+    liger_functions = {
+        "silu": _liger("swiglu", "LigerSiLUMulFunction"),
+        "gelu_pytorch_tanh": _liger("geglu", "LigerGELUMulFunction"),
+    }
+    dtype = torch.bfloat16
+    for activation, eager_act in eager_acts.items():
+        for tokens in GLU_TOKENS:
+            shape = (tokens, GLU_INTERMEDIATE)
+            gate = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
+            up = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
+            impls = {
+                "fastft": lambda: glu(gate, up, activation),
+                "eager": lambda: eager_act(gate) * up,
+            }
+            if liger_functions[activation] is not None:
+                impls["liger"] = lambda: liger_functions[activation].apply(gate, up)
+            element_bytes = gate.numel() * gate.element_size()
+            for impl, forward in impls.items():
+                fwd_ms, bwd_ms, peak_mib = _time_and_memory(forward, [gate, up])
+                results.append({
+                    "kernel": "swiglu" if activation == "silu" else "geglu_tanh",
+                    "shape": shape,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "impl": impl,
+                    "fwd_ms": fwd_ms,
+                    "bwd_ms": bwd_ms,
+                    "fwd_gbps": 3 * element_bytes / fwd_ms / 1e6,
+                    "bwd_gbps": 5 * element_bytes / bwd_ms / 1e6 if bwd_ms > 0 else None,
+                    "peak_mib": peak_mib,
+                })
+            del gate, up
+
+
+def _bench_cross_entropy(results: list) -> None:
+    from lightning_fastft.kernels.cross_entropy import fused_linear_cross_entropy
+
+    liger_function = _liger("fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyFunction")
+
+    def liger_loss(hidden, weight, target):
+        out = liger_function.apply(hidden, weight, target)
+        return out[0] if isinstance(out, tuple) else out
+
+    dtype = torch.bfloat16
+    for trainable_weight in (False, True):
+        weight = (0.02 * torch.randn(CE_VOCAB, CE_HIDDEN, device="cuda")).to(dtype)
+        weight.requires_grad_(trainable_weight)
+        for tokens in CE_TOKENS:
+            hidden = torch.randn(tokens, CE_HIDDEN, device="cuda", dtype=dtype, requires_grad=True)
+            target = torch.randint(0, CE_VOCAB, (tokens,), device="cuda")
+            target[: tokens // 4] = -100  # a prompt's worth of ignored tokens
+            impls = {
+                "fastft": lambda: fused_linear_cross_entropy(hidden, weight, target),
+                "eager": lambda: F.cross_entropy((hidden @ weight.t()).float(), target),
+            }
+            if liger_function is not None:
+                impls["liger"] = lambda: liger_loss(hidden, weight, target)
+            leaves = [hidden, weight] if trainable_weight else [hidden]
+            for impl, forward in impls.items():
+                fwd_ms, bwd_ms, peak_mib = _time_and_memory(forward, leaves)
+                results.append({
+                    "kernel": "linear_ce_" + ("trainable_w" if trainable_weight else "frozen_w"),
+                    "shape": (tokens, CE_HIDDEN, CE_VOCAB),
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "impl": impl,
+                    "fwd_ms": fwd_ms,
+                    "bwd_ms": bwd_ms,
+                    "fwd_gbps": None,
+                    "bwd_gbps": None,
+                    "peak_mib": peak_mib,
+                })
+            del hidden, target
+        del weight
+
+
+def run(results: list) -> list:
+    """Append the GLU and fused linear cross-entropy benchmark rows (CUDA only) and return them."""
+    if not torch.cuda.is_available():
+        return results
+    _bench_glu(results)
+    torch.cuda.empty_cache()
+    _bench_cross_entropy(results)
+    torch.cuda.empty_cache()
+    return results
+
+
+def _format(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+if __name__ == "__main__":
+    rows = run([])
+    if not rows:
+        raise SystemExit("no CUDA device: nothing benchmarked")
+    columns = list(rows[0])
+    table = [columns] + [[_format(row[c]) for c in columns] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    for line in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)))

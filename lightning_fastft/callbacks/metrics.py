@@ -1,0 +1,161 @@
+"""``FastFTMetrics`` callback: tokens/s, MFU and peak GPU memory, to every logger and the progress bar.
+
+Model FLOPs per token (matmuls only, multiply-add = 2 FLOPs), for a sequence of length ``T``:
+
+    flops/token = 4 N + 2 N_trainable + 12 L d T  [+ 2 N + 4 L d T  when activations are recomputed]
+
+* ``N``: parameters used in matmuls (all but the input embedding; a tied LM head counts);
+  forward costs ``2N`` and the backward's input gradients another ``2N``.
+* ``N_trainable``: trainable matmul parameters, whose weight gradients cost ``2 N_trainable``
+  (full fine-tuning: ``N_trainable = N``, giving the usual ``6N``; LoRA: the adapters only).
+* ``12 L d T``: attention scores and values (``L`` layers, ``d`` = heads x head_dim),
+  forward ``4 L d T`` plus backward ``8 L d T`` (PaLM's convention, causal masking not
+  discounted). Packed sequences are counted at the full row length ``T``.
+* recomputation (activation checkpointing) repeats the forward: ``+2N + 4 L d T``.
+
+MFU = flops/token x tokens/s (all tokens, padding included) / peak device FLOP/s. The peak is
+looked up from the GPU name (dense bf16 tensor-core numbers) or given as ``peak_flops``.
+All values are per device.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+# dense bf16 tensor-core peak FLOP/s by GPU name fragment; first match wins (more specific first)
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("GB200", 2.5e15),
+    ("B200", 2.25e15),
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("H800", 989e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("RTX 4090", 165e12),
+    ("V100", 125e12),
+    ("T4", 65e12),
+)
+
+
+def peak_flops_for(device_name: str) -> Optional[float]:
+    """Dense bf16 peak FLOP/s of the GPU called ``device_name``, ``None`` when unknown."""
+    for fragment, flops in PEAK_BF16_FLOPS:
+        if fragment in device_name:
+            return flops
+    return None
+
+
+def _causal_lm(module: nn.Module) -> Optional[nn.Module]:
+    from transformers import PreTrainedModel
+
+    return next((m for m in module.modules() if isinstance(m, PreTrainedModel)), None)
+
+
+def flops_coefficients(module: nn.Module, recompute: bool = False) -> Optional[tuple[float, float]]:
+    """``(a, b)`` with training FLOPs per token ``= a + b * seq_len`` for the HF causal LM inside ``module``.
+
+    Formula in the module docstring; ``None`` when ``module`` holds no HF model.
+    """
+    model = _causal_lm(module)
+    if model is None:
+        return None
+    config = model.config.get_text_config()
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    tied_head = output is not None and output.weight is embedding
+    matmul_params = matmul_trainable = 0
+    for param in model.parameters():
+        if param is embedding and not tied_head:
+            continue
+        matmul_params += param.numel()
+        if param.requires_grad:
+            matmul_trainable += param.numel()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    attention_per_position = config.num_hidden_layers * config.num_attention_heads * head_dim
+    fixed = 4 * matmul_params + 2 * matmul_trainable
+    per_position = 12 * attention_per_position
+    if recompute:
+        fixed += 2 * matmul_params
+        per_position += 4 * attention_per_position
+    return float(fixed), float(per_position)
+
+
+def _recomputes_activations(trainer: pl.Trainer) -> bool:
+    options = [getattr(trainer.strategy, "patch_options", None)]
+    options += [getattr(callback, "patch_options", None) for callback in trainer.callbacks]
+    return any(o is not None and o.checkpointing is not None for o in options)
+
+
+class FastFTMetrics(Callback):
+    """Log ``tokens_per_sec`` (non-padding tokens), ``tokens_per_sec_total``, ``mfu`` and ``peak_mem_gib``.
+
+    Timing covers ``on_train_batch_start`` to ``on_train_batch_end`` (CUDA synchronized), averaged
+    over the last ``window`` batches. Non-padding tokens are ``attention_mask.sum()`` when the
+    batch has a mask, else every token (packed rows).
+
+    Args:
+        peak_flops: peak FLOP/s of one device for MFU; default: looked up from the GPU name (no
+            MFU when unknown, e.g. on CPU).
+        recompute: whether activations are recomputed (counts the extra forward in MFU); default:
+            read from the fastft strategy / ``FastFT`` callback.
+        window: number of recent batches the rates are averaged over.
+    """
+
+    def __init__(self, peak_flops: Optional[float] = None, recompute: Optional[bool] = None, window: int = 10) -> None:
+        self.peak_flops = peak_flops
+        self.recompute = recompute
+        self._batches: deque[tuple[float, int, int, int]] = deque(maxlen=window)
+        self._batch_start = 0.0
+        self._flops_coefficients: Optional[tuple[float, float]] = None
+
+    @staticmethod
+    def _synchronize(pl_module: pl.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.recompute is None:
+            self.recompute = _recomputes_activations(trainer)
+        if self.peak_flops is None and pl_module.device.type == "cuda":
+            self.peak_flops = peak_flops_for(torch.cuda.get_device_name(pl_module.device))
+        self._flops_coefficients = flops_coefficients(pl_module, self.recompute)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._synchronize(pl_module)
+        self._batch_start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._synchronize(pl_module)
+        elapsed = time.perf_counter() - self._batch_start
+        input_ids = batch["input_ids"]
+        total = input_ids.numel()
+        mask = batch.get("attention_mask")
+        non_pad = int(mask.sum()) if mask is not None else total
+        self._batches.append((elapsed, non_pad, total, input_ids.shape[-1]))
+
+        seconds = sum(b[0] for b in self._batches)
+        metrics = {
+            "tokens_per_sec": sum(b[1] for b in self._batches) / seconds,
+            "tokens_per_sec_total": sum(b[2] for b in self._batches) / seconds,
+        }
+        if self.peak_flops and self._flops_coefficients is not None:
+            fixed, per_position = self._flops_coefficients
+            flops = sum(b[2] * (fixed + per_position * b[3]) for b in self._batches)
+            metrics["mfu"] = flops / seconds / self.peak_flops
+        if pl_module.device.type == "cuda":
+            metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=True, logger=True, batch_size=1)

@@ -1,0 +1,256 @@
+"""Export a Hugging Face causal LM (plain, LoRA, or 4-bit QLoRA) to a GGUF file for llama.cpp.
+
+Follows the conventions of llama.cpp's ``convert_hf_to_gguf.py`` for the supported families:
+
+* llama / mistral (gguf arch ``llama``): llama.cpp rotates interleaved pairs ``(2i, 2i+1)``
+  while HF rotates halves ``(i, i + d/2)``, so the rows of every head of ``q_proj`` (with
+  ``num_attention_heads``) and ``k_proj`` (with ``num_key_value_heads``) are permuted with
+  :func:`permute_rotary_halves`.
+* qwen2 / qwen3 / gemma / gemma2 use NeoX-style (halves) rope in llama.cpp: no permutation.
+* gemma / gemma2 RMSNorm scales by ``1 + w``; llama.cpp uses plain ``w``, so ``1`` is added to
+  every ``*norm.weight``. Their ``lm_head`` is tied to the embeddings and not written.
+* 1-D tensors (norms, biases) are stored as F32; 2-D tensors in the requested type, with
+  Q8_0 falling back to F16 for rows not a multiple of the 32-wide block.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from torch import nn
+
+from lightning_fastft.export.merged import merged_state_dict, unwrap_peft
+
+
+@dataclass(frozen=True)
+class _ArchSpec:
+    arch: gguf.MODEL_ARCH
+    permute_qk: bool  # HF rotate-half q/k rows -> llama.cpp interleaved pairs
+    norm_shift: float  # added to every ``*norm.weight`` (Gemma's ``1 + w`` RMSNorm)
+    always_tied: bool  # lm_head is never written
+
+
+_ARCHITECTURES = {
+    "llama": _ArchSpec(gguf.MODEL_ARCH.LLAMA, permute_qk=True, norm_shift=0.0, always_tied=False),
+    "mistral": _ArchSpec(gguf.MODEL_ARCH.LLAMA, permute_qk=True, norm_shift=0.0, always_tied=False),
+    "qwen2": _ArchSpec(gguf.MODEL_ARCH.QWEN2, permute_qk=False, norm_shift=0.0, always_tied=False),
+    "qwen3": _ArchSpec(gguf.MODEL_ARCH.QWEN3, permute_qk=False, norm_shift=0.0, always_tied=False),
+    "gemma": _ArchSpec(gguf.MODEL_ARCH.GEMMA, permute_qk=False, norm_shift=1.0, always_tied=True),
+    "gemma2": _ArchSpec(gguf.MODEL_ARCH.GEMMA2, permute_qk=False, norm_shift=1.0, always_tied=True),
+}
+
+_OUTPUT_TYPES = {
+    "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+    "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+}
+
+# tokenizer.ggml.pre for byte-level BPE vocabularies (llama.cpp picks the pre-tokenizer regex by it)
+_BPE_PRE_TOKENIZERS = {"llama": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2"}
+
+
+def permute_rotary_halves(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder each head's rows from HF rotate-half pairing to llama.cpp's interleaved pairing.
+
+    Row ``j < d/2`` of a head goes to ``2j`` and row ``d/2 + j`` to ``2j + 1``. Works on
+    weights ``[n_heads * d, in]`` and biases ``[n_heads * d]``.
+    """
+    head_dim = weight.shape[0] // n_heads
+    return weight.reshape(n_heads, 2, head_dim // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _rope_theta(config) -> float:
+    theta = getattr(config, "rope_theta", None)
+    if theta is None:
+        theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+    return float(theta)
+
+
+def _rope_scaling(config) -> dict:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return dict(params)
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _llama3_rope_factors(config) -> torch.Tensor:
+    """Per-frequency divisors llama.cpp applies for llama3 rope scaling (``rope_freqs.weight``)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    head_dim = _head_dim(config)
+    base_inv_freq = 1.0 / (_rope_theta(config) ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    scaled_inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    return base_inv_freq / scaled_inv_freq.float()
+
+
+def _write_hyperparameters(writer: gguf.GGUFWriter, config, spec: _ArchSpec, file_type) -> None:
+    head_dim = _head_dim(config)
+    writer.add_name(Path(getattr(config, "name_or_path", "") or "model").name or "model")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    writer.add_rope_freq_base(_rope_theta(config))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(file_type)
+    scaling = _rope_scaling(config)
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(scaling["factor"])
+    elif rope_type not in ("default", "llama3"):  # llama3 is carried by the rope_freqs tensor
+        raise NotImplementedError(f"GGUF export does not handle rope scaling {rope_type!r}")
+    if spec.arch == gguf.MODEL_ARCH.GEMMA2:
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
+        writer.add_sliding_window(config.sliding_window)
+
+
+def _tokenizer_json(tokenizer) -> dict:
+    return json.loads(tokenizer.backend_tokenizer.to_str())
+
+
+def _write_tokenizer(writer: gguf.GGUFWriter, tokenizer, config, model_type: str) -> None:
+    """Tokens, token types and scores padded to the model's vocab size; merges for BPE; special ids."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise NotImplementedError("GGUF tokenizer export needs a fast (tokenizer.json) tokenizer")
+    spec = _tokenizer_json(tokenizer)
+    model_spec = spec["model"]
+    if model_spec["type"] != "BPE":
+        raise NotImplementedError(f"GGUF tokenizer export handles BPE vocabularies, not {model_spec['type']}")
+    byte_fallback = bool(model_spec.get("byte_fallback", False))
+
+    vocab = tokenizer.get_vocab()
+    vocab_size = max(config.vocab_size, max(vocab.values()) + 1)
+    id_to_token = {i: t for t, i in vocab.items()}
+    added = {t.content: t for t in tokenizer.added_tokens_decoder.values()}
+    special_ids = set(tokenizer.all_special_ids)
+    tokens, scores, token_types = [], [], []
+    for token_id in range(vocab_size):
+        text = id_to_token.get(token_id)
+        if text is None:
+            tokens.append(f"[PAD{token_id}]")
+            token_types.append(gguf.TokenType.UNUSED)
+            scores.append(0.0)
+            continue
+        tokens.append(text)
+        if token_id in special_ids or (text in added and added[text].special):
+            token_types.append(gguf.TokenType.CONTROL)
+        elif text in added:
+            token_types.append(gguf.TokenType.USER_DEFINED)
+        elif byte_fallback and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+            token_types.append(gguf.TokenType.BYTE)
+        else:
+            token_types.append(gguf.TokenType.NORMAL)
+        # SentencePiece-BPE ranks pieces by score; the HF vocab is in rank order.
+        scores.append(-float(token_id) if token_types[-1] == gguf.TokenType.NORMAL else 0.0)
+
+    if byte_fallback:  # SentencePiece-style BPE (Llama 2, Mistral, Gemma)
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+    else:  # byte-level BPE (GPT-2 style: Llama 3, Qwen)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(_BPE_PRE_TOKENIZERS.get(model_type, "default"))
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model_spec.get("merges", [])]
+        writer.add_token_merges(merges)
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(token_types)
+    for kind in ("bos", "eos", "unk", "pad"):
+        token_id = getattr(tokenizer, f"{kind}_token_id", None)
+        if token_id is not None:
+            getattr(writer, f"add_{kind}_token_id")(token_id)
+    if isinstance(getattr(tokenizer, "chat_template", None), str):
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def _load(model_or_dir, tokenizer):
+    if not isinstance(model_or_dir, (str, os.PathLike)):
+        return model_or_dir, tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_or_dir, dtype="auto")
+    directory = Path(model_or_dir)
+    if tokenizer is None and ((directory / "tokenizer.json").exists() or (directory / "tokenizer_config.json").exists()):
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    return model, tokenizer
+
+
+def export_gguf(
+    model_or_dir: nn.Module | str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    dtype: str = "f16",
+    tokenizer=None,
+) -> Path:
+    """Write ``model_or_dir`` as a GGUF file (``dtype`` in ``"f16"``, ``"bf16"``, ``"q8_0"``).
+
+    ``model_or_dir`` is a transformers causal LM (a PEFT LoRA / QLoRA model is merged on the
+    fly, without modifying it) or a directory saved by ``save_pretrained`` (its tokenizer is
+    picked up when present). Returns the output path.
+    """
+    if dtype not in _OUTPUT_TYPES:
+        raise ValueError(f"dtype must be one of {sorted(_OUTPUT_TYPES)}, got {dtype!r}")
+    model, tokenizer = _load(model_or_dir, tokenizer)
+    config = unwrap_peft(model).config
+    if config.model_type not in _ARCHITECTURES:
+        raise NotImplementedError(
+            f"GGUF export supports {sorted(_ARCHITECTURES)}, not model_type={config.model_type!r}"
+        )
+    spec = _ARCHITECTURES[config.model_type]
+    tensor_type, file_type = _OUTPUT_TYPES[dtype]
+    tied = spec.always_tied or bool(getattr(config, "tie_word_embeddings", False))
+    n_heads = config.num_attention_heads
+    n_kv_heads = getattr(config, "num_key_value_heads", None) or n_heads
+    names = gguf.get_tensor_name_map(spec.arch, config.num_hidden_layers)
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(out_path, gguf.MODEL_ARCH_NAMES[spec.arch], use_temp_file=True)
+    _write_hyperparameters(writer, config, spec, file_type)
+    if tokenizer is not None:
+        _write_tokenizer(writer, tokenizer, config, config.model_type)
+
+    if _rope_scaling(config).get("rope_type") == "llama3":
+        rope_freqs_name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+        writer.add_tensor(rope_freqs_name, _llama3_rope_factors(config).numpy())
+    for hf_name, tensor in merged_state_dict(model).items():
+        if hf_name == "lm_head.weight" and tied:
+            continue
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise NotImplementedError(f"no GGUF name for tensor {hf_name!r} of {config.model_type}")
+        data = tensor.detach().float().cpu()
+        if spec.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+            data = permute_rotary_halves(data, n_heads)
+        elif spec.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+            data = permute_rotary_halves(data, n_kv_heads)
+        if spec.norm_shift and hf_name.endswith("norm.weight"):
+            data = data + spec.norm_shift
+        array = data.numpy()
+        qtype = tensor_type
+        if array.ndim <= 1 or gguf_name.endswith("_norm.weight"):
+            qtype = gguf.GGMLQuantizationType.F32
+        elif qtype == gguf.GGMLQuantizationType.Q8_0 and array.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+            qtype = gguf.GGMLQuantizationType.F16
+        writer.add_tensor(gguf_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out_path

@@ -1,0 +1,315 @@
+"""Fused linear cross-entropy: the LM-head projection and the loss without (tokens x vocab) logits.
+
+Tokens are processed in chunks. For each chunk the logits ``z = h W^T (+ b)`` are computed in
+the input dtype (fp32 accumulation), a Triton kernel turns every row into its loss and
+overwrites the row, in place, with ``d loss / d z``, and the chunk's gradients follow at once:
+``grad_h = dz W`` and ``grad_W += dz^T h``. Only the loss and the input gradients outlive the
+forward; the backward multiplies them by ``grad_output``.
+
+Per row with target ``y`` (optionally Gemma's soft cap ``z' = c tanh(z / c)``)::
+
+    loss = logsumexp(z') - z'_y
+    d loss / d z = (softmax(z') - onehot(y)) * (1 - tanh(z / c)^2) * scale
+
+where ``scale`` is 1 for ``reduction="sum"`` and ``1 / (number of non-ignored targets)`` for
+``"mean"``; rows whose target is ``ignore_index`` contribute zero loss and zero gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .._runtime import triton_enabled, warn_fallback
+
+LOGITS_CHUNK_BYTES = 256 * 2**20
+"""Upper bound on one chunk's logits buffer (chunk rows x vocab x element size)."""
+
+_MAX_BLOCK_V = 4096
+
+
+def linear_cross_entropy_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """PyTorch reference: materialises the fp32 logits, then ``F.cross_entropy``."""
+    logits = hidden.float() @ weight.float().t()
+    if bias is not None:
+        logits = logits + bias.float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction)
+
+
+@triton.jit
+def _softcapped(z, softcap, HAS_SOFTCAP: tl.constexpr):
+    """(c tanh(z / c), 1 - tanh(z / c)^2), or (z, 1) without a soft cap; tanh(x) = 2 sigmoid(2x) - 1."""
+    if HAS_SOFTCAP:
+        t = 2.0 * tl.sigmoid(2.0 * z / softcap) - 1.0
+        return softcap * t, 1.0 - t * t
+    else:
+        return z, 1.0
+
+
+@triton.jit
+def _cross_entropy_rows_kernel(
+    logits_ptr, stride_row,
+    target_ptr, loss_ptr, scale_ptr,
+    n_vocab, ignore_index, softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """Per row: loss = logsumexp(z') - z'_y (online max/sum over vocab blocks), then, when asked,
+    the row is overwritten with (softmax(z') - onehot(y)) * dz'/dz * scale. Ignored rows get
+    zero loss and a zero gradient row."""
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    target = tl.load(target_ptr + row)
+    if target != ignore_index:
+        running_max = -float("inf")
+        running_sum = 0.0
+        for start in range(0, n_vocab, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            mask = cols < n_vocab
+            z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            z, _ = _softcapped(z, softcap, HAS_SOFTCAP)
+            z = tl.where(mask, z, -float("inf"))
+            new_max = tl.maximum(running_max, tl.max(z, axis=0))
+            running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
+            running_max = new_max
+        z_target = tl.load(row_ptr + target).to(tl.float32)
+        z_target, _ = _softcapped(z_target, softcap, HAS_SOFTCAP)
+        tl.store(loss_ptr + row, tl.log(running_sum) + running_max - z_target)
+        if COMPUTE_GRAD:
+            scale = tl.load(scale_ptr).to(tl.float32)
+            inv_sum = 1.0 / running_sum
+            for start in range(0, n_vocab, BLOCK_V):
+                cols = start + tl.arange(0, BLOCK_V)
+                mask = cols < n_vocab
+                z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                z, dz = _softcapped(z, softcap, HAS_SOFTCAP)
+                grad = tl.exp(z - running_max) * inv_sum - tl.where(cols == target, 1.0, 0.0)
+                tl.store(row_ptr + cols, (grad * dz * scale).to(logits_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(loss_ptr + row, 0.0)
+        if COMPUTE_GRAD:
+            for start in range(0, n_vocab, BLOCK_V):
+                cols = start + tl.arange(0, BLOCK_V)
+                zeros = tl.zeros((BLOCK_V,), dtype=logits_ptr.dtype.element_ty)
+                pass
+
+
+def _rows_loss_and_grad_triton(logits, target, loss, scale, ignore_index, softcap, compute_grad):
+    """Triton: per-row loss into ``loss``; with ``compute_grad`` logits become d loss / d logits."""
+    n_rows, n_vocab = logits.shape
+    block_v = min(_MAX_BLOCK_V, triton.next_power_of_2(n_vocab))
+    _cross_entropy_rows_kernel[(n_rows,)](
+        logits, logits.stride(0),
+        target, loss, scale,
+        n_vocab, ignore_index, 1.0 if softcap is None else float(softcap),
+        HAS_SOFTCAP=softcap is not None,
+        COMPUTE_GRAD=compute_grad,
+        BLOCK_V=block_v,
+        num_warps=8 if block_v >= 2048 else 4,
+    )
+
+
+def _rows_loss_and_grad_torch(logits, target, loss, scale, ignore_index, softcap, compute_grad):
+    """PyTorch twin of :func:`_rows_loss_and_grad_triton` (fp32 math on one chunk)."""
+    z = logits.float()
+    if softcap is not None:
+        tanh = torch.tanh(z / softcap)
+        z = softcap * tanh
+    valid = target != ignore_index
+    safe_target = torch.where(valid, target, 0).unsqueeze(1)
+    row_loss = torch.logsumexp(z, dim=1) - z.gather(1, safe_target).squeeze(1)
+    loss.copy_(torch.where(valid, row_loss, 0.0))
+    if compute_grad:
+        grad = torch.softmax(z, dim=1)
+        grad.scatter_add_(1, safe_target, torch.full_like(safe_target, -1.0, dtype=grad.dtype))
+        if softcap is not None:
+            grad *= 1.0 - tanh * tanh
+        grad *= torch.where(valid, scale, 0.0).unsqueeze(1)
+        logits.copy_(grad)
+
+
+def _chunk_rows(n_tokens: int, n_vocab: int, itemsize: int, chunk_size: int | None) -> int:
+    """Rows per chunk: as many as fit LOGITS_CHUNK_BYTES, balanced so chunks are equal-sized."""
+    max_rows = chunk_size or max(1, LOGITS_CHUNK_BYTES // (n_vocab * itemsize))
+    n_chunks = triton.cdiv(n_tokens, max_rows)
+    return triton.cdiv(n_tokens, max(n_chunks, 1))
+
+
+def _chunked_loss_and_grads(
+    hidden, weight, bias, target, ignore_index, softcap, reduction, chunk_size,
+    need_grad_hidden, need_grad_weight, need_grad_bias, use_triton,
+):
+    """Loss (fp32 scalar) and, as asked, the gradients of hidden, weight and bias (or None)."""
+    n_tokens = hidden.shape[0]
+    n_vocab = weight.shape[0]
+    valid_count = (target != ignore_index).sum()
+    if reduction == "mean":
+        scale = 1.0 / valid_count.float()
+    else:
+        scale = torch.ones((), dtype=torch.float32, device=hidden.device)
+    compute_grad = need_grad_hidden or need_grad_weight or need_grad_bias
+    grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_grad_hidden else None
+    grad_weight = torch.zeros_like(weight) if need_grad_weight else None
+    grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_grad_bias else None
+    row_loss = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
+    rows_loss_and_grad = _rows_loss_and_grad_triton if use_triton else _rows_loss_and_grad_torch
+
+    rows = _chunk_rows(n_tokens, n_vocab, hidden.element_size(), chunk_size)
+    logits_buffer = torch.empty((min(rows, n_tokens), n_vocab), dtype=hidden.dtype, device=hidden.device)
+    for start in range(0, n_tokens, rows):
+        end = min(start + rows, n_tokens)
+        hidden_chunk = hidden[start:end]
+        logits = logits_buffer[: end - start]
+        if bias is None:
+            torch.mm(hidden_chunk, weight.t(), out=logits)
+        else:
+            torch.addmm(bias, hidden_chunk, weight.t(), out=logits)
+        rows_loss_and_grad(logits, target[start:end], row_loss[start:end], scale, ignore_index, softcap, compute_grad)
+        if need_grad_hidden:
+            torch.mm(logits, weight, out=grad_hidden[start:end])
+        if need_grad_weight:
+            grad_weight.addmm_(logits.t(), hidden_chunk)
+        if need_grad_bias:
+            grad_bias += logits.sum(dim=0, dtype=torch.float32)
+
+    loss = row_loss.sum()
+    if reduction == "mean":
+        loss = loss / valid_count
+    if grad_bias is not None:
+        grad_bias = grad_bias.to(bias.dtype)
+    return loss, grad_hidden, grad_weight, grad_bias
+
+
+class FusedLinearCrossEntropyFunction(torch.autograd.Function):
+    """loss = CE(softcap(h W^T + b), y). Gradients are computed chunk by chunk in the forward
+    (d loss/dz = (softmax - onehot) * softcap' * scale; grad_h = dz W; grad_W = dz^T h;
+    grad_b = sum_rows dz) and the backward only multiplies them by grad_output, in place: a
+    second backward through the same graph is refused."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, ignore_index, softcap, reduction, chunk_size, use_triton):
+        need_bias = bias is not None and ctx.needs_input_grad[2]
+        with torch.autocast(hidden.device.type, enabled=False):
+            loss, *grads = _chunked_loss_and_grads(
+                hidden, weight, bias, target, ignore_index, softcap, reduction, chunk_size,
+                ctx.needs_input_grad[0], ctx.needs_input_grad[1], need_bias, use_triton,
+            )
+        ctx.grads = grads
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.grads is None:
+            raise RuntimeError("fused_linear_cross_entropy supports a single backward per forward")
+        grads, ctx.grads = ctx.grads, None
+        for grad in grads:
+            if grad is not None:
+                grad.mul_(grad_output.to(grad.dtype))
+        grad_hidden, grad_weight, grad_bias = grads
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of ``softcap(hidden @ weight.T + bias)`` against ``target``, never holding
+    more than one chunk of logits.
+
+    hidden (N, H), weight (V, H), target (N,) int, bias (V,). Returns an fp32 scalar: the sum
+    over non-ignored tokens, divided by their count for ``reduction="mean"`` (NaN when every
+    token is ignored, as ``F.cross_entropy``; the gradients are then zero). ``chunk_size``
+    overrides the rows per chunk (default: what fits ``LOGITS_CHUNK_BYTES``). No gradient is
+    computed for a frozen weight (``requires_grad=False``) or a hidden state without grad.
+    Under autocast the matmuls run in the autocast dtype; otherwise hidden is cast to
+    weight's dtype.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"expected hidden (N, H) and weight (V, H), got {tuple(hidden.shape)}, {tuple(weight.shape)}")
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    else:
+        hidden = hidden.to(weight.dtype)
+    target = target.reshape(-1).contiguous()
+    use_triton = triton_enabled(hidden, weight, target)
+    if not use_triton:
+        warn_fallback("fused_linear_cross_entropy")
+    grad_wanted = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias)
+    )
+    if not grad_wanted:
+        return _chunked_loss_and_grads(
+            hidden, weight, bias, target, ignore_index, softcap, reduction, chunk_size,
+            False, False, False, use_triton,
+        )[0]
+    return FusedLinearCrossEntropyFunction.apply(
+        hidden, weight, bias, target, ignore_index, softcap, reduction, chunk_size, use_triton
+    )
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Causal-LM targets: ``labels`` shifted left by one along the last dim, ``ignore_index``
+    appended (token t predicts label t + 1)."""
+    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:].contiguous()
+
+
+_shift_labels = shift_labels  # causal_lm_loss's keyword argument of the same name shadows it
+
+
+def causal_lm_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor | None,
+    *,
+    bias: torch.Tensor | None = None,
+    shift_labels: torch.Tensor | None = None,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Hugging Face ``ForCausalLMLoss`` on ``lm_head(hidden)`` without materialising the logits.
+
+    hidden (B, S, H), labels (B, S). ``shift_labels`` (already shifted targets) is used as given
+    instead of shifting ``labels``. Mean over non-ignored tokens, or, when
+    ``num_items_in_batch`` is given, the sum divided by it (token-exact gradient accumulation).
+    """
+    if shift_labels is None:
+        shift_labels = _shift_labels(labels, ignore_index)
+    target = shift_labels.reshape(-1).to(hidden.device)
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = fused_linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]), weight, target,
+        bias=bias, ignore_index=ignore_index, softcap=softcap, reduction=reduction, chunk_size=chunk_size,
+    )
+    if num_items_in_batch is not None:
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    return loss

@@ -1,0 +1,246 @@
+"""Gated linear units: SwiGLU and GeGLU, ``h = act(gate) * up``, as Triton kernels.
+
+Activations are named as Hugging Face's ``hidden_act``:
+
+* ``"silu"``: ``silu(g) = g * s`` with ``s = sigmoid(g)``;
+  ``silu'(g) = s * (1 + g * (1 - s))``.
+* ``"gelu_pytorch_tanh"``: ``gelu(g) = g/2 * (1 + t)`` with ``t = tanh(k * (g + 0.044715 g^3))``,
+  ``k = sqrt(2/pi)``; ``gelu'(g) = (1 + t)/2 + g/2 * (1 - t^2) * k * (1 + 3 * 0.044715 g^2)``.
+* ``"gelu"`` (exact): ``gelu(g) = g/2 * (1 + erf(g/sqrt(2)))``;
+  ``gelu'(g) = (1 + erf(g/sqrt(2)))/2 + g * exp(-g^2/2) / sqrt(2 pi)``.
+
+For ``h = act(g) * u`` and an upstream gradient ``dh``: ``du = dh * act(g)`` and
+``dg = dh * u * act'(g)``. The backward recomputes ``act(g)`` from ``g``: only ``gate`` and
+``up`` are kept between forward and backward, never ``h`` or ``act(g)``.
+
+All math runs in fp32 inside the kernels; results are rounded once to the input dtype.
+Inputs may have any shape; the last dimension must be contiguous (rows may be strided, e.g.
+the two halves of a fused ``gate_up`` projection).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .._runtime import triton_enabled, warn_fallback
+
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
+_ACTIVATION_IDS = {name: i for i, name in enumerate(ACTIVATIONS)}
+
+_MAX_BLOCK = 4096
+
+
+def _check_activation(activation: str) -> int:
+    if activation not in _ACTIVATION_IDS:
+        raise ValueError(f"unsupported GLU activation {activation!r}; expected one of {ACTIVATIONS}")
+    return _ACTIVATION_IDS[activation]
+
+
+def glu_reference(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    """``act(gate) * up`` in PyTorch: fp32 math, one rounding to the input dtype."""
+    _check_activation(activation)
+    g = gate.float()
+    if activation == "silu":
+        a = F.silu(g)
+    elif activation == "gelu_pytorch_tanh":
+        a = F.gelu(g, approximate="tanh")
+    else:
+        a = F.gelu(g)
+    return (a * up.float()).to(gate.dtype)
+
+
+@triton.jit
+def _activation_and_derivative(g, ACTIVATION: tl.constexpr, NEED_DERIVATIVE: tl.constexpr):
+    """act(g) and, when asked, act'(g) in fp32 (formulas in the module docstring)."""
+    if ACTIVATION == 0:  # silu
+        s = tl.sigmoid(g)
+        a = g * s
+        da = s * (1.0 + g * (1.0 - s)) if NEED_DERIVATIVE else a
+    elif ACTIVATION == 1:  # gelu, tanh approximation; tanh(x) = 2 sigmoid(2x) - 1
+        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        t = 2.0 * tl.sigmoid(2.0 * inner) - 1.0
+        a = 0.5 * g * (1.0 + t)
+        if NEED_DERIVATIVE:
+            da = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (
+                1.0 + 3.0 * 0.044715 * g * g
+            )
+        else:
+            da = a
+    else:  # gelu, exact erf
+        cdf = 0.5 * (1.0 + tl.erf(g * 0.7071067811865476))
+        a = g * cdf
+        da = cdf + g * tl.exp(-0.5 * g * g) * 0.3989422804014327 if NEED_DERIVATIVE else a
+    return a, da
+
+
+@triton.jit
+def _glu_forward_kernel(
+    gate_ptr, up_ptr, h_ptr,
+    stride_gate, stride_up, stride_h,
+    n_cols,
+    ACTIVATION: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """h = act(g) * u over a (rows, n_cols) view; one program per BLOCK columns of one row."""
+    blocks_per_row = tl.cdiv(n_cols, BLOCK)
+    pid = tl.program_id(0)
+    row = (pid // blocks_per_row).to(tl.int64)
+    cols = (pid % blocks_per_row) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    g = tl.load(gate_ptr + row * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + row * stride_up + cols, mask=mask, other=0.0).to(tl.float32)
+    a, _ = _activation_and_derivative(g, ACTIVATION, False)
+    tl.store(h_ptr + row * stride_h + cols, (a * u).to(h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _glu_backward_kernel(
+    dh_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, h_ptr,
+    stride_dh, stride_gate, stride_up, stride_dgate, stride_dup, stride_h,
+    n_cols,
+    ACTIVATION: tl.constexpr,
+    STORE_H: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """dg = dh * u * act'(g), du = dh * act(g), act(g) recomputed from g; optionally also
+    h = act(g) * u. Every input element is loaded before any output is stored, so the outputs
+    may alias the inputs (dgate onto gate, dup onto up, h onto dh)."""
+    blocks_per_row = tl.cdiv(n_cols, BLOCK)
+    pid = tl.program_id(0)
+    row = (pid // blocks_per_row).to(tl.int64)
+    cols = (pid % blocks_per_row) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    dh = tl.load(dh_ptr + row * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(gate_ptr + row * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + row * stride_up + cols, mask=mask, other=0.0).to(tl.float32)
+    a, da = _activation_and_derivative(g, ACTIVATION, True)
+    tl.store(dgate_ptr + row * stride_dgate + cols, (dh * u * da).to(dgate_ptr.dtype.element_ty), mask=mask)
+    tl.store(dup_ptr + row * stride_dup + cols, (dh * a).to(dup_ptr.dtype.element_ty), mask=mask)
+    if STORE_H:
+        tl.store(h_ptr + row * stride_h + cols, (a * u).to(h_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch_shape(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], int, int, int]:
+    """2-D (rows, cols) views of same-shaped tensors with unit last stride, plus the column
+    count, the launch grid size and block. All contiguous (and int32-indexable): one flat row
+    (long, fully vectorised blocks); otherwise one view per row with its own row stride."""
+    shape = tensors[0].shape
+    for t in tensors:
+        if t.shape != shape:
+            raise ValueError(f"GLU operands must share one shape, got {tuple(shape)} and {tuple(t.shape)}")
+        if t.numel() and t.stride(-1) != 1:
+            raise ValueError("GLU operands need a contiguous last dimension")
+    if tensors[0].numel() < 2**31 and all(t.is_contiguous() for t in tensors):
+        n_cols = tensors[0].numel()
+        views = [t.view(1, n_cols) for t in tensors]
+    else:
+        n_cols = shape[-1]
+        views = [t.view(-1, n_cols) for t in tensors]  # raises when rows are not one stride apart
+    block = min(_MAX_BLOCK, triton.next_power_of_2(max(n_cols, 1)))
+    grid = views[0].shape[0] * triton.cdiv(n_cols, block)
+    return views, n_cols, grid, block
+
+
+def _num_warps(block: int) -> int:
+    return 8 if block >= 2048 else 4
+
+
+def glu_forward(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    """Triton launcher: ``h = act(gate) * up`` as a new contiguous tensor of gate's shape/dtype."""
+    act_id = _check_activation(activation)
+    h = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    if h.numel() == 0:
+        return h
+    (gate2, up2, h2), n_cols, grid, block = _launch_shape([gate, up, h])
+    _glu_forward_kernel[(grid,)](
+        gate2, up2, h2,
+        gate2.stride(0), up2.stride(0), h2.stride(0),
+        n_cols,
+        ACTIVATION=act_id, BLOCK=block, num_warps=_num_warps(block),
+    )
+    return h
+
+
+def glu_backward(
+    dh: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    activation: str = "silu",
+    *,
+    inplace: bool = False,
+    return_h: bool = False,
+):
+    """Triton launcher for the GLU backward, recomputing ``act(gate)`` from ``gate``.
+
+    Returns ``(dgate, dup)``, or ``(h, dgate, dup)`` with ``return_h=True`` (``h = act(gate) *
+    up`` recomputed in the same pass, e.g. for the down projection's weight gradient in a fused
+    MLP backward).
+
+    ``inplace=True`` saves memory: ``dgate`` is written into ``gate``'s storage, ``dup`` into
+    ``up``'s and ``h`` into ``dh``'s, and those same tensors are returned. The caller must not
+    need ``gate``, ``up`` (nor ``dh`` when ``return_h``) afterwards, and they must be plain
+    (rows x cols) strided views, not autograd-saved tensors something else still reads.
+    """
+    act_id = _check_activation(activation)
+    if inplace:
+        dgate, dup = gate, up
+        h = dh if return_h else None
+    else:
+        dgate, dup = torch.empty_like(gate), torch.empty_like(up)
+        h = torch.empty_like(dh) if return_h else None
+    if gate.numel():
+        operands = [dh, gate, up, dgate, dup] + ([h] if return_h else [])
+        views, n_cols, grid, block = _launch_shape(operands)
+        dh2, gate2, up2, dgate2, dup2 = views[:5]
+        h2 = views[5] if return_h else dh2
+        _glu_backward_kernel[(grid,)](
+            dh2, gate2, up2, dgate2, dup2, h2,
+            dh2.stride(0), gate2.stride(0), up2.stride(0), dgate2.stride(0), dup2.stride(0), h2.stride(0),
+            n_cols,
+            ACTIVATION=act_id, STORE_H=return_h, BLOCK=block, num_warps=_num_warps(block),
+        )
+    return (h, dgate, dup) if return_h else (dgate, dup)
+
+
+class GLUFunction(torch.autograd.Function):
+    """``h = act(gate) * up``; backward ``dgate = dh * up * act'(gate)``, ``dup = dh * act(gate)``
+    with ``act(gate)`` recomputed (only gate and up are saved)."""
+
+    @staticmethod
+    def forward(ctx, gate, up, activation):
+        ctx.activation = activation
+        ctx.save_for_backward(gate, up)
+        return glu_forward(gate, up, activation)
+
+    @staticmethod
+    def backward(ctx, dh):
+        gate, up = ctx.saved_tensors
+        if dh.stride(-1) != 1:
+            dh = dh.contiguous()
+        dgate, dup = glu_backward(dh, gate, up, ctx.activation)
+        return dgate, dup, None
+
+
+def glu(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    """``act(gate) * up`` with autograd; Triton when possible, else :func:`glu_reference`."""
+    _check_activation(activation)
+    if not triton_enabled(gate, up):
+        warn_fallback("glu")
+        return glu_reference(gate, up, activation)
+    return GLUFunction.apply(gate, up, activation)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU ``silu(gate) * up``; ``silu'(g) = s (1 + g (1 - s))``, ``s = sigmoid(g)``."""
+    return glu(gate, up, "silu")
+
+
+def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
+    """GeGLU ``gelu(gate) * up``: ``approximate="tanh"`` (HF ``gelu_pytorch_tanh``) or ``"none"``
+    (exact erf, HF ``gelu``). Derivatives are given in the module docstring."""
+    if approximate not in ("tanh", "none"):
+        raise ValueError(f"approximate must be 'tanh' or 'none', got {approximate!r}")
+    return glu(gate, up, "gelu_pytorch_tanh" if approximate == "tanh" else "gelu")

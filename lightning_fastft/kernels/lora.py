@@ -1,0 +1,280 @@
+"""Fused LoRA projections with hand-written backward: one linear, Q/K/V of one input, a GLU MLP.
+
+A LoRA projection is ``y = x W^T + b + s (x A^T) B^T`` with a frozen base weight ``W`` (out, in)
+(dense, or bitsandbytes 4-bit, dequantised right before each matmul and dropped right after),
+a frozen bias ``b``, trainable ``A`` (r, in), ``B`` (out, r) and the scaling ``s = alpha / r``.
+With ``xa = x A^T`` (kept from the forward: r values per token) and the upstream gradient
+``dy``, over all tokens::
+
+    dB  = s dy^T xa                  (out, r)
+    dxa = s dy B                     (tokens, r)
+    dA  = dxa^T x                    (r, in)
+    dx  = dy W + dxa A               (tokens, in)
+
+Only the LoRA weights and the input get gradients: base weight and bias are frozen. Matmuls run
+in the compute dtype (the input's, or the autocast dtype when autocast is on), accumulating in
+fp32 inside the matmul; LoRA weights are cast to it, their gradients back to their own dtype.
+A projection whose ``lora_A`` is ``None`` is the plain frozen linear ``y = x W^T + b``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .._runtime import triton_enabled
+from .nf4 import dequantize_4bit
+
+
+class LoRAWeights(NamedTuple):
+    """One projection's weights. ``base``: dense (out, in) weight or bitsandbytes ``Params4bit``
+    (then ``quant_state`` is its ``QuantState``); ``lora_A``/``lora_B`` ``None`` for no LoRA."""
+
+    base: torch.Tensor
+    quant_state: Any
+    bias: torch.Tensor | None
+    lora_A: torch.Tensor | None
+    lora_B: torch.Tensor | None
+    scaling: float
+
+
+_FIELDS = len(LoRAWeights._fields)
+
+
+def dense_weight(w: LoRAWeights, dtype: torch.dtype) -> torch.Tensor:
+    """The (out, in) base weight in ``dtype``, dequantised when it is 4-bit."""
+    if w.quant_state is not None:
+        return dequantize_4bit(w.base, w.quant_state, dtype)
+    return w.base.to(dtype)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _project(x2: torch.Tensor, w: LoRAWeights, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(y, xa)``: ``y = x W^T + b + s xa B^T`` and ``xa = x A^T`` (``None`` without LoRA)."""
+    weight = dense_weight(w, dtype)
+    bias = None if w.bias is None else w.bias.to(dtype)
+    y = F.linear(x2, weight, bias)
+    del weight
+    if w.lora_A is None:
+        return y, None
+    xa = x2 @ w.lora_A.to(dtype).t()
+    y.addmm_(xa, w.lora_B.to(dtype).t(), alpha=w.scaling)
+    return y, xa
+
+
+def _grad_lora_B(dy: torch.Tensor, xa: torch.Tensor, w: LoRAWeights) -> torch.Tensor:
+    """``dB = s dy^T xa``, in lora_B's dtype."""
+    return (dy.t() @ xa).mul_(w.scaling).to(w.lora_B.dtype)
+
+
+def _lora_grads(dy: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor | None, w: LoRAWeights, need_ab: bool):
+    """``(dA, dB, dxa)`` of one projection (all ``None`` without LoRA; dA/dB ``None`` unless
+    ``need_ab``), with ``dB = s dy^T xa``, ``dxa = s dy B``, ``dA = dxa^T x``."""
+    if w.lora_A is None:
+        return None, None, None
+    dxa = (dy @ w.lora_B.to(dy.dtype)).mul_(w.scaling)
+    if not need_ab:
+        return None, None, dxa
+    return (dxa.t() @ x2).to(w.lora_A.dtype), _grad_lora_B(dy, xa, w), dxa
+
+
+def _add_input_grad(dx: torch.Tensor | None, dy: torch.Tensor, dxa: torch.Tensor | None, w: LoRAWeights):
+    """``dx + dy W + dxa A`` (``dx`` may be ``None``: then it starts at zero)."""
+    weight = dense_weight(w, dy.dtype)
+    if dx is None:
+        dx = dy @ weight
+    else:
+        dx.addmm_(dy, weight)
+    del weight
+    if dxa is not None:
+        dx.addmm_(dxa, w.lora_A.to(dy.dtype))
+    return dx
+
+
+def _unpack(args: tuple, count: int) -> list[LoRAWeights]:
+    return [LoRAWeights(*args[i * _FIELDS:(i + 1) * _FIELDS]) for i in range(count)]
+
+
+def _weight_grads(d_lora_A, d_lora_B) -> tuple:
+    """Gradients in LoRAWeights field order: only lora_A and lora_B get one."""
+    return (None, None, None, d_lora_A, d_lora_B, None)
+
+
+def _needs_ab(ctx, index: int) -> bool:
+    """Whether projection ``index``'s lora_A or lora_B (after ``offset`` leading args) need grad."""
+    first = ctx.weights_offset + index * _FIELDS
+    return ctx.needs_input_grad[first + 3] or ctx.needs_input_grad[first + 4]
+
+
+def _saved_weights(ctx, tensors: tuple, count: int) -> list[LoRAWeights]:
+    """Rebuild the projections' LoRAWeights from saved (base, bias, A, B) and ctx constants."""
+    weights = []
+    for i in range(count):
+        base, bias, lora_A, lora_B = tensors[4 * i:4 * i + 4]
+        weights.append(LoRAWeights(base, ctx.quant_states[i], bias, lora_A, lora_B, ctx.scalings[i]))
+    return weights
+
+
+def _save_weights(ctx, weights: list[LoRAWeights]) -> list:
+    ctx.quant_states = [w.quant_state for w in weights]
+    ctx.scalings = [w.scaling for w in weights]
+    return [t for w in weights for t in (w.base, w.bias, w.lora_A, w.lora_B)]
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """``y = x W^T + b + s (x A^T) B^T``; backward ``dB = s dy^T xa``, ``dxa = s dy B``,
+    ``dA = dxa^T x``, ``dx = dy W + dxa A`` with ``xa = x A^T`` saved (x, xa kept)."""
+
+    @staticmethod
+    def forward(ctx, x, *weight_args):
+        (w,) = _unpack(weight_args, 1)
+        dtype = _compute_dtype(x)
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        y, xa = _project(x2, w, dtype)
+        ctx.weights_offset = 1
+        ctx.x_dtype = x.dtype
+        ctx.save_for_backward(x2, xa, *_save_weights(ctx, [w]))
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, xa, *weight_tensors = ctx.saved_tensors
+        (w,) = _saved_weights(ctx, weight_tensors, 1)
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
+        d_lora_A, d_lora_B, dxa = _lora_grads(dy2, x2, xa, w, _needs_ab(ctx, 0))
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = _add_input_grad(None, dy2, dxa, w).to(ctx.x_dtype).view(*dy.shape[:-1], x2.shape[-1])
+        return (dx, *_weight_grads(d_lora_A, d_lora_B))
+
+
+class LoRAQKVFunction(torch.autograd.Function):
+    """Q, K and V LoRA projections of one input ``x``; each output as in
+    :class:`LoRALinearFunction`, and ``dx = sum over q, k, v of (dy W + dxa A)``. Saves x once
+    and the three ``xa = x A^T``."""
+
+    @staticmethod
+    def forward(ctx, x, *weight_args):
+        weights = _unpack(weight_args, 3)
+        dtype = _compute_dtype(x)
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        outputs, xas = zip(*(_project(x2, w, dtype) for w in weights))
+        ctx.weights_offset = 1
+        ctx.x_dtype = x.dtype
+        ctx.save_for_backward(x2, *xas, *_save_weights(ctx, weights))
+        return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outputs)
+
+    @staticmethod
+    def backward(ctx, *dys):
+        x2, *rest = ctx.saved_tensors
+        xas, weights = rest[:3], _saved_weights(ctx, rest[3:], 3)
+        grads, dx = [], None
+        for i, (dy, xa, w) in enumerate(zip(dys, xas, weights)):
+            dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
+            d_lora_A, d_lora_B, dxa = _lora_grads(dy2, x2, xa, w, _needs_ab(ctx, i))
+            grads += _weight_grads(d_lora_A, d_lora_B)
+            if ctx.needs_input_grad[0]:
+                dx = _add_input_grad(dx, dy2, dxa, w)
+        if dx is not None:
+            dx = dx.to(ctx.x_dtype).view(*dys[0].shape[:-1], x2.shape[-1])
+        return (dx, *grads)
+
+
+class LoRAMLPFunction(torch.autograd.Function):
+    """GLU MLP ``y = down(act(gate(x)) * up(x))`` with LoRA projections ``g = gate(x)``,
+    ``u = up(x)``, ``h = act(g) * u``, ``y = down(h)``. Saves x, g, u and the small
+    ``xa_gate``, ``xa_up``, ``ha_down = h A_down^T``; never h. Backward::
+
+        down:  dB_d = s_d dy^T ha_down,  dha = s_d dy B_d,  dh = dy W_d + dha A_d,
+               h recomputed from (g, u),  dA_d = dha^T h
+        GLU:   dg = dh * u * act'(g),  du = dh * act(g)
+        gate, up: as LoRALinearFunction with dy = dg, du; dx = sum of both input grads.
+
+    The GLU backward writes dg, du over the saved g, u (and h over dh), so the backward can
+    run only once per forward (retain_graph is refused)."""
+
+    @staticmethod
+    def forward(ctx, x, activation, *weight_args):
+        from .glu import glu_forward
+
+        gate, up, down = _unpack(weight_args, 3)
+        dtype = _compute_dtype(x)
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        g, xa_gate = _project(x2, gate, dtype)
+        u, xa_up = _project(x2, up, dtype)
+        h = glu_forward(g, u, activation)
+        y, ha_down = _project(h, down, dtype)
+        del h
+        ctx.weights_offset = 2
+        ctx.x_dtype = x.dtype
+        ctx.activation = activation
+        ctx.consumed = False
+        ctx.save_for_backward(x2, g, u, xa_gate, xa_up, ha_down, *_save_weights(ctx, [gate, up, down]))
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        from .glu import glu_backward
+
+        if ctx.consumed:
+            raise RuntimeError("lora_mlp's backward reuses its saved activations in place: it cannot run twice")
+        ctx.consumed = True
+        x2, g, u, xa_gate, xa_up, ha_down, *weight_tensors = ctx.saved_tensors
+        gate, up, down = _saved_weights(ctx, weight_tensors, 3)
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
+
+        has_lora = down.lora_A is not None
+        need_down_ab = has_lora and _needs_ab(ctx, 2)
+        dha = (dy2 @ down.lora_B.to(dy2.dtype)).mul_(down.scaling) if has_lora else None
+        d_down_A = d_down_B = None
+        if need_down_ab:
+            d_down_B = _grad_lora_B(dy2, ha_down, down)
+        dh = _add_input_grad(None, dy2, dha, down)
+        del dy2
+        if need_down_ab:
+            h, dg, du = glu_backward(dh, g, u, ctx.activation, inplace=True, return_h=True)
+            d_down_A = (dha.t() @ h).to(down.lora_A.dtype)
+            del h
+        else:
+            dg, du = glu_backward(dh, g, u, ctx.activation, inplace=True)
+        del dh
+
+        grads, dx = [], None
+        for d_out, xa, w, index in ((dg, xa_gate, gate, 0), (du, xa_up, up, 1)):
+            d_lora_A, d_lora_B, dxa = _lora_grads(d_out, x2, xa, w, _needs_ab(ctx, index))
+            grads += _weight_grads(d_lora_A, d_lora_B)
+            if ctx.needs_input_grad[0]:
+                dx = _add_input_grad(dx, d_out, dxa, w)
+        if dx is not None:
+            dx = dx.to(ctx.x_dtype).view(*dy.shape[:-1], x2.shape[-1])
+        return (dx, None, *grads, *_weight_grads(d_down_A, d_down_B))
+
+
+def lora_linear(x: torch.Tensor, w: LoRAWeights) -> torch.Tensor:
+    """``x W^T + b + s (x A^T) B^T`` over the last dim of ``x`` (see :class:`LoRALinearFunction`)."""
+    return LoRALinearFunction.apply(x, *w)
+
+
+def lora_qkv(x: torch.Tensor, q: LoRAWeights, k: LoRAWeights, v: LoRAWeights):
+    """``(q_out, k_out, v_out)``: three LoRA projections of one ``x`` in one autograd node."""
+    return LoRAQKVFunction.apply(x, *q, *k, *v)
+
+
+def lora_mlp(x: torch.Tensor, gate: LoRAWeights, up: LoRAWeights, down: LoRAWeights, activation: str) -> torch.Tensor:
+    """``down(act(gate(x)) * up(x))`` with LoRA projections and ``activation`` a GLU activation
+    name (HF ``hidden_act``: "silu", "gelu_pytorch_tanh", "gelu"). One autograd node when the
+    Triton GLU kernels can run; otherwise three :func:`lora_linear` around the reference GLU."""
+    from .glu import ACTIVATIONS, glu
+
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unsupported GLU activation {activation!r}; expected one of {ACTIVATIONS}")
+    if not triton_enabled(x):
+        return lora_linear(glu(lora_linear(x, gate), lora_linear(x, up), activation), down)
+    return LoRAMLPFunction.apply(x, activation, *gate, *up, *down)

@@ -1,0 +1,210 @@
+"""RMSNorm with a fused Triton forward and backward.
+
+Two numerics, matching Hugging Face:
+
+* ``casting="llama"`` (``LlamaRMSNorm``): ``y = (w + offset) * (x.float() * rstd).to(x.dtype)``;
+  the output dtype is ``torch.promote_types(x.dtype, w.dtype)``.
+* ``casting="gemma"`` (``GemmaRMSNorm`` with ``offset=1.0``):
+  ``y = ((x.float() * rstd) * (offset + w.float())).to(x.dtype)``.
+
+with ``rstd = rsqrt(mean(x.float() ** 2) + eps)`` over the last dimension. Statistics and
+gradients accumulate in fp32; the forward keeps only x, w and the per-row fp32 ``rstd``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lightning_fastft._runtime import triton_enabled, warn_fallback
+
+CASTINGS = ("llama", "gemma")
+
+
+def rms_norm_reference(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0, casting: str = "llama"
+) -> torch.Tensor:
+    """Plain PyTorch RMSNorm with the same numerics as the Triton op."""
+    _check_casting(casting)
+    x_fp32 = x.float()
+    x_hat = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + eps)
+    scale = weight.float() + offset
+    if casting == "gemma":
+        return (x_hat * scale).to(x.dtype)
+    return (scale * x_hat.to(x.dtype).float()).to(torch.promote_types(x.dtype, weight.dtype))
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0, casting: str = "llama"
+) -> torch.Tensor:
+    """RMSNorm over the last dimension of ``x`` (any leading shape), differentiable in x and weight.
+
+    Runs the Triton kernels where :func:`triton_enabled`, otherwise :func:`rms_norm_reference`.
+    An ``x`` whose last dimension is not contiguous is copied to a contiguous layout first.
+    """
+    _check_casting(casting)
+    if weight.shape != (x.shape[-1],):
+        raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} != ({x.shape[-1]},)")
+    if not triton_enabled(x, weight):
+        warn_fallback("rms_norm")
+        return rms_norm_reference(x, weight, eps, offset, casting)
+    return _RMSNormFunction.apply(x, weight, eps, offset, casting)
+
+
+def _check_casting(casting: str) -> None:
+    if casting not in CASTINGS:
+        raise ValueError(f"rms_norm: casting must be one of {CASTINGS}, got {casting!r}")
+
+
+def _num_warps(block: int) -> int:
+    if block <= 1024:
+        return 4
+    if block <= 4096:
+        return 8
+    return 16
+
+
+def _num_backward_programs(n_rows: int, device: torch.device) -> int:
+    if device.type == "cuda":
+        workers = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:  # interpreter: few programs, each looping over many rows
+        workers = 4
+    return max(1, min(n_rows, workers))
+
+
+@triton.jit
+def _rms_norm_forward_kernel(
+    x_ptr,
+    weight_ptr,
+    y_ptr,
+    rstd_ptr,
+    x_row_stride,
+    y_row_stride,
+    n_cols,
+    eps,
+    offset,
+    GEMMA_CASTING: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One row per program: rstd = rsqrt(mean(x^2) + eps), y = (w + offset) * x * rstd.
+
+    Saves the fp32 rstd of the row; the backward recomputes x_hat = x * rstd from it.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32) + offset
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    x_hat = x * rstd
+    if not GEMMA_CASTING:  # Llama: x_hat is rounded to the input dtype before the weight
+        x_hat = x_hat.to(x_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(rstd_ptr + row, rstd)
+    tl.store(y_ptr + row * y_row_stride + cols, (x_hat * scale).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_backward_kernel(
+    grad_ptr,
+    x_ptr,
+    weight_ptr,
+    rstd_ptr,
+    dx_ptr,
+    dw_partial_ptr,
+    grad_row_stride,
+    x_row_stride,
+    dx_row_stride,
+    n_rows,
+    n_cols,
+    offset,
+    rows_per_program,
+    GEMMA_CASTING: tl.constexpr,
+    COMPUTE_DW: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Each program walks a contiguous chunk of rows.
+
+    With w' = w + offset and x_hat = x * rstd:
+      dx = rstd * (g * w' - x_hat * mean(g * w' * x_hat))    (per row)
+      dw = sum_rows(g * x_hat)   (x_hat rounded to x.dtype for Llama casting, as in the forward)
+    dw is accumulated in fp32 per program into dw_partial[program]; the caller sums the rows.
+    """
+    program = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    scale = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32) + offset
+    dw_acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    row_start = program.to(tl.int64) * rows_per_program
+    n_rows_here = tl.minimum(rows_per_program, n_rows - row_start)
+    for i in range(0, n_rows_here):
+        row = row_start + i
+        grad = tl.load(grad_ptr + row * grad_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + row)
+        x_hat = x * rstd
+        grad_scaled = grad * scale
+        dx = rstd * (grad_scaled - x_hat * (tl.sum(grad_scaled * x_hat, axis=0) / n_cols))
+        tl.store(dx_ptr + row * dx_row_stride + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if COMPUTE_DW:
+            if not GEMMA_CASTING:
+                x_hat = x_hat.to(x_ptr.dtype.element_ty).to(tl.float32)
+            dw_acc += grad * x_hat
+    if COMPUTE_DW:
+        tl.store(dw_partial_ptr + program * n_cols + cols, dw_acc, mask=mask)
+
+
+def _as_rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """(..., n_cols) -> (rows, n_cols) with a unit column stride (a view when possible)."""
+    rows = t.reshape(-1, n_cols)
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """y = RMSNorm(x) * (w + offset); backward as in ``_rms_norm_backward_kernel``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, offset, casting):
+        n_cols = x.shape[-1]
+        x_rows = _as_rows(x, n_cols)
+        weight = weight.contiguous()
+        gemma = casting == "gemma"
+        out_dtype = x.dtype if gemma else torch.promote_types(x.dtype, weight.dtype)
+        y_rows = torch.empty(x_rows.shape, dtype=out_dtype, device=x.device)
+        rstd = torch.empty(x_rows.shape[0], dtype=torch.float32, device=x.device)
+        block = triton.next_power_of_2(n_cols)
+        if x_rows.shape[0] > 0:
+            _rms_norm_forward_kernel[(x_rows.shape[0],)](
+                x_rows, weight, y_rows, rstd, x_rows.stride(0), y_rows.stride(0), n_cols, eps, offset,
+                GEMMA_CASTING=gemma, BLOCK=block, num_warps=_num_warps(block),
+            )  # fmt: skip
+        ctx.save_for_backward(x_rows, weight, rstd)
+        ctx.offset, ctx.gemma, ctx.x_shape = offset, gemma, x.shape
+        return y_rows.view(x.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        x_rows, weight, rstd = ctx.saved_tensors
+        n_rows, n_cols = x_rows.shape
+        grad_rows = _as_rows(grad_y, n_cols)
+        dx_rows = torch.empty(x_rows.shape, dtype=x_rows.dtype, device=x_rows.device)
+        compute_dw = ctx.needs_input_grad[1]
+        n_programs = _num_backward_programs(n_rows, x_rows.device)
+        dw_partial = (
+            torch.empty((n_programs, n_cols), dtype=torch.float32, device=x_rows.device)
+            if compute_dw
+            else rstd  # placeholder pointer, never written
+        )
+        block = triton.next_power_of_2(n_cols)
+        if n_rows > 0:
+            _rms_norm_backward_kernel[(n_programs,)](
+                grad_rows, x_rows, weight, rstd, dx_rows, dw_partial,
+                grad_rows.stride(0), x_rows.stride(0), dx_rows.stride(0),
+                n_rows, n_cols, ctx.offset, triton.cdiv(n_rows, n_programs),
+                GEMMA_CASTING=ctx.gemma, COMPUTE_DW=compute_dw, BLOCK=block, num_warps=_num_warps(block),
+            )  # fmt: skip
+        dw = None
+        if compute_dw:
+            dw = dw_partial.sum(0).to(weight.dtype) if n_rows > 0 else torch.zeros_like(weight)
+        return dx_rows.view(ctx.x_shape), dw, None, None, None

@@ -1,0 +1,334 @@
+"""Patch HF causal LMs (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2) to run the fast kernels.
+
+Only module *instances* are changed (``module.forward`` set to a bound method), never classes or
+module-level functions, so an unpatched model in the same process keeps HF's code. Patching again
+is idempotent: forwards already replaced stay, and the per-module plan (which fused LoRA paths
+apply) is rebuilt, so ``patch_model`` after adding PEFT adapters picks the fused paths up.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.generation import GenerationMixin
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import can_return_tuple
+
+from lightning_fastft.kernels.cross_entropy import causal_lm_loss
+from lightning_fastft.kernels.glu import glu
+from lightning_fastft.kernels.rms_norm import rms_norm
+from lightning_fastft.kernels.rope import rope_qk_
+from lightning_fastft.patching.architectures import ARCHITECTURES, ArchitectureSpec
+from lightning_fastft.patching.lora import make_fused_mlp, make_fused_o, make_fused_qkv
+
+GLU_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
+"""HF ``hidden_act`` names the GLU kernel computes, mapped to the kernel's activation name."""
+
+PATCH_KINDS = ("rms_norm", "attention", "rope", "mlp", "lora_qkv", "lora_o", "lora_mlp", "cross_entropy")
+
+
+@dataclass
+class ModelPatchReport:
+    """What was patched in one HF causal LM: counts of patched modules per kind, and what was not."""
+
+    path: str
+    architecture: str
+    model_type: str
+    patched: Counter = field(default_factory=Counter)
+    skipped: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        counts = ", ".join(f"{kind} {self.patched[kind]}" for kind in PATCH_KINDS if self.patched[kind])
+        lines = [f"{self.path} ({self.architecture}, model_type {self.model_type!r}): {counts or 'nothing patched'}"]
+        lines += [f"  skipped: {reason}" for reason in self.skipped]
+        return "\n".join(lines)
+
+
+@dataclass
+class PatchReport:
+    """The result of ``patch_model``: one ``ModelPatchReport`` per HF causal LM found."""
+
+    models: list[ModelPatchReport] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        if not self.models:
+            return "lightning_fastft: no Hugging Face causal LM found; nothing patched"
+        body = "\n".join(str(model) for model in self.models)
+        return f"lightning_fastft patched {len(self.models)} model(s):\n{body}"
+
+
+@dataclass
+class _AttentionPlan:
+    spec: ArchitectureSpec
+    rope: bool  # our in-place RoPE kernel; False: the architecture's own apply_rotary_pos_emb
+    hf_apply_rotary: Callable
+    hf_eager_attention: Callable
+    fused_qkv: Callable | None
+    fused_o: Callable | None
+
+
+@dataclass
+class _MlpPlan:
+    activation: str
+    fused: Callable | None
+
+
+def _rms_norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    spec: ArchitectureSpec = self._fastft_spec
+    eps = getattr(self, spec.norm_eps_attribute)
+    return rms_norm(hidden_states, self.weight, eps, offset=spec.norm_offset, casting=spec.norm_casting)
+
+
+def _attention_forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    attention_mask: torch.Tensor | None = None,
+    past_key_values=None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """HF's attention forward with fused LoRA projections and our in-place RoPE.
+
+    Queries/keys stay (batch, seq, heads, head_dim) through the q/k norms and RoPE and are only
+    transposed (a view) for the attention function HF picks from ``config._attn_implementation``.
+    """
+    plan: _AttentionPlan = self._fastft_attention
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+
+    if plan.fused_qkv is not None:
+        query, key, value = plan.fused_qkv(hidden_states)
+    else:
+        query, key, value = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+    query, key, value = query.view(hidden_shape), key.view(hidden_shape), value.view(hidden_shape)
+    if hasattr(self, "q_norm"):  # Qwen3 normalises each head before RoPE
+        query, key = self.q_norm(query), self.k_norm(key)
+
+    cos, sin = position_embeddings
+    if plan.rope:
+        query, key = rope_qk_(query, key, cos, sin)
+        query, key = query.transpose(1, 2), key.transpose(1, 2)
+    else:
+        query, key = plan.hf_apply_rotary(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
+    value = value.transpose(1, 2)
+
+    if past_key_values is not None:
+        key, value = past_key_values.update(key, value, self.layer_idx)
+
+    attention_function = ALL_ATTENTION_FUNCTIONS.get_interface(
+        self.config._attn_implementation, plan.hf_eager_attention
+    )
+    attn_output, attn_weights = attention_function(
+        self,
+        query,
+        key,
+        value,
+        attention_mask,
+        dropout=self.attention_dropout if self.training else 0.0,
+        scaling=self.scaling,
+        **plan.spec.attention_kwargs(self),
+        **kwargs,
+    )
+    attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+    attn_output = plan.fused_o(attn_output) if plan.fused_o is not None else self.o_proj(attn_output)
+    return attn_output, attn_weights
+
+
+def _mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    plan: _MlpPlan = self._fastft_mlp
+    if plan.fused is not None:
+        return plan.fused(x)
+    return self.down_proj(glu(self.gate_proj(x), self.up_proj(x), plan.activation))
+
+
+@can_return_tuple
+def _causal_lm_forward(
+    self: PreTrainedModel,
+    input_ids: torch.LongTensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.LongTensor | None = None,
+    past_key_values=None,
+    inputs_embeds: torch.Tensor | None = None,
+    labels: torch.LongTensor | None = None,
+    use_cache: bool | None = None,
+    logits_to_keep: int | torch.Tensor = 0,
+    **kwargs,
+) -> CausalLMOutputWithPast:
+    """HF's causal-LM forward; training with labels computes the loss by fused linear cross
+    entropy straight from the hidden states and returns ``logits=None``."""
+    outputs = getattr(self, self.base_model_prefix)(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        inputs_embeds=inputs_embeds,
+        use_cache=use_cache,
+        **kwargs,
+    )
+    slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+    hidden_states = outputs.last_hidden_state[:, slice_indices, :]
+    spec: ArchitectureSpec = self._fastft_spec
+    softcap = getattr(self.config, spec.final_softcap_attribute) if spec.final_softcap_attribute else None
+
+    loss = logits = None
+    if labels is not None and self.training and _plain_lm_head(self) is not None:
+        loss = causal_lm_loss(
+            hidden_states,
+            self.lm_head.weight,
+            labels,
+            shift_labels=kwargs.get("shift_labels"),
+            softcap=softcap,
+            ignore_index=kwargs.get("ignore_index", -100),
+            num_items_in_batch=kwargs.get("num_items_in_batch"),
+        )
+    else:
+        logits = self.lm_head(hidden_states)
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
+
+    return CausalLMOutputWithPast(
+        loss=loss,
+        logits=logits,
+        past_key_values=outputs.past_key_values,
+        hidden_states=outputs.hidden_states,
+        attentions=outputs.attentions,
+    )
+
+
+def _plain_lm_head(model: nn.Module) -> nn.Linear | None:
+    """The LM head when it is a bias-free ``nn.Linear`` (not PEFT-wrapped or quantised)."""
+    head = getattr(model, "lm_head", None)
+    return head if type(head) is nn.Linear and head.bias is None else None
+
+
+def _install_forward(module: nn.Module, forward: Callable) -> None:
+    """Bind ``forward`` to this instance only; a no-op when it already runs it."""
+    if getattr(module.__dict__.get("forward"), "__func__", None) is not forward:
+        module.forward = types.MethodType(forward, module)
+
+
+def _is_causal_lm(module: nn.Module) -> bool:
+    return isinstance(module, PreTrainedModel) and isinstance(module, GenerationMixin)
+
+
+def _has_lora(*modules: nn.Module) -> bool:
+    return any(hasattr(module, "lora_A") for module in modules)
+
+
+def _patch_attention(
+    attention: nn.Module, spec: ArchitectureSpec, rope: bool, lora: bool, entry: ModelPatchReport, unfused: Counter
+):
+    fused_qkv = make_fused_qkv(attention) if lora else None
+    fused_o = make_fused_o(attention) if lora else None
+    unfused["lora_qkv"] += lora and fused_qkv is None and _has_lora(attention.q_proj, attention.k_proj, attention.v_proj)
+    unfused["lora_o"] += lora and fused_o is None and _has_lora(attention.o_proj)
+    if not (rope or fused_qkv or fused_o):
+        return
+    hf_modeling = sys.modules[type(attention).__module__]
+    attention._fastft_attention = _AttentionPlan(
+        spec=spec,
+        rope=rope,
+        hf_apply_rotary=hf_modeling.apply_rotary_pos_emb,
+        hf_eager_attention=hf_modeling.eager_attention_forward,
+        fused_qkv=fused_qkv,
+        fused_o=fused_o,
+    )
+    _install_forward(attention, _attention_forward)
+    entry.patched["attention"] += 1
+    entry.patched["rope"] += rope
+    entry.patched["lora_qkv"] += fused_qkv is not None
+    entry.patched["lora_o"] += fused_o is not None
+
+
+def _patch_mlp(
+    mlp: nn.Module, activation: str | None, use_glu: bool, lora: bool, entry: ModelPatchReport, unfused: Counter
+):
+    fused = make_fused_mlp(mlp, activation) if lora and activation else None
+    unfused["lora_mlp"] += lora and fused is None and _has_lora(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    if fused is None and not (use_glu and activation):
+        return
+    mlp._fastft_mlp = _MlpPlan(activation=activation, fused=fused)
+    _install_forward(mlp, _mlp_forward)
+    entry.patched["mlp"] += fused is None
+    entry.patched["lora_mlp"] += fused is not None
+
+
+def _patch_causal_lm(path: str, model: PreTrainedModel, switches: dict[str, bool]) -> ModelPatchReport:
+    model_type = getattr(model.config, "model_type", "?")
+    entry = ModelPatchReport(path=path, architecture=type(model).__name__, model_type=model_type)
+    spec = ARCHITECTURES.get(model_type)
+    if spec is None:
+        entry.skipped.append(f"no patching spec for model_type {model_type!r} (supported: {', '.join(ARCHITECTURES)})")
+        return entry
+
+    entry.skipped += [f"{kind}: switched off" for kind, on in switches.items() if not on]
+    hidden_act = getattr(model.config, spec.activation_attribute, None)
+    activation = GLU_ACTIVATIONS.get(hidden_act)
+    if activation is None:
+        entry.skipped.append(f"mlp: activation {hidden_act!r} has no GLU kernel")
+
+    unfused = Counter()
+    for module in model.modules():
+        class_name = type(module).__name__
+        if class_name == spec.norm_class and switches["rms_norm"]:
+            module._fastft_spec = spec
+            _install_forward(module, _rms_norm_forward)
+            entry.patched["rms_norm"] += 1
+        elif class_name == spec.attention_class:
+            _patch_attention(module, spec, switches["rope"], switches["lora"], entry, unfused)
+        elif class_name == spec.mlp_class:
+            _patch_mlp(module, activation, switches["mlp"], switches["lora"], entry, unfused)
+    entry.skipped += [f"{kind}: {n} LoRA modules not fusable, PEFT's forward kept" for kind, n in unfused.items() if n]
+
+    if switches["cross_entropy"]:
+        if _plain_lm_head(model) is None:
+            entry.skipped.append(
+                f"cross_entropy: lm_head is {type(model.lm_head).__name__}, not a bias-free nn.Linear; "
+                "the loss is computed from materialised logits"
+            )
+        model._fastft_spec = spec
+        _install_forward(model, _causal_lm_forward)
+        entry.patched["cross_entropy"] += 1
+    return entry
+
+
+def patch_model(
+    model: nn.Module,
+    *,
+    rms_norm: bool = True,
+    rope: bool = True,
+    mlp: bool = True,
+    cross_entropy: bool = True,
+    lora: bool = True,
+) -> PatchReport:
+    """Patch every HF causal LM inside ``model`` (itself one, a PEFT model, a LightningModule...).
+
+    Switches: ``rms_norm`` (RMSNorm modules, incl. Qwen3 q/k norms), ``rope`` (attention forward
+    with our in-place RoPE), ``mlp`` (GLU kernel MLP), ``cross_entropy`` (fused linear cross
+    entropy loss in training), ``lora`` (fused LoRA QKV/O/MLP where PEFT LoRA layers are fusable;
+    this alone also replaces the attention/MLP forwards that have a fused path). An architecture
+    without a spec is left as it is, with one warning.
+    """
+    switches = {"rms_norm": rms_norm, "rope": rope, "mlp": mlp, "cross_entropy": cross_entropy, "lora": lora}
+    report = PatchReport()
+    for path, module in model.named_modules():
+        if _is_causal_lm(module):
+            report.models.append(_patch_causal_lm(path or type(model).__name__, module, switches))
+    unpatched = [entry for entry in report.models if entry.model_type not in ARCHITECTURES]
+    if not report.models or unpatched:
+        warnings.warn(
+            f"lightning_fastft: some models were left unpatched and run Hugging Face's own code.\n{report}",
+            stacklevel=2,
+        )
+    return report

@@ -1,0 +1,405 @@
+"""Activation checkpointing of decoder layers, with the saved layer inputs optionally in host memory.
+
+Each decoder layer *instance* gets an instance ``forward`` (state_dict keys are untouched), so that
+during training a layer keeps only its input hidden state and recomputes everything else in backward:
+
+* ``mode="recompute"``: non-reentrant ``torch.utils.checkpoint`` of the layer; the input stays on
+  the device.
+* ``mode="offload"``: the input is copied device -> pinned host memory on a side CUDA stream while
+  compute goes on; in backward it is copied back, and the input of the next layer to be recomputed
+  is prefetched on the side stream while the current one recomputes. Without CUDA this falls back
+  to ``"recompute"`` with a one-time warning (``HostOffloader(emulate_on_cpu=True)`` runs the same
+  bookkeeping with synchronous copies, for tests).
+
+Under ``no_grad``/``inference_mode``, or when nothing in a layer needs a gradient, the layer runs
+its plain forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import warnings
+import weakref
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache
+
+MODES = ("offload", "recompute")
+_MODE_ATTRIBUTE = "_fastft_checkpoint_mode"
+_warned_cpu_fallback = False
+_TENSOR_SLOT = object()  # stands for a tensor in a flattened call or output held by _LayerCall
+
+
+def find_decoder_layer_lists(model: nn.Module) -> list[nn.ModuleList]:
+    """The outermost ``ModuleList``s of same-type composite modules holding parameters (decoder stacks)."""
+    stacks: list[nn.ModuleList] = []
+    inside_stack: set[int] = set()
+    for module in model.modules():  # pre-order: a stack is seen before the modules inside it
+        if id(module) in inside_stack or not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        first = module[0]
+        if len({type(layer) for layer in module}) == 1 and any(True for _ in first.children()) and any(True for _ in first.parameters()):
+            stacks.append(module)
+            inside_stack.update(id(inner) for inner in module.modules())
+    return stacks
+
+
+def apply_activation_checkpointing(
+    model: nn.Module, mode: str = "offload", *, offloader: HostOffloader | None = None
+) -> list[nn.Module]:
+    """Checkpoint every decoder layer of every HF model inside ``model``; returns the wrapped layers.
+
+    ``model`` may be a HF model, a PEFT model, or any module containing them (a LightningModule).
+    HF's own gradient checkpointing is switched off (with a warning) where it was on. Applying
+    again replaces the previous wrapping.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    stacks = find_decoder_layer_lists(model)
+    if not stacks:
+        raise ValueError(f"no decoder-layer ModuleList found inside {type(model).__name__}")
+    if hf_gradient_checkpointing_on(model):
+        warnings.warn(
+            "lightning_fastft: turning off HF gradient checkpointing; the decoder layers are "
+            "checkpointed by apply_activation_checkpointing instead.",
+            stacklevel=2,
+        )
+        disable_hf_gradient_checkpointing(model)
+    if mode == "offload" and offloader is None:
+        offloader = HostOffloader()
+    layers = [layer for stack in stacks for layer in stack]
+    for layer in layers:
+        layer.__dict__.pop("forward", None)
+        run_layer = layer.forward  # the class forward, bound to this instance
+        if mode == "recompute":
+            layer.forward = partial(_recompute_forward, run_layer)
+        else:
+            layer.forward = partial(_offload_forward, run_layer, offloader, offloader.new_slot())
+        setattr(layer, _MODE_ATTRIBUTE, mode)
+    return layers
+
+
+def remove_activation_checkpointing(model: nn.Module) -> int:
+    """Restore the class forward of every layer wrapped by :func:`apply_activation_checkpointing`."""
+    restored = 0
+    for module in model.modules():
+        if module.__dict__.pop(_MODE_ATTRIBUTE, None) is not None:
+            module.__dict__.pop("forward", None)
+            restored += 1
+    return restored
+
+
+def hf_gradient_checkpointing_on(model: nn.Module) -> bool:
+    """Whether HF's own gradient checkpointing is on anywhere inside ``model``."""
+    return any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
+
+
+def disable_hf_gradient_checkpointing(model: nn.Module) -> None:
+    """Turn HF's gradient checkpointing off on every HF model inside ``model``."""
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and hf_gradient_checkpointing_on(module):
+            # transformers >= 5.20 renamed it (the old name warns)
+            disable = getattr(module, "activation_checkpointing_disable", None) or module.gradient_checkpointing_disable
+            disable()
+
+
+def _without_cache(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Drop KV caches: a training step has no use for them and a recompute would update them twice."""
+    args = tuple(None if isinstance(value, Cache) else value for value in args)
+    kwargs = {name: None if isinstance(value, Cache) else value for name, value in kwargs.items()}
+    if kwargs.get("use_cache"):
+        kwargs["use_cache"] = False
+    return args, kwargs
+
+
+def _trainable_parameters(layer: nn.Module) -> list[nn.Parameter]:
+    return [parameter for parameter in layer.parameters() if parameter.requires_grad]
+
+
+def _recompute_forward(run_layer: Callable, *args: Any, **kwargs: Any) -> Any:
+    tensors = [leaf for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, Tensor)]
+    if not torch.is_grad_enabled() or not (
+        any(t.requires_grad for t in tensors) or _trainable_parameters(run_layer.__self__)
+    ):
+        return run_layer(*args, **kwargs)
+    args, kwargs = _without_cache(args, kwargs)
+    return checkpoint(run_layer, *args, use_reentrant=False, **kwargs)
+
+
+def _offload_forward(run_layer: Callable, offloader: HostOffloader, slot: int, *args: Any, **kwargs: Any) -> Any:
+    global _warned_cpu_fallback
+    if not torch.is_grad_enabled():
+        return run_layer(*args, **kwargs)
+    args, kwargs = _without_cache(args, kwargs)
+    hidden_states = args[0] if args else kwargs["hidden_states"]
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    hidden_index = next(i for i, leaf in enumerate(leaves) if leaf is hidden_states)
+    other_positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor) and i != hidden_index]
+    other_inputs = [leaves[i] for i in other_positions]
+    parameters = _trainable_parameters(run_layer.__self__)
+    if not (parameters or hidden_states.requires_grad or any(t.requires_grad for t in other_inputs)):
+        return run_layer(*args, **kwargs)
+    if not hidden_states.is_cuda and not offloader.emulate_on_cpu:
+        if not _warned_cpu_fallback:
+            _warned_cpu_fallback = True
+            warnings.warn(
+                "lightning_fastft: activation offload needs CUDA tensors; layers on "
+                f"{hidden_states.device.type} use plain recompute checkpointing instead.",
+                stacklevel=3,
+            )
+        return checkpoint(run_layer, *args, use_reentrant=False, **kwargs)
+    call = _LayerCall(
+        run_layer=run_layer,
+        input_spec=spec,
+        input_leaves=[_TENSOR_SLOT if isinstance(leaf, Tensor) else leaf for leaf in leaves],
+        hidden_index=hidden_index,
+        other_positions=other_positions,
+        parameters=parameters,
+        offloader=offloader,
+        slot=slot,
+    )
+    output_tensors = _OffloadedLayer.apply(call, hidden_states, *other_inputs, *parameters)
+    return call.rebuild_output(output_tensors)
+
+
+@dataclass
+class _LayerCall:
+    """One call of a layer, with its tensors taken out (they are held by autograd or the host store)."""
+
+    run_layer: Callable
+    input_spec: pytree.TreeSpec
+    input_leaves: list  # non-tensor leaves; _TENSOR_SLOT where a tensor goes
+    hidden_index: int
+    other_positions: list[int]
+    parameters: list[nn.Parameter]
+    offloader: HostOffloader
+    slot: int
+    output_spec: pytree.TreeSpec | None = None
+    output_leaves: list | None = None  # non-tensor output leaves; _TENSOR_SLOT where a tensor goes
+
+    def run(self, hidden_states: Tensor, other_inputs: list[Tensor]) -> Any:
+        leaves = list(self.input_leaves)
+        leaves[self.hidden_index] = hidden_states
+        for position, tensor in zip(self.other_positions, other_inputs):
+            leaves[position] = tensor
+        args, kwargs = pytree.tree_unflatten(leaves, self.input_spec)
+        return self.run_layer(*args, **kwargs)
+
+    def rebuild_output(self, output_tensors: tuple[Tensor, ...]) -> Any:
+        tensors = iter(output_tensors)
+        leaves = [next(tensors) if leaf is _TENSOR_SLOT else leaf for leaf in self.output_leaves]
+        return pytree.tree_unflatten(leaves, self.output_spec)
+
+
+class _RngState:
+    """CPU and device RNG states at forward time, restored (in a fork) for the backward recompute."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cpu_state = torch.get_rng_state()
+        self.cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    @contextlib.contextmanager
+    def restored(self):
+        devices = [self.device] if self.cuda_state is not None else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(self.cpu_state)
+            if self.cuda_state is not None:
+                torch.cuda.set_rng_state(self.cuda_state, self.device)
+            yield
+
+
+class _AutocastState:
+    """Autocast settings at forward time (device and CPU), re-entered for the backward recompute."""
+
+    def __init__(self, device_type: str):
+        self.settings = [
+            (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+            for kind in dict.fromkeys((device_type, "cpu"))
+            if torch.amp.is_autocast_available(kind)
+        ]
+        self.cache_enabled = torch.is_autocast_cache_enabled()
+
+    def restored(self) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        for kind, enabled, dtype in self.settings:
+            stack.enter_context(
+                torch.autocast(device_type=kind, dtype=dtype, enabled=enabled, cache_enabled=self.cache_enabled)
+            )
+        return stack
+
+
+class _OffloadedLayer(torch.autograd.Function):
+    """A decoder layer that saves only its input, and keeps that in host memory until backward.
+
+    forward: y = layer(x, *others) under no_grad; x goes to the host store, ``others`` (masks,
+    rotary cos/sin) are saved as they are; RNG and autocast state are recorded.
+    backward: x is fetched back (the previous layer's input is prefetched meanwhile), the layer is
+    re-run with grad under the recorded RNG/autocast state, and
+    (dL/dx, dL/dothers, dL/dparams) = vjp(layer at x, dL/dy) by ``torch.autograd.grad``.
+    The trainable parameters are explicit inputs, so their grads flow even when no input requires
+    grad (LoRA over frozen embeddings) and reach DDP's gradient hooks like any other grad.
+    """
+
+    @staticmethod
+    def forward(ctx, call: _LayerCall, hidden_states: Tensor, *inputs: Tensor):
+        other_inputs = inputs[: len(call.other_positions)]
+        ctx.call = call
+        ctx.rng = _RngState(hidden_states.device)
+        ctx.autocast = _AutocastState(hidden_states.device.type)
+        ctx.stored_input = call.offloader.offload(hidden_states, call.slot)
+        ctx.save_for_backward(*other_inputs)
+        output = call.run(hidden_states, list(other_inputs))
+        leaves, call.output_spec = pytree.tree_flatten(output)
+        call.output_leaves = [_TENSOR_SLOT if isinstance(leaf, Tensor) else leaf for leaf in leaves]
+        return tuple(leaf for leaf in leaves if isinstance(leaf, Tensor))
+
+    @staticmethod
+    def backward(ctx, *grad_outputs: Tensor | None):
+        call: _LayerCall = ctx.call
+        needs_grad = ctx.needs_input_grad[1:]  # hidden states, other inputs, parameters
+        hidden_states = call.offloader.fetch(ctx.stored_input).detach().requires_grad_(needs_grad[0])
+        other_inputs = [
+            tensor.detach().requires_grad_(needs)
+            for tensor, needs in zip(ctx.saved_tensors, needs_grad[1 : 1 + len(call.other_positions)])
+        ]
+        with torch.enable_grad(), ctx.rng.restored(), ctx.autocast.restored():
+            output = call.run(hidden_states, other_inputs)
+        output_tensors = [leaf for leaf in pytree.tree_leaves(output) if isinstance(leaf, Tensor)]
+        differentiable = [
+            (tensor, grad)
+            for tensor, grad in zip(output_tensors, grad_outputs)
+            if tensor.requires_grad and grad is not None
+        ]
+        inputs = [hidden_states, *other_inputs, *call.parameters]
+        wanted = [tensor for tensor, needs in zip(inputs, needs_grad) if needs]
+        if differentiable:
+            grads = torch.autograd.grad(
+                [tensor for tensor, _ in differentiable],
+                wanted,
+                [grad for _, grad in differentiable],
+                allow_unused=True,
+            )
+        else:
+            grads = [None] * len(wanted)
+        grads = iter(grads)
+        return (None, *(next(grads) if needs else None for needs in needs_grad))
+
+
+class _HostCopy:
+    """A tensor waiting in a host buffer; the buffer returns to the pool once it is copied back."""
+
+    def __init__(self, host_view: Tensor, device: torch.device, return_buffer: Callable[[], None]):
+        self.host_view = host_view
+        self.device = device
+        # runs once: on fetch, or when the autograd graph holding this copy is freed unused
+        self.release = weakref.finalize(self, return_buffer)
+        self.previous: weakref.ref[_HostCopy] | None = None
+        self.device_copy: Tensor | None = None
+        self.copied_back: torch.cuda.Event | None = None
+
+    @property
+    def released(self) -> bool:
+        return not self.release.alive
+
+
+class HostOffloader:
+    """Moves layer inputs to pinned host memory and back, overlapping the copies with compute.
+
+    Device -> host copies run on a side stream after the layer input is produced; the compute
+    stream never waits for them. A backward ``fetch`` of layer ``i`` waits only for the
+    host -> device copy of its own input, and starts the copy of the input stored just before it
+    (the next layer to be recomputed). Host buffers come from a pool keyed by (layer slot, dtype)
+    and grow to the largest shape seen, so steady-state steps allocate no pinned memory; a buffer
+    is handed out again only after its input was fetched (or its graph freed), so several forwards
+    before one backward are safe. ``emulate_on_cpu=True`` runs the same logic on CPU tensors with
+    synchronous copies into ordinary host buffers (tests); CUDA tensors always take the stream path.
+    """
+
+    def __init__(self, emulate_on_cpu: bool = False):
+        self.emulate_on_cpu = emulate_on_cpu
+        self.host_buffers_allocated = 0
+        self._free_buffers: dict[tuple[int, torch.dtype], list[Tensor]] = {}
+        self._slots = itertools.count()
+        self._latest: weakref.ref[_HostCopy] | None = None
+        self._side_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def new_slot(self) -> int:
+        return next(self._slots)
+
+    def offload(self, tensor: Tensor, slot: int) -> _HostCopy:
+        key = (slot, tensor.dtype)
+        buffer = self._take_buffer(key, tensor.numel(), pin=tensor.is_cuda)
+        host_view = buffer[: tensor.numel()].view(tensor.shape)
+        if tensor.is_cuda:
+            side_stream = self._side_stream(tensor.device)
+            side_stream.wait_stream(torch.cuda.current_stream(tensor.device))
+            with torch.cuda.stream(side_stream):
+                host_view.copy_(tensor, non_blocking=True)
+            tensor.record_stream(side_stream)  # its memory is not reused before the copy is done
+        else:
+            host_view.copy_(tensor)
+        stored = _HostCopy(host_view, tensor.device, partial(self._return_buffer, key, buffer))
+        stored.previous = self._latest
+        self._latest = weakref.ref(stored)
+        return stored
+
+    def prefetch(self, stored: _HostCopy) -> None:
+        """Start copying ``stored`` back to its device (on the side stream for CUDA)."""
+        if stored.device_copy is not None or stored.released:
+            return
+        if stored.device.type == "cuda":
+            side_stream = self._side_stream(stored.device)
+            with torch.cuda.stream(side_stream):  # queued after the device -> host copy
+                stored.device_copy = torch.empty_like(stored.host_view, device=stored.device)
+                stored.device_copy.copy_(stored.host_view, non_blocking=True)
+                stored.copied_back = torch.cuda.Event()
+                stored.copied_back.record(side_stream)
+        else:
+            stored.device_copy = stored.host_view.to(stored.device, copy=True)
+
+    def fetch(self, stored: _HostCopy) -> Tensor:
+        """The tensor back on its device, ready for the current stream; prefetches the one before."""
+        if stored.released:
+            raise RuntimeError(
+                "lightning_fastft: this offloaded layer input was already used by a backward pass; "
+                "backward through the same graph twice (retain_graph=True) is not supported in "
+                "offload mode, use mode='recompute'."
+            )
+        self.prefetch(stored)
+        tensor, stored.device_copy = stored.device_copy, None
+        if stored.copied_back is not None:
+            compute_stream = torch.cuda.current_stream(stored.device)
+            compute_stream.wait_event(stored.copied_back)
+            tensor.record_stream(compute_stream)
+        stored.release()  # later copies into the buffer queue behind the copy back on the side stream
+        previous = stored.previous() if stored.previous is not None else None
+        if previous is not None:
+            self.prefetch(previous)
+        return tensor
+
+    def _take_buffer(self, key: tuple[int, torch.dtype], numel: int, pin: bool) -> Tensor:
+        free = self._free_buffers.setdefault(key, [])
+        for index, buffer in enumerate(free):
+            if buffer.numel() >= numel:
+                return free.pop(index)
+        if free:
+            free.pop()  # a larger shape arrived: drop a smaller buffer so the pool stays small
+        self.host_buffers_allocated += 1
+        return torch.empty(numel, dtype=key[1], pin_memory=pin)
+
+    def _return_buffer(self, key: tuple[int, torch.dtype], buffer: Tensor) -> None:
+        self._free_buffers.setdefault(key, []).append(buffer)
+
+    def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
+        if device not in self._side_streams:
+            self._side_streams[device] = torch.cuda.Stream(device)
+        return self._side_streams[device]

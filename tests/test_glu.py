@@ -1,0 +1,125 @@
+"""SwiGLU / GeGLU Triton kernels against the PyTorch reference and Hugging Face's activations."""
+
+import pytest
+import torch
+
+from lightning_fastft import _runtime
+from lightning_fastft.kernels import glu as glu_module
+from lightning_fastft.kernels.glu import (
+    ACTIVATIONS,
+    geglu,
+    glu,
+    glu_backward,
+    glu_forward,
+    glu_reference,
+    swiglu,
+)
+
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
+
+
+def assert_close(actual, expected, dtype):
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    error = (actual.float() - expected.float()).abs().max()
+    scale = expected.float().abs().max().clamp_min(1e-6)
+    assert error <= TOLERANCE[dtype] * scale, f"relative error {(error / scale).item():.3g}"
+
+
+def reference_grads(gate, up, dh, activation):
+    gate_ref = gate.detach().clone().requires_grad_()
+    up_ref = up.detach().clone().requires_grad_()
+    h_ref = glu_reference(gate_ref, up_ref, activation)
+    h_ref.backward(dh)
+    return h_ref.detach(), gate_ref.grad, up_ref.grad
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_reference_matches_hugging_face_activation(activation):
+    from transformers.activations import ACT2FN
+
+    gate, up = torch.randn(5, 33), torch.randn(5, 33)
+    assert torch.allclose(glu_reference(gate, up, activation), ACT2FN[activation](gate) * up, atol=1e-6)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 37), (2, 3, 4095), (2, 14336), (3, 11008)])
+def test_glu_forward_backward(device, activation, dtype, shape):
+    gate = (2 * torch.randn(shape, device=device)).to(dtype).requires_grad_()
+    up = torch.randn(shape, device=device, dtype=dtype).requires_grad_()
+    dh = torch.randn(shape, device=device, dtype=dtype)
+    h = glu(gate, up, activation)
+    h.backward(dh)
+    h_ref, dgate_ref, dup_ref = reference_grads(gate, up, dh, activation)
+    assert_close(h, h_ref, dtype)
+    assert_close(gate.grad, dgate_ref, dtype)
+    assert_close(up.grad, dup_ref, dtype)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_glu_on_halves_of_fused_projection(device, activation):
+    """Gate and up as strided views of one (tokens, 2 * I) projection, I odd."""
+    width = 1001
+    fused = torch.randn(2, 7, 2 * width, device=device, requires_grad=True)
+    gate, up = fused[..., :width], fused[..., width:]
+    dh = torch.randn(2, 7, width, device=device)
+    h = glu(gate, up, activation)
+    h.backward(dh)
+    h_ref, dgate_ref, dup_ref = reference_grads(gate, up, dh, activation)
+    assert_close(h, h_ref, torch.float32)
+    assert_close(fused.grad, torch.cat([dgate_ref, dup_ref], dim=-1), torch.float32)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inplace_backward_writes_into_inputs(device, activation, dtype):
+    gate = torch.randn(9, 515, device=device, dtype=dtype)
+    up = torch.randn(9, 515, device=device, dtype=dtype)
+    dh = torch.randn(9, 515, device=device, dtype=dtype)
+    h_ref, dgate_ref, dup_ref = reference_grads(gate, up, dh, activation)
+    pointers = gate.data_ptr(), up.data_ptr(), dh.data_ptr()
+
+    h, dgate, dup = glu_backward(dh, gate, up, activation, inplace=True, return_h=True)
+
+    assert (dgate.data_ptr(), dup.data_ptr(), h.data_ptr()) == pointers
+    assert_close(dgate, dgate_ref, dtype)
+    assert_close(dup, dup_ref, dtype)
+    assert_close(h, h_ref, dtype)
+
+
+def test_out_of_place_launchers_leave_inputs_intact(device):
+    gate, up, dh = (torch.randn(4, 130, device=device) for _ in range(3))
+    saved = [t.clone() for t in (gate, up, dh)]
+    h = glu_forward(gate, up, "silu")
+    dgate, dup = glu_backward(dh, gate, up, "silu")
+    h_ref, dgate_ref, dup_ref = reference_grads(gate, up, dh, "silu")
+    for tensor, copy in zip((gate, up, dh), saved):
+        assert torch.equal(tensor, copy)
+    assert_close(h, h_ref, torch.float32)
+    assert_close(dgate, dgate_ref, torch.float32)
+    assert_close(dup, dup_ref, torch.float32)
+
+
+def test_named_wrappers(device):
+    gate, up = torch.randn(3, 77, device=device), torch.randn(3, 77, device=device)
+    assert_close(swiglu(gate, up), glu_reference(gate, up, "silu"), torch.float32)
+    assert_close(geglu(gate, up), glu_reference(gate, up, "gelu_pytorch_tanh"), torch.float32)
+    assert_close(geglu(gate, up, approximate="none"), glu_reference(gate, up, "gelu"), torch.float32)
+    with pytest.raises(ValueError):
+        geglu(gate, up, approximate="erf")
+    with pytest.raises(ValueError):
+        glu(gate, up, "relu")
+
+
+def test_fallback_warns_and_matches_reference(device, monkeypatch):
+    monkeypatch.setattr(glu_module, "triton_enabled", lambda *tensors: False)
+    monkeypatch.setattr(_runtime, "_warned", set())
+    gate = torch.randn(5, 31, device=device, requires_grad=True)
+    up = torch.randn(5, 31, device=device, requires_grad=True)
+    with pytest.warns(UserWarning, match="glu runs its PyTorch reference"):
+        h = glu(gate, up, "gelu")
+    h.sum().backward()
+    h_ref, dgate_ref, dup_ref = reference_grads(gate, up, torch.ones_like(h), "gelu")
+    assert torch.equal(h, h_ref)
+    assert_close(gate.grad, dgate_ref, torch.float32)
+    assert_close(up.grad, dup_ref, torch.float32)

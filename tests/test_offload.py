@@ -1,0 +1,283 @@
+"""Activation checkpointing / host offload of decoder layers: gradients equal plain training.
+
+On CPU, ``mode="offload"`` falls back to recompute; ``HostOffloader(emulate_on_cpu=True)`` runs the
+offload Function and its buffer pool / prefetch bookkeeping with synchronous copies. On CUDA both
+offload variants take the real side-stream + pinned-memory path.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from lightning_fastft.patching.offload import (
+    HostOffloader,
+    apply_activation_checkpointing,
+    find_decoder_layer_lists,
+    hf_gradient_checkpointing_on,
+    remove_activation_checkpointing,
+)
+
+BATCH, SEQ, VOCAB = 2, 11, 101
+
+
+def tiny_llama(dropout: float = 0.1, layers: int = 3):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=36,
+        intermediate_size=70,
+        num_hidden_layers=layers,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        attention_dropout=dropout,
+        tie_word_embeddings=False,
+    )
+    config._attn_implementation = "eager"
+    return LlamaForCausalLM(config)
+
+
+def tiny_gpt2(dropout: float = 0.1, layers: int = 3):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=36,
+        n_layer=layers,
+        n_head=3,
+        n_positions=64,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+    )
+    config._attn_implementation = "eager"
+    return GPT2LMHeadModel(config)
+
+
+BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+
+
+def with_lora(model):
+    from peft import LoraConfig, get_peft_model
+
+    # init_lora_weights=False: B is random too, so every LoRA matrix gets a non-zero grad
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear", init_lora_weights=False)
+    return get_peft_model(model, config)
+
+
+def make_batch(device):
+    input_ids = torch.randint(0, VOCAB, (BATCH, SEQ), device=device)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :3] = 0  # left padding in the second row
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def loss_and_grads(model, batch, seed):
+    torch.manual_seed(seed)
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+def assert_same_training(reference, wrapped, device, steps=2):
+    for step in range(steps):
+        batch = make_batch(device)
+        ref_loss, ref_grads = loss_and_grads(reference, batch, seed=step)
+        loss, grads = loss_and_grads(wrapped, batch, seed=step)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+        assert grads.keys() == ref_grads.keys()
+        for name, ref_grad in ref_grads.items():
+            assert ref_grad is not None and ref_grad.abs().sum() > 0, name
+            torch.testing.assert_close(grads[name], ref_grad, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def checkpointed_copy(model, variant):
+    wrapped = copy.deepcopy(model)
+    if variant == "recompute":
+        apply_activation_checkpointing(wrapped, "recompute")
+    elif variant == "offload":
+        apply_activation_checkpointing(wrapped, "offload")
+    else:
+        apply_activation_checkpointing(wrapped, "offload", offloader=HostOffloader(emulate_on_cpu=True))
+    return wrapped
+
+
+@pytest.mark.filterwarnings("ignore:lightning_fastft. activation offload needs CUDA")
+@pytest.mark.parametrize("variant", ["recompute", "offload", "offload_emulated"])
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_grads_equal_no_checkpointing(arch, lora, variant, device):
+    """Dropout is on: equal grads also mean the recompute replays the forward's random masks."""
+    model = BUILDERS[arch]().to(device)
+    if lora:
+        model = with_lora(model)  # frozen embeddings: the first layer's input needs no grad
+    model.train()
+    assert_same_training(model, checkpointed_copy(model, variant), device)
+
+
+def test_state_dict_keys_unchanged_and_removable(device):
+    model = with_lora(tiny_llama()).to(device)
+    keys = list(model.state_dict().keys())
+    layers = apply_activation_checkpointing(model, "offload")
+    assert len(layers) == 3
+    assert list(model.state_dict().keys()) == keys
+    apply_activation_checkpointing(model, "recompute")  # re-applying replaces the wrapping
+    assert list(model.state_dict().keys()) == keys
+    assert remove_activation_checkpointing(model) == 3
+    assert all("forward" not in layer.__dict__ for layer in layers)
+
+
+def test_finds_the_decoder_stack_of_wrapped_models():
+    from lightning.pytorch import LightningModule
+
+    class Holder(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = with_lora(tiny_gpt2(layers=2))
+
+    stacks = find_decoder_layer_lists(Holder())
+    assert [len(stack) for stack in stacks] == [2]
+    assert type(stacks[0][0]).__name__ == "GPT2Block"
+
+
+def test_turns_off_hf_gradient_checkpointing():
+    model = with_lora(tiny_llama())
+    model.get_base_model().model.layers[1].gradient_checkpointing = True  # as HF's enable does
+    assert hf_gradient_checkpointing_on(model)
+    with pytest.warns(UserWarning, match="turning off HF gradient checkpointing"):
+        apply_activation_checkpointing(model, "recompute")
+    assert not hf_gradient_checkpointing_on(model)
+
+
+class RecordingOffloader(HostOffloader):
+    """Emulated offloader that logs which stored inputs were already prefetched when fetched."""
+
+    def __init__(self):
+        super().__init__(emulate_on_cpu=True)
+        self.fetched_prefetched: list[bool] = []
+
+    def fetch(self, stored):
+        self.fetched_prefetched.append(stored.device_copy is not None)
+        return super().fetch(stored)
+
+
+def test_offload_prefetches_one_layer_ahead_and_reuses_buffers(device):
+    model = tiny_llama(layers=4).to(device)
+    offloader = RecordingOffloader()
+    apply_activation_checkpointing(model, "offload", offloader=offloader)
+    for _ in range(3):
+        model(**make_batch(device)).loss.backward()
+    # the first fetched input of each backward (last layer) was not prefetched, the 3 others were
+    assert offloader.fetched_prefetched == [False, True, True, True] * 3
+    assert offloader.host_buffers_allocated == 4
+    with torch.no_grad():  # eval / no_grad: plain forward, nothing stored
+        model(**make_batch(device))
+    assert len(offloader.fetched_prefetched) == 12 and offloader.host_buffers_allocated == 4
+
+
+def test_offload_two_forwards_before_backward(device):
+    """Buffers are not handed out again before their backward ran; freed graphs return them."""
+    model = tiny_llama(dropout=0.0).to(device)
+    reference = copy.deepcopy(model)
+    offloader = HostOffloader(emulate_on_cpu=True)
+    apply_activation_checkpointing(model, "offload", offloader=offloader)
+    first, second = make_batch(device), make_batch(device)
+    (model(**first).loss + model(**second).loss).backward()
+    (reference(**first).loss + reference(**second).loss).backward()
+    for (name, p), ref in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, ref.grad, rtol=1e-6, atol=1e-6, msg=name)
+    assert offloader.host_buffers_allocated == 6
+    loss = model(**first).loss  # graph dropped without backward: its buffers go back to the pool
+    del loss
+    model(**second).loss.backward()
+    assert offloader.host_buffers_allocated == 6
+
+
+def test_offload_backward_twice_raises(device):
+    model = tiny_llama(layers=2).to(device)
+    apply_activation_checkpointing(model, "offload", offloader=HostOffloader(emulate_on_cpu=True))
+    loss = model(**make_batch(device)).loss
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="already used by a backward"):
+        loss.backward()
+
+
+def count_saved_hidden_states(model, device):
+    shapes = []
+
+    def pack(tensor):
+        shapes.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(**make_batch(device)).loss.backward()
+    return sum(shape == (BATCH, SEQ, 36) for shape in shapes)
+
+
+def test_offload_keeps_no_hidden_states_per_layer(device):
+    counts = {}
+    for layers in (2, 5):
+        model = tiny_llama(layers=layers).to(device)
+        plain = count_saved_hidden_states(model, device)
+        apply_activation_checkpointing(model, "offload", offloader=HostOffloader(emulate_on_cpu=True))
+        counts[layers] = count_saved_hidden_states(model, device)
+        assert plain > counts[layers] + 2 * layers
+    assert counts[2] == counts[5]  # only the layers' outside (final norm, lm_head) saves any
+
+
+@pytest.mark.filterwarnings("ignore:lightning_fastft. activation offload needs CUDA")
+def test_lightning_fit_with_callback_and_accumulation(tmp_path, device):
+    import lightning.pytorch as pl
+
+    from lightning_fastft.callbacks.offload import ActivationOffload
+
+    class TinyLM(pl.LightningModule):
+        def __init__(self, state):
+            super().__init__()
+            self.state = state
+            self.model = None
+
+        def configure_model(self):
+            if self.model is None:
+                self.model = tiny_llama()
+                self.model.load_state_dict(self.state)
+
+        def training_step(self, batch, batch_idx):
+            return self.model(**batch).loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    state = tiny_llama().state_dict()
+    batches = [make_batch("cpu") for _ in range(4)]
+
+    def fit(callbacks):
+        pl.seed_everything(0)
+        module = TinyLM(state)
+        trainer = pl.Trainer(
+            accelerator=device if device == "cpu" else "gpu",
+            devices=1,
+            max_epochs=1,
+            accumulate_grad_batches=2,
+            callbacks=callbacks,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+        )
+        trainer.fit(module, train_dataloaders=batches)
+        return module.model.state_dict()
+
+    callback = ActivationOffload()
+    trained = fit([callback])
+    reference = fit([])
+    assert callback.wrapped_layers == 3
+    assert any(not torch.equal(trained[name], state[name].to(trained[name].device)) for name in state)
+    for name, value in reference.items():
+        torch.testing.assert_close(trained[name], value, rtol=1e-6, atol=1e-6, msg=name)

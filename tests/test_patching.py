@@ -1,0 +1,262 @@
+"""patch_model: patched HF causal LMs compute what the unpatched ones do, on instances only."""
+
+import copy
+import types
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from lightning_fastft.patching import patch_model
+
+ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"]
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Small windows and softcaps so sliding-window attention and both softcaps change the result.
+ARCHITECTURE_OVERRIDES = {
+    "mistral": {"sliding_window": 4},
+    "qwen2": {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
+    "gemma2": {
+        "sliding_window": 4,
+        "query_pre_attn_scalar": 16,
+        "final_logit_softcapping": 2.0,
+        "attn_logit_softcapping": 3.0,
+    },
+}
+BATCH, SEQ, VOCAB = 2, 7, 101
+
+
+def tiny_causal_lm(model_type: str, attn_implementation: str = "sdpa") -> nn.Module:
+    """Random-weight fp32 model: hidden 64, 2 layers, 4 heads / 2 KV heads of 16, vocab 101."""
+    config = AutoConfig.for_model(
+        model_type,
+        hidden_size=64,
+        intermediate_size=88,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        initializer_range=0.15,
+        **ARCHITECTURE_OVERRIDES.get(model_type, {}),
+    )
+    if model_type == "gemma2" and attn_implementation == "sdpa":
+        attn_implementation = "eager"  # HF has no SDPA path with attention softcapping
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 1:  # norm weights: ones (or zeros for Gemma) plus noise
+                parameter.add_(torch.randn_like(parameter) * 0.2)
+    return model
+
+
+def add_lora(model: nn.Module) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=PROJECTIONS))
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, 0.2)
+    return peft_model
+
+
+def random_batch(device, position_ids=None):
+    input_ids = torch.randint(0, VOCAB, (BATCH, SEQ), device=device)
+    labels = torch.randint(0, VOCAB, (BATCH, SEQ), device=device)
+    labels[0, :2] = -100
+    batch = {"input_ids": input_ids, "labels": labels}
+    if position_ids is not None:
+        batch["position_ids"] = position_ids.to(device)
+    return batch
+
+
+def assert_close(actual, expected, rtol):
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * expected.abs().max().item())
+
+
+def trainable_gradients(model):
+    return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+
+def check_patched_matches(reference, patched, batch, grad_rtol=1e-4):
+    """Training step with labels: same loss and gradients, no logits; eval: same logits."""
+    reference.train()
+    patched.train()
+    expected = reference(**batch)
+    actual = patched(**batch)
+    assert actual.logits is None
+    assert_close(actual.loss, expected.loss, 1e-5)
+    expected.loss.backward()
+    actual.loss.backward()
+    expected_grads, actual_grads = trainable_gradients(reference), trainable_gradients(patched)
+    assert expected_grads.keys() == actual_grads.keys()
+    for name, grad in expected_grads.items():
+        assert actual_grads[name] is not None, name
+        assert_close(actual_grads[name], grad, grad_rtol)
+
+    reference.eval()
+    patched.eval()
+    with torch.no_grad():
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        assert_close(patched(**inputs).logits, reference(**inputs).logits, 1e-5)
+
+
+def replaced_forwards(model, class_suffix):
+    modules = [m for m in model.modules() if type(m).__name__.endswith(class_suffix)]
+    assert modules
+    return [isinstance(m.__dict__.get("forward"), types.MethodType) for m in modules]
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_patched_model_matches_hf(model_type, device):
+    reference = tiny_causal_lm(model_type).to(device)
+    patched = copy.deepcopy(reference)
+    report = patch_model(patched)
+    counts = report.models[0].patched
+    norms_per_layer = {"qwen3": 4, "gemma2": 4}.get(model_type, 2)
+    assert counts["rms_norm"] == 2 * norms_per_layer + 1
+    assert (counts["attention"], counts["rope"], counts["mlp"], counts["cross_entropy"]) == (2, 2, 2, 1)
+    check_patched_matches(reference, patched, random_batch(device))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma2"])
+@pytest.mark.parametrize("fused_lora", [True, False], ids=["fused_lora", "peft_lora"])
+def test_patched_peft_lora_matches_hf(model_type, fused_lora, device):
+    reference = add_lora(tiny_causal_lm(model_type, attn_implementation="eager")).to(device)
+    patched = copy.deepcopy(reference)
+    report = patch_model(patched, lora=fused_lora)
+    counts = report.models[0].patched
+    if not fused_lora:
+        assert counts["lora_qkv"] == counts["lora_o"] == counts["lora_mlp"] == 0
+    check_patched_matches(reference, patched, random_batch(device))
+
+
+def test_fused_lora_paths_are_taken_when_lora_is_fusable(device):
+    """The LoRA helper fuses plain fp32 PEFT LoRA on every projection."""
+    model = add_lora(tiny_causal_lm("llama")).to(device)
+    counts = patch_model(model).models[0].patched
+    assert (counts["lora_qkv"], counts["lora_o"], counts["lora_mlp"]) == (2, 2, 2)
+    assert counts["mlp"] == 0  # the fused LoRA MLP replaces the plain GLU path
+
+
+@pytest.mark.parametrize("switch", ["rms_norm", "rope", "mlp", "cross_entropy"])
+def test_each_switch_turns_its_part_off(switch, device):
+    reference = tiny_causal_lm("qwen3").to(device)
+    model = copy.deepcopy(reference)
+    report = patch_model(model, **{switch: False}, lora=False)
+    replaced = {
+        "rms_norm": replaced_forwards(model, "RMSNorm"),
+        "rope": replaced_forwards(model, "Attention"),
+        "mlp": replaced_forwards(model, "MLP"),
+        "cross_entropy": ["forward" in model.__dict__],
+    }
+    for kind, flags in replaced.items():
+        assert all(flags) if kind != switch else not any(flags), kind
+    assert report.models[0].patched[switch] == 0
+    assert f"{switch}: switched off" in str(report)
+    if switch != "cross_entropy":  # (cross_entropy off is checked below: logits stay)
+        check_patched_matches(reference, model, random_batch(device))
+
+
+def test_cross_entropy_off_keeps_logits_in_training(device):
+    reference = tiny_causal_lm("llama").to(device)
+    model = copy.deepcopy(reference)
+    patch_model(model, cross_entropy=False)
+    batch = random_batch(device)
+    output, expected = model(**batch), reference(**batch)
+    assert_close(output.logits, expected.logits, 1e-5)
+    assert_close(output.loss, expected.loss, 1e-5)
+
+
+def test_rope_off_keeps_fused_lora_attention_with_hf_rotary(device):
+    reference = add_lora(tiny_causal_lm("llama")).to(device)
+    model = copy.deepcopy(reference)
+    counts = patch_model(model, rope=False).models[0].patched
+    assert counts["rope"] == 0 and counts["attention"] == counts["lora_qkv"] == 2
+    check_patched_matches(reference, model, random_batch(device))
+
+
+def test_two_models_in_one_process_are_independent(device):
+    first = tiny_causal_lm("gemma").to(device)
+    second = copy.deepcopy(first)
+    classes = {type(m): type(m).forward for m in second.modules()}
+    patch_model(first)
+    assert not any("forward" in m.__dict__ for m in second.modules())
+    assert all(cls.forward is forward for cls, forward in classes.items())
+    batch = random_batch(device)
+    first.eval()
+    second.eval()
+    with torch.no_grad():
+        assert_close(first(batch["input_ids"]).logits, second(batch["input_ids"]).logits, 1e-5)
+
+
+def test_patching_twice_is_a_no_op_and_models_inside_containers_are_found(device):
+    class Container(nn.Module):  # e.g. a LightningModule holding a policy and a reference model
+        def __init__(self):
+            super().__init__()
+            self.policy = add_lora(tiny_causal_lm("qwen2"))
+            self.reference = tiny_causal_lm("mistral")
+
+    container = Container().to(device)
+    report = patch_model(container)
+    assert [(m.path, m.model_type) for m in report.models] == [
+        ("policy.base_model.model", "qwen2"),
+        ("reference", "mistral"),
+    ]
+    forwards = {name: m.__dict__["forward"] for name, m in container.named_modules() if "forward" in m.__dict__}
+    assert len(forwards) == 2 * (5 + 2 + 2 + 1)
+    second_report = patch_model(container)
+    assert str(second_report) == str(report)
+    assert forwards == {name: m.__dict__["forward"] for name, m in container.named_modules() if "forward" in m.__dict__}
+
+
+def test_unsupported_architecture_warns_and_still_trains(device):
+    config = AutoConfig.for_model("gpt2", n_embd=32, n_layer=1, n_head=2, vocab_size=VOCAB, n_positions=32)
+    model = AutoModelForCausalLM.from_config(config).to(device)
+    with pytest.warns(UserWarning, match="no patching spec for model_type 'gpt2'"):
+        report = patch_model(model)
+    assert sum(report.models[0].patched.values()) == 0
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    model.train()
+    loss = model(**random_batch(device)).loss
+    loss.backward()
+    assert torch.isfinite(loss) and model.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_no_causal_lm_warns():
+    with pytest.warns(UserWarning, match="no Hugging Face causal LM found"):
+        assert patch_model(nn.Linear(3, 3)).models == []
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_position_ids_restarting_inside_a_row(model_type, device):
+    reference = tiny_causal_lm(model_type).to(device)
+    patched = copy.deepcopy(reference)
+    patch_model(patched)
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 2, 3], [0, 1, 2, 3, 4, 0, 1]])
+    check_patched_matches(reference, patched, random_batch(device, position_ids))
+
+
+def test_logits_to_keep_loss_kwargs_and_tuple_output(device):
+    reference = tiny_causal_lm("gemma2").to(device)
+    patched = copy.deepcopy(reference)
+    patch_model(patched)
+    batch = random_batch(device)
+    reference.eval()
+    patched.eval()
+    with torch.no_grad():
+        expected = reference(batch["input_ids"], logits_to_keep=2).logits
+        actual = patched(batch["input_ids"], logits_to_keep=2).logits
+    assert actual.shape == (BATCH, 2, VOCAB)
+    assert_close(actual, expected, 1e-5)
+
+    reference.train()
+    patched.train()
+    shift_labels = torch.roll(batch["labels"], -1, dims=1)
+    loss_kwargs = {"num_items_in_batch": torch.tensor(5, device=device), "shift_labels": shift_labels}
+    expected = reference(**batch, **loss_kwargs).loss
+    actual = patched(**batch, **loss_kwargs, return_dict=False)
+    assert isinstance(actual, tuple)
+    assert_close(actual[0], expected, 1e-5)
