@@ -11,12 +11,15 @@ device it already lives on.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import bitsandbytes as bnb
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
+
+_BLOCKSIZE = 64  # elements per 4-bit quantisation block (the bitsandbytes default)
 
 
 def quantize_linear_layers(
@@ -29,7 +32,8 @@ def quantize_linear_layers(
 ) -> list[str]:
     """Replace every ``nn.Linear`` of ``model`` (in place) by a frozen ``bnb.nn.Linear4bit``.
 
-    A layer is skipped when any dotted component of its name is in ``skip_modules``. The
+    A layer is skipped when any dotted component of its name is in ``skip_modules``, and on
+    CPU when ``in_features`` is not a multiple of 64 (bitsandbytes' CPU kernels get those wrong). The
     weight is cast to ``compute_dtype`` and quantised on its current device (dequantising
     gives back ``compute_dtype``); the bias is kept in ``compute_dtype``.
     Returns the names of the quantised layers.
@@ -39,6 +43,18 @@ def quantize_linear_layers(
         for name, module in model.named_modules()
         if type(module) is nn.Linear and not set(name.split(".")) & set(skip_modules)
     ]
+    cpu_misaligned = [
+        name for name, linear in targets if linear.weight.device.type == "cpu" and linear.in_features % _BLOCKSIZE
+    ]
+    if cpu_misaligned:
+        # bitsandbytes' CPU 4-bit kernels dequantise block-per-row while quantisation blocks
+        # run over the flattened weight: rows not a multiple of the block come back wrong.
+        warnings.warn(
+            f"lightning_fastft: leaving {len(cpu_misaligned)} linear layer(s) unquantised on CPU because "
+            f"in_features is not a multiple of {_BLOCKSIZE} (e.g. {cpu_misaligned[0]})",
+            stacklevel=2,
+        )
+        targets = [(name, linear) for name, linear in targets if name not in cpu_misaligned]
     for name, linear in targets:
         if linear.weight.device.type == "meta":
             raise ValueError(f"{name} has no weights (meta device); load the model before quantising it")
@@ -56,6 +72,7 @@ def quantize_linear_layers(
             requires_grad=False,
             compress_statistics=double_quant,
             quant_type=quant_type,
+            blocksize=_BLOCKSIZE,
             module=quantized,
         ).to(linear.weight.device)  # Params4bit quantises on its first move to a device
         if linear.bias is not None:

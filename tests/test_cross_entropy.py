@@ -138,7 +138,8 @@ def test_second_backward_is_refused(device):
 def test_fallback_warns_and_matches_reference(device, monkeypatch):
     monkeypatch.setattr(ce_module, "triton_enabled", lambda *tensors: False)
     monkeypatch.setattr(_runtime, "_warned", set())
-    inputs = make_inputs(device, 23, 96, 1001, torch.float32, with_bias=True, ignored=(0, 1, 2, 3, 4, 5))
+    hidden, weight, bias, target = make_inputs(device, 23, 96, 1001, torch.float32, True, ignored=range(6))
+    inputs = hidden, weight, bias, target.int()
     with pytest.warns(UserWarning, match="fused_linear_cross_entropy runs its PyTorch reference"):
         check_against_reference(*inputs, torch.float32, softcap=4.0, chunk_size=6)
 

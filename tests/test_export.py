@@ -32,7 +32,7 @@ SENTENCES = [
 def tiny_llama(vocab_size=301, **overrides) -> LlamaForCausalLM:
     config = LlamaConfig(
         hidden_size=64,
-        intermediate_size=96,
+        intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -133,6 +133,27 @@ def test_merge_and_save_qlora_is_dequantised_base_plus_lora(tmp_path, device):
     torch.testing.assert_close(q_proj.base_layer.weight.data, qweight_before, rtol=0, atol=0)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="bitsandbytes repacks 4-bit weights only on CPU")
+def test_merge_after_cpu_inference_repacking_leaves_model_alone(tmp_path):
+    model = prepare_qlora(tiny_llama(), compute_dtype=torch.bfloat16, lora_r=4)
+    q_proj = model.base_model.model.model.layers[1].self_attn.q_proj.base_layer
+    import bitsandbytes.functional as bnbf
+
+    dense_before = bnbf.dequantize_4bit(q_proj.weight.data, q_proj.weight.quant_state).float()
+    model.eval()
+    logits(model, torch.randint(0, 301, (1, 5)))  # eval + no_grad: AVX512-BF16 CPUs repack in place
+    if not getattr(q_proj.weight.quant_state, "packing_format_for_cpu", False):
+        pytest.skip("this CPU has no AVX512-BF16 repacking")
+    packed_before = q_proj.weight.data.clone()
+
+    merged = merge_and_save(model, tmp_path, dtype=torch.float32)
+
+    merged_q = merged.model.layers[1].self_attn.q_proj.weight  # LoRA B is zero: merged == base
+    assert rel_err(merged_q, dense_before) < 1e-2  # bf16 absmax of the repacked layout
+    assert q_proj.weight.quant_state.packing_format_for_cpu
+    torch.testing.assert_close(q_proj.weight.data, packed_before, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------- GGUF export
 
 
@@ -223,7 +244,7 @@ def test_export_gguf_llama_tensors_and_metadata(tmp_path, dtype, qtype, rtol):
         "llama.context_length": 256,
         "llama.embedding_length": 64,
         "llama.block_count": 2,
-        "llama.feed_forward_length": 96,
+        "llama.feed_forward_length": 128,
         "llama.attention.head_count": 4,
         "llama.attention.head_count_kv": 2,
         "llama.rope.dimension_count": 16,
@@ -297,8 +318,10 @@ def test_export_gguf_qwen3_no_permutation_q_norm_and_biases(tmp_path):
     state = model.state_dict()
     assert field(reader, "general.architecture") == "qwen3"
     assert "output.weight" not in tensors  # tied to token_embd
-    np.testing.assert_array_equal(tensors["blk.0.attn_q_norm.weight"][1], state["model.layers.0.self_attn.q_norm.weight"].numpy())
-    np.testing.assert_array_equal(tensors["blk.0.attn_k.bias"][1], state["model.layers.0.self_attn.k_proj.bias"].numpy())
+    q_norm = state["model.layers.0.self_attn.q_norm.weight"].numpy()
+    np.testing.assert_array_equal(tensors["blk.0.attn_q_norm.weight"][1], q_norm)
+    k_bias = state["model.layers.0.self_attn.k_proj.bias"].numpy()
+    np.testing.assert_array_equal(tensors["blk.0.attn_k.bias"][1], k_bias)
     q_stored, q_source = tensors["blk.0.attn_q.weight"][1], state["model.layers.0.self_attn.q_proj.weight"].numpy()
     assert np.linalg.norm(q_stored - q_source) / np.linalg.norm(q_source) < 1e-2  # same row order
     # intermediate 80 is not a multiple of the Q8_0 block (32): down_proj falls back to F16
@@ -328,7 +351,8 @@ def test_export_gguf_gemma2_norms_shifted_and_softcaps(tmp_path):
         "post_feedforward_layernorm": "post_ffw_norm",
     }
     for hf, gg in norms.items():
-        np.testing.assert_allclose(tensors[f"blk.1.{gg}.weight"][1], state[f"model.layers.1.{hf}.weight"].numpy() + 1, rtol=1e-6)
+        source = state[f"model.layers.1.{hf}.weight"].numpy()
+        np.testing.assert_allclose(tensors[f"blk.1.{gg}.weight"][1], source + 1, rtol=1e-6)
     np.testing.assert_allclose(tensors["output_norm.weight"][1], state["model.norm.weight"].numpy() + 1, rtol=1e-6)
     assert "output.weight" not in tensors
     q_stored, q_source = tensors["blk.0.attn_q.weight"][1], state["model.layers.0.self_attn.q_proj.weight"].numpy()

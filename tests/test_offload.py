@@ -75,20 +75,22 @@ def make_batch(device):
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def loss_and_grads(model, batch, seed):
+def loss_and_grads(model, batch, seed, autocast_dtype=None):
     torch.manual_seed(seed)
     model.zero_grad(set_to_none=True)
-    loss = model(**batch).loss
-    loss.backward()
+    device_type = batch["input_ids"].device.type
+    with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        loss = model(**batch).loss
+    loss.backward()  # outside autocast, as Lightning does it
     grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
     return loss.detach(), grads
 
 
-def assert_same_training(reference, wrapped, device, steps=2):
+def assert_same_training(reference, wrapped, device, steps=1, autocast_dtype=None):
     for step in range(steps):
         batch = make_batch(device)
-        ref_loss, ref_grads = loss_and_grads(reference, batch, seed=step)
-        loss, grads = loss_and_grads(wrapped, batch, seed=step)
+        ref_loss, ref_grads = loss_and_grads(reference, batch, step, autocast_dtype)
+        loss, grads = loss_and_grads(wrapped, batch, step, autocast_dtype)
         torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
         assert grads.keys() == ref_grads.keys()
         for name, ref_grad in ref_grads.items():
@@ -118,6 +120,14 @@ def test_grads_equal_no_checkpointing(arch, lora, variant, device):
         model = with_lora(model)  # frozen embeddings: the first layer's input needs no grad
     model.train()
     assert_same_training(model, checkpointed_copy(model, variant), device)
+
+
+@pytest.mark.parametrize("variant", ["recompute", "offload_emulated"])
+def test_grads_equal_under_autocast(variant, device):
+    """The recompute re-enters the forward's autocast (bf16), so it matches the saved-activation grads."""
+    model = with_lora(tiny_llama()).to(device).train()
+    wrapped = checkpointed_copy(model, variant)
+    assert_same_training(model, wrapped, device, autocast_dtype=torch.bfloat16)
 
 
 def test_state_dict_keys_unchanged_and_removable(device):
@@ -215,7 +225,8 @@ def count_saved_hidden_states(model, device):
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(**make_batch(device)).loss.backward()
+        loss = model(**make_batch(device)).loss
+    loss.backward()
     return sum(shape == (BATCH, SEQ, 36) for shape in shapes)
 
 
@@ -271,7 +282,7 @@ def test_lightning_fit_with_callback_and_accumulation(tmp_path, device):
             enable_model_summary=False,
             default_root_dir=tmp_path,
         )
-        trainer.fit(module, train_dataloaders=batches)
+        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
         return module.model.state_dict()
 
     callback = ActivationOffload()

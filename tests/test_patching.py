@@ -1,7 +1,7 @@
 """patch_model: patched HF causal LMs compute what the unpatched ones do, on instances only."""
 
 import copy
-import types
+import pickle
 
 import pytest
 import torch
@@ -106,7 +106,7 @@ def check_patched_matches(reference, patched, batch, grad_rtol=1e-4):
 def replaced_forwards(model, class_suffix):
     modules = [m for m in model.modules() if type(m).__name__.endswith(class_suffix)]
     assert modules
-    return [isinstance(m.__dict__.get("forward"), types.MethodType) for m in modules]
+    return ["forward" in m.__dict__ for m in modules]
 
 
 @pytest.mark.parametrize("model_type", ARCHITECTURES)

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
-import numpy as np
 import torch
 from torch import nn
 
@@ -185,7 +184,8 @@ def _load(model_or_dir, tokenizer):
 
     model = AutoModelForCausalLM.from_pretrained(model_or_dir, dtype="auto")
     directory = Path(model_or_dir)
-    if tokenizer is None and ((directory / "tokenizer.json").exists() or (directory / "tokenizer_config.json").exists()):
+    has_tokenizer = any((directory / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
+    if tokenizer is None and has_tokenizer:
         tokenizer = AutoTokenizer.from_pretrained(directory)
     return model, tokenizer
 

@@ -46,7 +46,7 @@ def linear_cross_entropy_reference(
         logits = logits + bias.float()
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
-    return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction)
+    return F.cross_entropy(logits, target.long(), ignore_index=ignore_index, reduction=reduction)
 
 
 @triton.jit
@@ -105,7 +105,7 @@ def _cross_entropy_rows_kernel(
             for start in range(0, n_vocab, BLOCK_V):
                 cols = start + tl.arange(0, BLOCK_V)
                 zeros = tl.zeros((BLOCK_V,), dtype=logits_ptr.dtype.element_ty)
-                pass
+                tl.store(row_ptr + cols, zeros, mask=cols < n_vocab)
 
 
 def _rows_loss_and_grad_triton(logits, target, loss, scale, ignore_index, softcap, compute_grad):
@@ -256,7 +256,7 @@ def fused_linear_cross_entropy(
         bias = bias.to(dtype) if bias is not None else None
     else:
         hidden = hidden.to(weight.dtype)
-    target = target.reshape(-1).contiguous()
+    target = target.reshape(-1).to(torch.long).contiguous()
     use_triton = triton_enabled(hidden, weight, target)
     if not use_triton:
         warn_fallback("fused_linear_cross_entropy")

@@ -74,12 +74,17 @@ def _grad_lora_B(dy: torch.Tensor, xa: torch.Tensor, w: LoRAWeights) -> torch.Te
     return (dy.t() @ xa).mul_(w.scaling).to(w.lora_B.dtype)
 
 
+def _grad_lora_input(dy: torch.Tensor, w: LoRAWeights) -> torch.Tensor:
+    """``dxa = s dy B``: the gradient of ``xa = x A^T``."""
+    return (dy @ w.lora_B.to(dy.dtype)).mul_(w.scaling)
+
+
 def _lora_grads(dy: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor | None, w: LoRAWeights, need_ab: bool):
     """``(dA, dB, dxa)`` of one projection (all ``None`` without LoRA; dA/dB ``None`` unless
     ``need_ab``), with ``dB = s dy^T xa``, ``dxa = s dy B``, ``dA = dxa^T x``."""
     if w.lora_A is None:
         return None, None, None
-    dxa = (dy @ w.lora_B.to(dy.dtype)).mul_(w.scaling)
+    dxa = _grad_lora_input(dy, w)
     if not need_ab:
         return None, None, dxa
     return (dxa.t() @ x2).to(w.lora_A.dtype), _grad_lora_B(dy, xa, w), dxa
@@ -108,7 +113,8 @@ def _weight_grads(d_lora_A, d_lora_B) -> tuple:
 
 
 def _needs_ab(ctx, index: int) -> bool:
-    """Whether projection ``index``'s lora_A or lora_B (after ``offset`` leading args) need grad."""
+    """Whether projection ``index``'s lora_A or lora_B needs a gradient (its LoRAWeights fields
+    start after ``ctx.weights_offset`` leading arguments of ``apply``)."""
     first = ctx.weights_offset + index * _FIELDS
     return ctx.needs_input_grad[first + 3] or ctx.needs_input_grad[first + 4]
 
@@ -232,7 +238,7 @@ class LoRAMLPFunction(torch.autograd.Function):
 
         has_lora = down.lora_A is not None
         need_down_ab = has_lora and _needs_ab(ctx, 2)
-        dha = (dy2 @ down.lora_B.to(dy2.dtype)).mul_(down.scaling) if has_lora else None
+        dha = _grad_lora_input(dy2, down) if has_lora else None
         d_down_A = d_down_B = None
         if need_down_ab:
             d_down_B = _grad_lora_B(dy2, ha_down, down)

@@ -67,7 +67,7 @@ def _num_warps(block: int) -> int:
 
 def _num_backward_programs(n_rows: int, device: torch.device) -> int:
     if device.type == "cuda":
-        workers = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        workers = 2 * torch.cuda.get_device_properties(device).multi_processor_count
     else:  # interpreter: few programs, each looping over many rows
         workers = 4
     return max(1, min(n_rows, workers))

@@ -1,15 +1,16 @@
 """Patch HF causal LMs (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2) to run the fast kernels.
 
-Only module *instances* are changed (``module.forward`` set to a bound method), never classes or
-module-level functions, so an unpatched model in the same process keeps HF's code. Patching again
-is idempotent: forwards already replaced stay, and the per-module plan (which fused LoRA paths
-apply) is rebuilt, so ``patch_model`` after adding PEFT adapters picks the fused paths up.
+Only module *instances* are changed (``module.forward`` set to an :class:`InstanceForward`), never
+classes or module-level functions, so an unpatched model in the same process keeps HF's code.
+Patching again is idempotent. The fused LoRA paths are looked up at each call (the
+``make_fused_*`` factories), so they follow adapters added, merged or disabled after patching,
+and a patched model holds no closures: it deep-copies and pickles.
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
-import types
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -66,20 +67,41 @@ class PatchReport:
         return f"lightning_fastft patched {len(self.models)} model(s):\n{body}"
 
 
-@dataclass
+class InstanceForward:
+    """``module.forward`` replacement: ``function(module, ...)``. Unlike a bound method it
+    survives pickling (e.g. for ``ddp_spawn``) and reports ``function``'s signature minus ``self``."""
+
+    __slots__ = ("function", "module")
+
+    def __init__(self, function: Callable, module: nn.Module):
+        self.function, self.module = function, module
+
+    def __call__(self, *args, **kwargs):
+        return self.function(self.module, *args, **kwargs)
+
+    def __reduce__(self):
+        return InstanceForward, (self.function, self.module)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        signature = inspect.signature(self.function)
+        return signature.replace(parameters=list(signature.parameters.values())[1:])
+
+
+@dataclass(frozen=True)
 class _AttentionPlan:
     spec: ArchitectureSpec
     rope: bool  # our in-place RoPE kernel; False: the architecture's own apply_rotary_pos_emb
+    lora: bool  # fused LoRA QKV / O whenever make_fused_qkv / make_fused_o accept the module
     hf_apply_rotary: Callable
     hf_eager_attention: Callable
-    fused_qkv: Callable | None
-    fused_o: Callable | None
 
 
-@dataclass
+@dataclass(frozen=True)
 class _MlpPlan:
-    activation: str
-    fused: Callable | None
+    activation: str | None  # the GLU kernel's name for the MLP activation; None: no GLU path
+    use_glu: bool
+    lora: bool
 
 
 def _rms_norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -105,8 +127,9 @@ def _attention_forward(
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
 
-    if plan.fused_qkv is not None:
-        query, key, value = plan.fused_qkv(hidden_states)
+    fused_qkv = make_fused_qkv(self) if plan.lora else None
+    if fused_qkv is not None:
+        query, key, value = fused_qkv(hidden_states)
     else:
         query, key, value = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
     query, key, value = query.view(hidden_shape), key.view(hidden_shape), value.view(hidden_shape)
@@ -139,14 +162,18 @@ def _attention_forward(
         **kwargs,
     )
     attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-    attn_output = plan.fused_o(attn_output) if plan.fused_o is not None else self.o_proj(attn_output)
+    fused_o = make_fused_o(self) if plan.lora else None
+    attn_output = fused_o(attn_output) if fused_o is not None else self.o_proj(attn_output)
     return attn_output, attn_weights
 
 
 def _mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     plan: _MlpPlan = self._fastft_mlp
-    if plan.fused is not None:
-        return plan.fused(x)
+    fused = make_fused_mlp(self, plan.activation) if plan.lora and plan.activation else None
+    if fused is not None:
+        return fused(x)
+    if not plan.use_glu:  # the mlp switch is off and LoRA stopped being fusable: HF's forward
+        return type(self).forward(self, x)
     return self.down_proj(glu(self.gate_proj(x), self.up_proj(x), plan.activation))
 
 
@@ -213,9 +240,9 @@ def _plain_lm_head(model: nn.Module) -> nn.Linear | None:
 
 
 def _install_forward(module: nn.Module, forward: Callable) -> None:
-    """Bind ``forward`` to this instance only; a no-op when it already runs it."""
-    if getattr(module.__dict__.get("forward"), "__func__", None) is not forward:
-        module.forward = types.MethodType(forward, module)
+    """Set ``forward`` on this instance only; a no-op when it already runs it."""
+    if getattr(module.__dict__.get("forward"), "function", None) is not forward:
+        module.forward = InstanceForward(forward, module)
 
 
 def _is_causal_lm(module: nn.Module) -> bool:
@@ -229,39 +256,39 @@ def _has_lora(*modules: nn.Module) -> bool:
 def _patch_attention(
     attention: nn.Module, spec: ArchitectureSpec, rope: bool, lora: bool, entry: ModelPatchReport, unfused: Counter
 ):
-    fused_qkv = make_fused_qkv(attention) if lora else None
-    fused_o = make_fused_o(attention) if lora else None
-    unfused["lora_qkv"] += lora and fused_qkv is None and _has_lora(attention.q_proj, attention.k_proj, attention.v_proj)
-    unfused["lora_o"] += lora and fused_o is None and _has_lora(attention.o_proj)
+    fused_qkv = lora and make_fused_qkv(attention) is not None
+    fused_o = lora and make_fused_o(attention) is not None
+    unfused["lora_qkv"] += lora and not fused_qkv and _has_lora(attention.q_proj, attention.k_proj, attention.v_proj)
+    unfused["lora_o"] += lora and not fused_o and _has_lora(attention.o_proj)
     if not (rope or fused_qkv or fused_o):
         return
     hf_modeling = sys.modules[type(attention).__module__]
     attention._fastft_attention = _AttentionPlan(
         spec=spec,
         rope=rope,
+        lora=lora,
         hf_apply_rotary=hf_modeling.apply_rotary_pos_emb,
         hf_eager_attention=hf_modeling.eager_attention_forward,
-        fused_qkv=fused_qkv,
-        fused_o=fused_o,
     )
     _install_forward(attention, _attention_forward)
     entry.patched["attention"] += 1
     entry.patched["rope"] += rope
-    entry.patched["lora_qkv"] += fused_qkv is not None
-    entry.patched["lora_o"] += fused_o is not None
+    entry.patched["lora_qkv"] += fused_qkv
+    entry.patched["lora_o"] += fused_o
 
 
 def _patch_mlp(
     mlp: nn.Module, activation: str | None, use_glu: bool, lora: bool, entry: ModelPatchReport, unfused: Counter
 ):
-    fused = make_fused_mlp(mlp, activation) if lora and activation else None
-    unfused["lora_mlp"] += lora and fused is None and _has_lora(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-    if fused is None and not (use_glu and activation):
+    fused = bool(lora and activation) and make_fused_mlp(mlp, activation) is not None
+    unfused["lora_mlp"] += lora and not fused and _has_lora(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    use_glu = use_glu and activation is not None
+    if not (fused or use_glu):
         return
-    mlp._fastft_mlp = _MlpPlan(activation=activation, fused=fused)
+    mlp._fastft_mlp = _MlpPlan(activation=activation, use_glu=use_glu, lora=lora)
     _install_forward(mlp, _mlp_forward)
-    entry.patched["mlp"] += fused is None
-    entry.patched["lora_mlp"] += fused is not None
+    entry.patched["mlp"] += not fused
+    entry.patched["lora_mlp"] += fused
 
 
 def _patch_causal_lm(path: str, model: PreTrainedModel, switches: dict[str, bool]) -> ModelPatchReport:

@@ -125,10 +125,10 @@ def _trainable_parameters(layer: nn.Module) -> list[nn.Parameter]:
 
 
 def _recompute_forward(run_layer: Callable, *args: Any, **kwargs: Any) -> Any:
+    if not torch.is_grad_enabled():
+        return run_layer(*args, **kwargs)
     tensors = [leaf for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, Tensor)]
-    if not torch.is_grad_enabled() or not (
-        any(t.requires_grad for t in tensors) or _trainable_parameters(run_layer.__self__)
-    ):
+    if not (any(t.requires_grad for t in tensors) or _trainable_parameters(run_layer.__self__)):
         return run_layer(*args, **kwargs)
     args, kwargs = _without_cache(args, kwargs)
     return checkpoint(run_layer, *args, use_reentrant=False, **kwargs)

@@ -1,0 +1,145 @@
+"""GPU micro-benchmark: RMSNorm and RoPE, fastft vs PyTorch eager vs Liger-Kernel.
+
+``run(results)`` appends one dict per (kernel, shape, impl):
+{kernel, shape, dtype, impl, fwd_ms, bwd_ms, fwd_gbps, bwd_gbps, peak_mib}. Times are
+``triton.testing.do_bench`` medians; GB/s counts each input read once and each output written
+once; peak_mib is the peak extra memory of one forward + backward. CUDA only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+HIDDEN = 4096
+SEQ_LENS = (2048, 8192)
+Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+DTYPE = torch.bfloat16
+
+
+def _liger(name: str):
+    try:
+        from liger_kernel.ops import rms_norm, rope
+    except ImportError:
+        return None
+    return {"rms_norm": rms_norm.LigerRMSNormFunction, "rope": rope.LigerRopeFunction}[name]
+
+
+def _measure(make_inputs, forward, grads_for, bytes_fwd: int, bytes_bwd: int) -> dict:
+    """Median fwd/bwd times, their GB/s and the peak extra memory of one fwd + bwd."""
+    from triton.testing import do_bench
+
+    inputs = make_inputs()
+    with torch.no_grad():
+        fwd_ms = do_bench(lambda: forward(*inputs), return_mode="median")
+    outputs = forward(*inputs)
+    grads = grads_for(outputs)
+    bwd_ms = do_bench(
+        lambda: torch.autograd.backward(outputs, grads, retain_graph=True), return_mode="median", grad_to_none=inputs
+    )
+    del inputs, outputs
+    torch.cuda.synchronize()
+    inputs = make_inputs()
+    grads = grads_for(forward(*inputs))  # grads of the right shapes, made before the measured pass
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    torch.autograd.backward(forward(*inputs), grads)
+    torch.cuda.synchronize()
+    peak_mib = (torch.cuda.max_memory_allocated() - baseline) / 2**20
+    return {
+        "fwd_ms": fwd_ms,
+        "bwd_ms": bwd_ms,
+        "fwd_gbps": bytes_fwd / fwd_ms / 1e6,
+        "bwd_gbps": bytes_bwd / bwd_ms / 1e6,
+        "peak_mib": peak_mib,
+    }
+
+
+def _rms_norm_cases(seq_len: int):
+    from lightning_fastft.kernels.rms_norm import rms_norm, rms_norm_reference
+
+    eps = 1e-6
+    impls = {
+        "fastft": lambda x, w: rms_norm(x, w, eps),
+        "eager": lambda x, w: rms_norm_reference(x, w, eps),
+    }
+    liger = _liger("rms_norm")
+    if liger is not None:
+        impls["liger"] = lambda x, w: liger.apply(x, w, eps)
+
+    def make_inputs():
+        x = torch.randn(1, seq_len, HIDDEN, device="cuda", dtype=DTYPE, requires_grad=True)
+        w = (1 + 0.1 * torch.randn(HIDDEN, device="cuda")).to(DTYPE).requires_grad_()
+        return x, w
+
+    element = torch.finfo(DTYPE).bits // 8
+    activation = seq_len * HIDDEN * element
+    bytes_fwd = 2 * activation + HIDDEN * element  # read x, w; write y
+    bytes_bwd = 3 * activation + 2 * HIDDEN * element  # read dy, x, w; write dx, dw
+    for impl, forward in impls.items():
+        yield impl, (1, seq_len, HIDDEN), make_inputs, forward, lambda y: torch.randn_like(y), bytes_fwd, bytes_bwd
+
+
+def _rope_cases(seq_len: int):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from lightning_fastft.kernels.rope import rope_qk_
+
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, HEAD_DIM, 2, device="cuda").float() / HEAD_DIM)
+    freqs = torch.arange(seq_len, device="cuda").float()[:, None] * inv_freq
+    angles = torch.cat((freqs, freqs), dim=-1)[None]
+    cos, sin = angles.cos().to(DTYPE), angles.sin().to(DTYPE)
+
+    def make_projections():  # (B, S, H*D) as a projection returns them
+        q = torch.randn(1, seq_len, Q_HEADS * HEAD_DIM, device="cuda", dtype=DTYPE, requires_grad=True)
+        k = torch.randn(1, seq_len, KV_HEADS * HEAD_DIM, device="cuda", dtype=DTYPE, requires_grad=True)
+        return q, k
+
+    def heads_first(q, k):  # the (B, H, S, D) layout HF and Liger take
+        return (
+            q.view(1, seq_len, Q_HEADS, HEAD_DIM).transpose(1, 2),
+            k.view(1, seq_len, KV_HEADS, HEAD_DIM).transpose(1, 2),
+        )
+
+    def fastft(q, k):
+        if torch.is_grad_enabled():  # leaves can't be rotated in place: rotate non-leaf copies, as a model
+            q, k = q.clone(), k.clone()  # rotates its projection outputs (the clone's backward is free)
+        return rope_qk_(q.view(1, seq_len, Q_HEADS, HEAD_DIM), k.view(1, seq_len, KV_HEADS, HEAD_DIM), cos, sin)
+
+    impls = {"fastft": fastft, "eager": lambda q, k: apply_rotary_pos_emb(*heads_first(q, k), cos, sin)}
+    liger = _liger("rope")
+    if liger is not None:
+        impls["liger"] = lambda q, k: liger.apply(*heads_first(q, k), cos, sin)
+
+    element = torch.finfo(DTYPE).bits // 8
+    qk_bytes = seq_len * (Q_HEADS + KV_HEADS) * HEAD_DIM * element
+    angle_bytes = 2 * seq_len * HEAD_DIM * element
+    bytes_moved = 2 * qk_bytes + angle_bytes  # read q, k, cos, sin; write q, k (same for the backward)
+    shape = (1, seq_len, Q_HEADS, KV_HEADS, HEAD_DIM)
+    for impl, forward in impls.items():
+        grads_for = lambda outputs: [torch.randn_like(t) for t in outputs]  # noqa: E731
+        yield impl, shape, make_projections, forward, grads_for, bytes_moved, bytes_moved
+
+
+def run(results: list) -> None:
+    """Append one result dict per (kernel, shape, impl); needs CUDA."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("benchmarks.kernels_norm_rope.run needs a CUDA device")
+    for kernel, cases in (("rms_norm", _rms_norm_cases), ("rope", _rope_cases)):
+        for seq_len in SEQ_LENS:
+            for impl, shape, make_inputs, forward, grads_for, bytes_fwd, bytes_bwd in cases(seq_len):
+                measured = _measure(make_inputs, forward, grads_for, bytes_fwd, bytes_bwd)
+                results.append({"kernel": kernel, "shape": shape, "dtype": str(DTYPE), "impl": impl, **measured})
+
+
+if __name__ == "__main__":
+    rows: list = []
+    run(rows)
+    header = f"{'kernel':<9} {'shape':<26} {'impl':<7} {'fwd ms':>8} {'bwd ms':>8} {'fwd GB/s':>9} {'bwd GB/s':>9} {'peak MiB':>9}"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        print(
+            f"{row['kernel']:<9} {str(row['shape']):<26} {row['impl']:<7} {row['fwd_ms']:>8.3f} {row['bwd_ms']:>8.3f} "
+            f"{row['fwd_gbps']:>9.0f} {row['bwd_gbps']:>9.0f} {row['peak_mib']:>9.1f}"
+        )

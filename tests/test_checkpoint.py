@@ -1,0 +1,74 @@
+"""Adapter-only checkpoints: small files, exact resume, strict checks on what is missing."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from lightning_fastft.module import CausalLMFineTune, SyntheticCausalLMDataModule
+from lightning_fastft.strategies import FastFTStrategy
+
+NO_PATCHES = dict(rms_norm=False, rope=False, mlp=False, cross_entropy=False, lora=False)
+STEPS_PER_EPOCH = 3
+
+
+class _RecordLosses(Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].item())
+
+
+def _fit(device, tmp_path, epochs, adapter_only=True, ckpt_path=None, name="run"):
+    pl.seed_everything(7)  # the frozen base weights are drawn from this seed in every run
+    module = CausalLMFineTune(lora_r=2, lora_alpha=4, learning_rate=1e-2)
+    data = SyntheticCausalLMDataModule(batch_size=2, seq_len=12, num_samples=2 * STEPS_PER_EPOCH, seed=3)
+    losses = _RecordLosses()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / name, save_top_k=-1, every_n_epochs=1)
+    trainer = pl.Trainer(
+        accelerator="gpu" if device == "cuda" else "cpu",
+        devices=1,
+        strategy=FastFTStrategy(adapter_only_checkpoint=adapter_only, **NO_PATCHES),
+        max_epochs=epochs,
+        callbacks=[losses, checkpoint],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, data, ckpt_path=ckpt_path)
+    return module, losses.losses, sorted((tmp_path / name).glob("*.ckpt"))
+
+
+def test_resume_from_adapter_checkpoint_matches_uninterrupted_run(device, tmp_path):
+    _, uninterrupted, _ = _fit(device, tmp_path, epochs=2, name="full_run")
+    _, first_epoch, checkpoints = _fit(device, tmp_path, epochs=1, name="first")
+    resumed_module, resumed, _ = _fit(device, tmp_path, epochs=2, ckpt_path=checkpoints[-1], name="resumed")
+
+    assert first_epoch == pytest.approx(uninterrupted[:STEPS_PER_EPOCH], rel=1e-6)
+    assert len(resumed) == STEPS_PER_EPOCH
+    assert resumed == pytest.approx(uninterrupted[STEPS_PER_EPOCH:], rel=1e-6)
+
+    checkpoint = torch.load(checkpoints[-1], weights_only=False)
+    trainable = {n for n, p in resumed_module.named_parameters() if p.requires_grad}
+    assert set(checkpoint["state_dict"]) == trainable
+    assert all("lora_" in name for name in trainable)
+    assert checkpoint["optimizer_states"][0]["state"]  # optimizer state travels with the adapters
+
+
+def test_adapter_checkpoint_much_smaller_than_full(device, tmp_path):
+    _, _, adapter_files = _fit(device, tmp_path, epochs=1, name="adapter")
+    _, _, full_files = _fit(device, tmp_path, epochs=1, adapter_only=False, name="full")
+    assert adapter_files[-1].stat().st_size < 0.3 * full_files[-1].stat().st_size
+
+
+def test_loading_reports_missing_trainable_weights(device, tmp_path):
+    module, _, checkpoints = _fit(device, tmp_path, epochs=1, name="strict")
+    checkpoint = torch.load(checkpoints[-1], weights_only=False)
+    dropped = next(iter(checkpoint["state_dict"]))
+    del checkpoint["state_dict"][dropped]
+    broken = tmp_path / "broken.ckpt"
+    torch.save(checkpoint, broken)
+    with pytest.raises(RuntimeError, match="missing trainable weights"):
+        _fit(device, tmp_path, epochs=2, ckpt_path=broken, name="broken")

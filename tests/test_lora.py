@@ -1,0 +1,249 @@
+"""Fused LoRA MLP / QKV / O against PEFT's own modules: outputs, input and LoRA-weight grads."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+peft = pytest.importorskip("peft")
+
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from lightning_fastft.kernels import lora as lora_kernels  # noqa: E402
+from lightning_fastft.kernels.lora import LoRAWeights, lora_linear, lora_mlp, lora_qkv  # noqa: E402
+from lightning_fastft.patching.lora import lora_weights, make_fused_mlp, make_fused_o, make_fused_qkv  # noqa: E402
+
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
+HIDDEN, INTERMEDIATE = 72, 177  # 6 heads of 12, 2 KV heads: k/v out 24; odd intermediate
+
+
+def _tiny_llama(device, dtype=torch.float32, target_modules="all-linear", **lora_kwargs):
+    config = LlamaConfig(
+        hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=2,
+        num_attention_heads=6, num_key_value_heads=2, vocab_size=61,
+    )
+    model = LlamaForCausalLM(config)
+    lora_config = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=target_modules,
+                       init_lora_weights=False)  # random lora_B: gradients are meaningful
+    lora_config.update(lora_kwargs)
+    model = get_peft_model(model, LoraConfig(**lora_config)).to(device=device, dtype=dtype)
+    return model, model.base_model.model.model.layers[1]
+
+
+def _rel_error(actual, expected):
+    return ((actual.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
+def _run(fn, x, module, grad_outputs):
+    """Outputs, dx and the module's trainable-parameter grads of one forward + backward."""
+    x = x.detach().clone().requires_grad_(True)
+    module.zero_grad(set_to_none=True)
+    outputs = fn(x)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    torch.autograd.backward(outputs, grad_outputs)
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    return [o.detach() for o in outputs], x.grad, grads
+
+
+def _assert_matches(fused_fn, reference_fn, module, x, tolerance):
+    with torch.no_grad():
+        probe = reference_fn(x)
+    grad_outputs = [torch.randn_like(o) for o in (probe if isinstance(probe, tuple) else (probe,))]
+    expected_out, expected_dx, expected_grads = _run(reference_fn, x, module, grad_outputs)
+    out, dx, grads = _run(fused_fn, x, module, grad_outputs)
+    assert len(out) == len(expected_out)
+    for actual, expected in zip(out, expected_out):
+        assert actual.shape == expected.shape and actual.dtype == expected.dtype
+        assert _rel_error(actual, expected) < tolerance
+    assert dx.dtype == x.dtype and _rel_error(dx, expected_dx) < tolerance
+    assert grads.keys() == expected_grads.keys() and grads
+    for name in grads:
+        assert _rel_error(grads[name], expected_grads[name]) < tolerance, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_mlp_matches_peft(dtype, device):
+    model, layer = _tiny_llama(device, dtype)
+    fused = make_fused_mlp(layer.mlp, model.config.hidden_act)
+    assert fused is not None
+    x = torch.randn(2, 7, HIDDEN, device=device, dtype=dtype)
+    _assert_matches(fused, layer.mlp, layer.mlp, x, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_qkv_matches_peft(dtype, device):
+    model, layer = _tiny_llama(device, dtype)
+    attn = layer.self_attn
+    fused = make_fused_qkv(attn)
+    assert fused is not None
+    x = torch.randn(3, 5, HIDDEN, device=device, dtype=dtype)
+    reference = lambda x: (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))  # noqa: E731
+    _assert_matches(fused, reference, attn, x, TOLERANCE[dtype])
+    assert [t.shape for t in fused(x)] == [(3, 5, 72), (3, 5, 24), (3, 5, 24)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_o_matches_peft(dtype, device):
+    model, layer = _tiny_llama(device, dtype)
+    attn = layer.self_attn
+    fused = make_fused_o(attn)
+    assert fused is not None
+    x = torch.randn(3, 5, HIDDEN, device=device, dtype=dtype)
+    _assert_matches(fused, attn.o_proj, attn, x, TOLERANCE[dtype])
+
+
+def test_partial_targets_fuse_plain_projections(device):
+    """LoRA on q, v, gate, up only: k_proj and down_proj are plain frozen linears."""
+    model, layer = _tiny_llama(device, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj"])
+    attn, mlp = layer.self_attn, layer.mlp
+    assert lora_weights(attn.k_proj).lora_A is None and lora_weights(attn.q_proj).lora_A is not None
+    x = torch.randn(2, 9, HIDDEN, device=device)
+    reference = lambda x: (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))  # noqa: E731
+    _assert_matches(make_fused_qkv(attn), reference, attn, x, 1e-4)
+    _assert_matches(make_fused_mlp(mlp, "silu"), mlp, mlp, x, 1e-4)
+
+
+def _direct_weights(device, in_features, out_features, rank, bias=True):
+    lora_A = torch.randn(rank, in_features, device=device, requires_grad=True)
+    lora_B = torch.randn(out_features, rank, device=device, requires_grad=True)
+    base = torch.randn(out_features, in_features, device=device) / in_features**0.5
+    b = torch.randn(out_features, device=device) if bias else None
+    return LoRAWeights(base, None, b, lora_A, lora_B, 0.37)
+
+
+def _reference_linear(x, w):
+    return F.linear(x, w.base, w.bias) + w.scaling * (x @ w.lora_A.t()) @ w.lora_B.t()
+
+
+@pytest.mark.parametrize("leading", [(11,), (2, 3, 5)])
+def test_lora_linear_odd_shapes_and_grad_accumulation(leading, device):
+    w = _direct_weights(device, 33, 47, 5)
+    x = torch.randn(*leading, 33, device=device, requires_grad=True)
+    dy = torch.randn(*leading, 47, device=device)
+    expected = _reference_linear(x, w)
+    expected_grads = torch.autograd.grad(expected, (x, w.lora_A, w.lora_B), dy)
+    for _ in range(2):  # .grad accumulates over two backward passes
+        y = lora_linear(x, w)
+        y.backward(dy)
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
+    for actual, want in zip((x.grad, w.lora_A.grad, w.lora_B.grad), expected_grads):
+        torch.testing.assert_close(actual, 2 * want, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_mlp_saves_gate_and_up_but_not_h(device):
+    gate, up = _direct_weights(device, 40, 91, 3, bias=False), _direct_weights(device, 40, 91, 3, bias=False)
+    down = _direct_weights(device, 91, 40, 3, bias=False)
+    x = torch.randn(13, 40, device=device, requires_grad=True)
+    saved_shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved_shapes.append(tuple(t.shape)) or t, lambda t: t):
+        y = lora_mlp(x, gate, up, down, "gelu_pytorch_tanh")
+    assert saved_shapes.count((13, 91)) == 2  # g and u; h = act(g) * u is recomputed
+    reference = _reference_linear(F.gelu(_reference_linear(x, gate), approximate="tanh") * _reference_linear(x, up), down)
+    torch.testing.assert_close(y, reference, rtol=1e-4, atol=1e-4)
+    dy = torch.randn_like(y)
+    expected = torch.autograd.grad(reference, (x, *gate[3:5], *up[3:5], *down[3:5]), dy)
+    actual = torch.autograd.grad(y, (x, *gate[3:5], *up[3:5], *down[3:5]), dy)
+    for a, e in zip(actual, expected):
+        assert _rel_error(a, e) < 1e-4
+
+
+def test_lora_mlp_refuses_second_backward(device):
+    w = [_direct_weights(device, 16, 24, 2), _direct_weights(device, 16, 24, 2), _direct_weights(device, 24, 16, 2)]
+    x = torch.randn(5, 16, device=device, requires_grad=True)
+    y = lora_mlp(x, *w, "silu").sum()
+    y.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="cannot run twice"):
+        y.backward()
+
+
+def test_lora_mlp_without_triton_composes_lora_linears(monkeypatch, device):
+    model, layer = _tiny_llama(device)
+    monkeypatch.setattr(lora_kernels, "triton_enabled", lambda *tensors: False)
+    x = torch.randn(2, 3, HIDDEN, device=device)
+    _assert_matches(make_fused_mlp(layer.mlp, "silu"), layer.mlp, layer.mlp, x, 1e-4)
+
+
+def test_fused_mlp_under_autocast(device):
+    model, layer = _tiny_llama(device)
+    fused = make_fused_mlp(layer.mlp, "silu")
+    x = torch.randn(2, 5, HIDDEN, device=device)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        expected, actual = layer.mlp(x), fused(x)
+    assert actual.dtype == expected.dtype == torch.bfloat16
+    assert _rel_error(actual, expected) < 1e-2
+
+
+def test_qlora_nf4_double_quant_base(device):
+    bnb = pytest.importorskip("bitsandbytes")
+
+    class TinyMLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            for name, (n_in, n_out) in dict(gate_proj=(40, 91), up_proj=(40, 91), down_proj=(91, 40)).items():
+                setattr(self, name, bnb.nn.Linear4bit(n_in, n_out, bias=False, quant_type="nf4",
+                                                      compress_statistics=True, compute_dtype=torch.float32))
+
+        def forward(self, x):
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    mlp = TinyMLP()
+    for proj in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+        proj.weight = proj.weight._quantize("cpu") if device == "cpu" else proj.weight.to(device)
+    mlp = mlp.to(device)
+    model = get_peft_model(mlp, LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"],
+                                           init_lora_weights=False))
+    peft_mlp = model.base_model.model
+    weights = lora_weights(peft_mlp.gate_proj)
+    assert weights.quant_state is not None and weights.quant_state.nested
+    fused = make_fused_mlp(peft_mlp, "silu")
+    x = torch.randn(3, 7, 40, device=device)
+    _assert_matches(fused, peft_mlp, peft_mlp, x, 1e-4)
+
+
+@pytest.mark.parametrize(
+    "lora_kwargs",
+    [dict(lora_dropout=0.1), dict(use_dora=True), dict(lora_bias=True)],
+    ids=["dropout", "dora", "lora_bias"],
+)
+def test_not_fusable_configs_give_none(lora_kwargs, device):
+    model, layer = _tiny_llama(device, **lora_kwargs)
+    assert lora_weights(layer.mlp.gate_proj) is None
+    assert make_fused_mlp(layer.mlp, "silu") is None
+    assert make_fused_qkv(layer.self_attn) is None
+    assert make_fused_o(layer.self_attn) is None
+
+
+def test_two_active_adapters_merged_and_trainable_base_give_none(device):
+    model, layer = _tiny_llama(device)
+    assert make_fused_qkv(layer.self_attn) is not None
+    model.add_adapter("second", LoraConfig(r=4, target_modules="all-linear"))
+    model.base_model.set_adapter(["default", "second"])
+    assert lora_weights(layer.self_attn.q_proj) is None and make_fused_qkv(layer.self_attn) is None
+
+    model, layer = _tiny_llama(device)
+    layer.mlp.down_proj.merge()
+    assert lora_weights(layer.mlp.down_proj) is None and make_fused_mlp(layer.mlp, "silu") is None
+
+    layer.self_attn.o_proj.base_layer.weight.requires_grad_(True)
+    assert make_fused_o(layer.self_attn) is None
+    assert make_fused_mlp(layer.mlp, "relu") is None  # not a GLU activation the kernels know
+    assert lora_weights(nn.Conv1d(3, 3, 1)) is None
+
+
+def test_callables_read_weights_at_call_time(device):
+    model, layer = _tiny_llama(device)
+    attn, mlp = layer.self_attn, layer.mlp
+    fused_o, fused_mlp = make_fused_o(attn), make_fused_mlp(mlp, "silu")
+    x = torch.randn(2, 5, HIDDEN, device=device)
+    with torch.no_grad():
+        before = fused_o(x)
+        attn.o_proj.scaling["default"] *= 3.0
+        attn.o_proj.lora_B["default"].weight.add_(0.5)
+        assert _rel_error(fused_o(x), before) > 1e-2
+        assert _rel_error(fused_o(x), attn.o_proj(x)) < 1e-5
+        with model.disable_adapter():  # base projections only, like PEFT
+            assert lora_weights(mlp.up_proj).lora_A is None
+            assert _rel_error(fused_mlp(x), mlp(x)) < 1e-5
+        mlp.up_proj.merge()  # no longer fusable: falls back to the modules' own forwards
+        assert _rel_error(fused_mlp(x), mlp(x)) < 1e-5

@@ -1,0 +1,107 @@
+"""FastFTMetrics: tokens/s, MFU and peak memory reach the loggers and the progress bar."""
+
+import csv
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+from lightning_fastft.callbacks import FastFTMetrics
+from lightning_fastft.callbacks.metrics import flops_coefficients, peak_flops_for
+from lightning_fastft.module import TINY_LLAMA_CONFIG, CausalLMFineTune, SyntheticCausalLMDataModule
+from lightning_fastft.strategies import FastFTStrategy
+
+NO_PATCHES = dict(rms_norm=False, rope=False, mlp=False, cross_entropy=False, lora=False)
+PEAK = 1e12
+STEPS = 3
+
+
+def _fit(device, logger, lora_r=0, checkpointing=None):
+    module = CausalLMFineTune(lora_r=lora_r)
+    data = SyntheticCausalLMDataModule(batch_size=2, seq_len=10, num_samples=2 * STEPS, seed=5)
+    trainer = pl.Trainer(
+        accelerator="gpu" if device == "cuda" else "cpu",
+        devices=1,
+        strategy=FastFTStrategy(checkpointing=checkpointing, **NO_PATCHES),
+        max_steps=STEPS,
+        logger=logger,
+        log_every_n_steps=1,
+        callbacks=[FastFTMetrics(peak_flops=PEAK, window=2)],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, data)
+    return module, data, trainer
+
+
+def _lm_sizes(module):
+    model = module.model
+    embedding = model.get_input_embeddings().weight.numel()
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total - embedding, trainable
+
+
+def test_flops_formula_full_lora_and_recompute():
+    config = TINY_LLAMA_CONFIG
+    attention = config["num_hidden_layers"] * config["hidden_size"]  # heads x head_dim = hidden here
+    full = CausalLMFineTune()
+    full.configure_model()
+    n_matmul, _ = _lm_sizes(full)
+    assert flops_coefficients(full) == (6.0 * n_matmul, 12.0 * attention)
+    assert flops_coefficients(full, recompute=True) == (8.0 * n_matmul, 16.0 * attention)
+
+    lora = CausalLMFineTune(lora_r=4)
+    lora.configure_model()
+    n_total, n_lora = _lm_sizes(lora)
+    assert 0 < n_lora < n_total / 5
+    assert flops_coefficients(lora) == (4.0 * n_total + 2.0 * n_lora, 12.0 * attention)
+    assert flops_coefficients(torch.nn.Linear(2, 2)) is None
+
+
+def test_peak_flops_table():
+    assert peak_flops_for("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops_for("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops_for("NVIDIA H200") == 989e12
+    assert peak_flops_for("NVIDIA L40S") == 362e12
+    assert peak_flops_for("NVIDIA L4") == 121e12
+    assert peak_flops_for("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops_for("Some CPU") is None
+
+
+def test_metrics_in_csv_logger_and_progress_bar(device, tmp_path):
+    module, data, trainer = _fit(device, CSVLogger(tmp_path))
+    with open(trainer.logger.log_dir + "/metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("tokens_per_sec")]
+    assert len(rows) == STEPS
+    fixed, per_position = flops_coefficients(module)
+    seq_len = data.hparams.seq_len
+    for row in rows:
+        non_pad, total, mfu = float(row["tokens_per_sec"]), float(row["tokens_per_sec_total"]), float(row["mfu"])
+        assert 0 < non_pad < total  # the synthetic rows are padded
+        assert mfu == pytest.approx(total * (fixed + per_position * seq_len) / PEAK, rel=1e-4)
+    for key in ("tokens_per_sec", "tokens_per_sec_total", "mfu"):
+        assert key in trainer.progress_bar_metrics
+    if device == "cuda":
+        assert 0 < trainer.progress_bar_metrics["peak_mem_gib"] < 80
+        assert all(float(r["peak_mem_gib"]) > 0 for r in rows)
+
+
+def test_metrics_in_wandb_offline_run(device, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="fastft-test")
+    _, _, trainer = _fit(device, logger, lora_r=2, checkpointing="recompute")
+    run_files = Path(logger.experiment.dir).parent  # .../wandb/offline-run-*/
+    summary = dict(logger.experiment.summary)
+    logger.experiment.finish()
+    assert {"tokens_per_sec", "tokens_per_sec_total", "mfu", "train_loss"} <= summary.keys()
+    assert summary["mfu"] > 0 and summary["tokens_per_sec"] > 0
+    (records,) = run_files.glob("*.wandb")  # the offline run's log, synced later by `wandb sync`
+    assert b"tokens_per_sec_total" in records.read_bytes()
+    metrics = next(c for c in trainer.callbacks if isinstance(c, FastFTMetrics))
+    assert metrics.recompute is True  # read from the strategy's checkpointing mode

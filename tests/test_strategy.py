@@ -1,0 +1,239 @@
+"""The fastft strategies: registration, patch order, token-exact accumulation, 8-bit AdamW."""
+
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.strategies import StrategyRegistry
+from torch.utils.data import DataLoader, Dataset
+
+import lightning_fastft
+from lightning_fastft import patching
+from lightning_fastft.callbacks import FastFT
+from lightning_fastft.module import TINY_LLAMA_CONFIG, CausalLMFineTune
+from lightning_fastft.optim import convert_optimizers, to_8bit_adamw
+from lightning_fastft.strategies import FastFTDDPStrategy, FastFTFSDPStrategy, FastFTStrategy
+from lightning_fastft.strategies.token_exact import count_target_tokens
+
+NO_PATCHES = dict(rms_norm=False, rope=False, mlp=False, cross_entropy=False, lora=False)
+
+
+def _trainer(device, **kwargs):
+    defaults = dict(
+        accelerator="gpu" if device == "cuda" else "cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        max_steps=1,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)
+
+
+class _Batches(Dataset):
+    """A dataset whose items are ready-made batches (use with ``batch_size=None``)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, index):
+        return self.batches[index]
+
+
+def _loader(batches):
+    return DataLoader(_Batches(batches), batch_size=None)
+
+
+def _random_batch(rows, length, pad):
+    """``rows`` x ``length`` random tokens, the last ``pad[i]`` positions of row i padded."""
+    input_ids = torch.randint(1, TINY_LLAMA_CONFIG["vocab_size"], (rows, length))
+    attention_mask = torch.ones(rows, length, dtype=torch.long)
+    for row, n_pad in enumerate(pad):
+        if n_pad:
+            attention_mask[row, -n_pad:] = 0
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    return {"input_ids": input_ids * attention_mask, "attention_mask": attention_mask, "labels": labels}
+
+
+def _padded_concat(batches):
+    """One batch holding every row of ``batches``, right-padded to the longest."""
+    length = max(b["input_ids"].shape[1] for b in batches)
+    pad_value = {"input_ids": 0, "attention_mask": 0, "labels": -100}
+    return {
+        key: torch.cat([torch.nn.functional.pad(b[key], (0, length - b[key].shape[1]), value=v) for b in batches])
+        for key, v in pad_value.items()
+    }
+
+
+class _SGDFineTune(CausalLMFineTune):
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.learning_rate)
+
+
+def test_strategy_names_registered_and_import_twice():
+    import importlib
+
+    importlib.reload(lightning_fastft)
+    lightning_fastft.register_strategies()
+    for name in ("fastft", "fastft_ddp", "fastft_ddp_spawn", "fastft_fsdp"):
+        assert name in StrategyRegistry
+    assert StrategyRegistry["fastft_ddp"]["strategy"] is FastFTDDPStrategy
+    assert StrategyRegistry["fastft_fsdp"]["strategy"] is FastFTFSDPStrategy
+    trainer = pl.Trainer(strategy="fastft", accelerator="cpu", logger=False)
+    assert isinstance(trainer.strategy, FastFTStrategy)
+    assert trainer.strategy.root_device == torch.device("cpu")
+    with pytest.raises(ValueError):
+        FastFTStrategy(checkpointing="sometimes")
+    with pytest.raises(ValueError):
+        FastFTStrategy(optimizer="lion")
+
+
+def test_count_target_tokens():
+    labels = torch.tensor([[5, 6, -100, 7], [-100, 1, 2, -100]])
+    assert count_target_tokens({"labels": labels}) == 4  # shifted: [6, -100, 7] and [1, 2, -100]
+    assert count_target_tokens({"labels": labels, "shift_labels": labels}) == 5
+    assert count_target_tokens({"input_ids": labels}) is None
+    assert count_target_tokens(labels) is None
+
+
+def test_patches_applied_before_optimizers(device, monkeypatch):
+    """setup() patches (and checkpoints) the model before Lightning builds optimizers."""
+    seen = {}
+    real_patch_model = patching.patch_model
+
+    def recording_patch_model(model, **switches):
+        seen["optimizers_at_patch_time"] = list(trainer.strategy.optimizers)
+        seen["switches"] = switches
+        return real_patch_model(model, **switches)
+
+    monkeypatch.setattr(patching, "patch_model", recording_patch_model)
+    module = CausalLMFineTune()
+    trainer = _trainer(device, strategy=FastFTStrategy(rope=False, checkpointing="recompute"))
+    trainer.fit(module, _loader([_random_batch(2, 7, [0, 2])]))
+
+    assert seen["optimizers_at_patch_time"] == []
+    assert seen["switches"] == dict(rms_norm=True, rope=False, mlp=True, cross_entropy=True, lora=True)
+    report = trainer.strategy.patch_report.models[0]
+    assert report.patched["rms_norm"] > 0 and report.patched["cross_entropy"] == 1
+    layers = module.model.model.layers
+    assert all(getattr(layer, "_fastft_checkpoint_mode", None) == "recompute" for layer in layers)
+    assert "forward" in module.model.model.norm.__dict__  # patched on the instance
+
+
+def test_fastft_callback_patches_model_built_in_configure_model(device):
+    module = CausalLMFineTune()
+    callback = FastFT(mlp=False)
+    trainer = _trainer(device, callbacks=[callback])
+    trainer.fit(module, _loader([_random_batch(2, 6, [1, 0])]))
+    report = callback.patch_report.models[0]
+    assert report.patched["rms_norm"] > 0 and report.patched["mlp"] == 0
+    assert "forward" in module.model.model.norm.__dict__
+    assert "forward" not in module.model.model.layers[0].mlp.__dict__
+
+
+@pytest.mark.parametrize("gradient_clip_val", [None, 0.05])
+def test_token_exact_accumulation_matches_one_big_batch(device, gradient_clip_val):
+    """k=3 micro-batches of unequal token counts == one batch holding all of them.
+
+    Compared after one SGD step: the (clipped) gradients left on the parameters and the weights.
+    """
+    micro_batches = [_random_batch(2, 5, [0, 3]), _random_batch(1, 9, [2]), _random_batch(3, 4, [0, 1, 0])]
+    big_batch = _padded_concat(micro_batches)
+
+    def fit(batches, accumulate, token_exact=True):
+        torch.manual_seed(1234)  # same initial weights in every run
+        module = _SGDFineTune(learning_rate=1.0)
+        strategy = FastFTStrategy(token_exact=token_exact, **NO_PATCHES)
+        trainer = _trainer(
+            device, strategy=strategy, accumulate_grad_batches=accumulate, gradient_clip_val=gradient_clip_val
+        )
+        trainer.fit(module, _loader(batches))
+        return module, trainer
+
+    accumulated, trainer = fit(micro_batches, accumulate=3)
+    reference, _ = fit([big_batch], accumulate=1)
+    plain_mean, _ = fit(micro_batches, accumulate=3, token_exact=False)
+
+    for (name, p), q in zip(accumulated.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    grads = [p.grad for p in accumulated.parameters()]
+    if gradient_clip_val is not None:  # clipping did bind, and after the token rescale
+        assert torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) == pytest.approx(
+            gradient_clip_val, rel=1e-4
+        )
+    plain_grads = [p.grad for p in plain_mean.parameters()]
+    assert max((g - h).abs().max() / g.abs().max() for g, h in zip(grads, plain_grads)) > 1e-2
+
+    # the logged loss is the last micro-batch's own mean, computed with the initial weights
+    torch.manual_seed(1234)
+    initial = _SGDFineTune()
+    initial.configure_model()
+    with torch.no_grad():
+        last_loss = initial(**micro_batches[-1]).loss
+    torch.testing.assert_close(trainer.callback_metrics["train_loss"], last_loss, rtol=1e-5, atol=1e-6)
+
+
+def test_adamw_8bit_replaces_adamw_keeping_groups_and_scheduler(device):
+    import bitsandbytes as bnb
+
+    module = CausalLMFineTune(learning_rate=3e-3, weight_decay=0.1, betas=(0.8, 0.95), warmup_steps=4)
+    strategy = FastFTStrategy(optimizer="adamw_8bit", **NO_PATCHES)
+    trainer = _trainer(device, strategy=strategy, max_steps=2)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*optimizer.step.*")  # schedulers see the new optimizer
+        trainer.fit(module, _loader([_random_batch(2, 8, [0, 3]), _random_batch(2, 8, [1, 0])]))
+
+    optimizer = trainer.optimizers[0]
+    assert isinstance(optimizer, bnb.optim.AdamW8bit)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+    assert all(g["betas"] == (0.8, 0.95) for g in optimizer.param_groups)
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.optimizer is optimizer
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(3e-3 * 3 / 4)  # warm-up after 2 steps
+    params = {id(p) for p in module.parameters()}
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == params
+    embedding = module.model.get_input_embeddings().weight
+    assert optimizer.state[embedding]["state1"].dtype == torch.uint8
+
+
+def test_to_8bit_adamw_with_injected_class():
+    weight, bias = torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(5))
+    adamw = torch.optim.AdamW([{"params": [weight]}, {"params": [bias], "weight_decay": 0.0}], lr=0.1, eps=1e-6)
+    scheduler = torch.optim.lr_scheduler.StepLR(adamw, step_size=1)
+
+    class Config:
+        pass
+
+    config = Config()
+    config.scheduler = scheduler
+    sgd = torch.optim.SGD([weight], lr=0.1)
+    converted = convert_optimizers([adamw, sgd], [config], "adamw_8bit", optimizer_class=torch.optim.Adam)
+    assert type(converted[0]) is torch.optim.Adam and converted[1] is sgd
+    assert [g["weight_decay"] for g in converted[0].param_groups] == [0.01, 0.0]
+    assert converted[0].defaults["eps"] == 1e-6
+    assert scheduler.optimizer is converted[0]
+    assert to_8bit_adamw(sgd) is sgd
+    with pytest.raises(ValueError):
+        convert_optimizers([adamw], [], "adamw_4bit")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP needs CUDA")
+def test_fsdp_strategy_lora_fit_and_adapter_checkpoint(tmp_path):
+    module = CausalLMFineTune(lora_r=4)
+    trainer = pl.Trainer(
+        strategy="fastft_fsdp", accelerator="gpu", devices=1, max_steps=2, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
+    )
+    trainer.fit(module, _loader([_random_batch(2, 8, [0, 3]), _random_batch(2, 8, [1, 0])]))
+    path = tmp_path / "fsdp.ckpt"
+    trainer.save_checkpoint(path)
+    state = torch.load(path, weights_only=False)["state_dict"]
+    assert state and all("lora_" in key for key in state)
