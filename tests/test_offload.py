@@ -130,6 +130,31 @@ def test_grads_equal_under_autocast(variant, device):
     assert_same_training(model, wrapped, device, autocast_dtype=torch.bfloat16)
 
 
+@pytest.mark.parametrize("variant", ["recompute", "offload_emulated"])
+def test_grads_equal_under_ddp(variant, device, tmp_path):
+    """DDP's reducer sees every LoRA grad (a missed one errors on the next step) and averages them."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = with_lora(tiny_llama()).to(device).train()
+    dist.init_process_group(
+        "nccl" if device == "cuda" else "gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1
+    )
+    try:
+        wrapped = DistributedDataParallel(checkpointed_copy(model, variant))
+        for step in range(2):  # step 2 fails if step 1 left a parameter unreduced
+            batch = make_batch(device)
+            _, ref_grads = loss_and_grads(model, batch, step)
+            torch.manual_seed(step)
+            wrapped.zero_grad(set_to_none=True)
+            wrapped(**batch).loss.backward()
+            for name, param in wrapped.module.named_parameters():
+                if param.requires_grad:
+                    torch.testing.assert_close(param.grad, ref_grads[name], rtol=1e-6, atol=1e-6, msg=name)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_state_dict_keys_unchanged_and_removable(device):
     model = with_lora(tiny_llama()).to(device)
     keys = list(model.state_dict().keys())
@@ -140,6 +165,25 @@ def test_state_dict_keys_unchanged_and_removable(device):
     assert list(model.state_dict().keys()) == keys
     assert remove_activation_checkpointing(model) == 3
     assert all("forward" not in layer.__dict__ for layer in layers)
+
+
+def test_wraps_and_restores_a_foreign_instance_forward(device):
+    """A layer already patched per instance (e.g. by accelerate hooks) keeps that patch inside ours."""
+    model = tiny_llama(layers=2).to(device)
+    calls = []
+    layer = model.model.layers[0]
+    class_forward = layer.forward
+
+    def counting_forward(*args, **kwargs):
+        calls.append(1)
+        return class_forward(*args, **kwargs)
+
+    layer.forward = counting_forward
+    apply_activation_checkpointing(model, "recompute")
+    model(**make_batch(device)).loss.backward()
+    assert len(calls) == 2  # forward and its recompute
+    remove_activation_checkpointing(model)
+    assert layer.forward is counting_forward
 
 
 def test_finds_the_decoder_stack_of_wrapped_models():

@@ -125,7 +125,8 @@ def pack_dataset(dataset, max_seq_len: int, *, split_long: bool = False):
 
     columns = [c for c in ("input_ids", "labels", "loss_mask") if c in dataset.column_names]
     rows = pack_sequences(dataset.select_columns(columns), max_seq_len, split_long=split_long)
-    return datasets.Dataset.from_dict({key: [row[key] for row in rows] for key in ("input_ids", "labels", "position_ids", "seq_lens")})
+    columns = ("input_ids", "labels", "position_ids", "seq_lens")
+    return datasets.Dataset.from_dict({key: [row[key] for row in rows] for key in columns})
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -216,7 +217,8 @@ class PaddedCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        samples = [(_as_list(f["input_ids"])[: self.max_seq_len], sample_labels(f)[: self.max_seq_len]) for f in features]
+        limit = self.max_seq_len
+        samples = [(_as_list(f["input_ids"])[:limit], sample_labels(f)[:limit]) for f in features]
         row_len = _round_up(max(len(ids) for ids, _ in samples), self.pad_to_multiple_of)
         input_ids = torch.full((len(samples), row_len), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(samples), row_len), IGNORE_INDEX, dtype=torch.long)

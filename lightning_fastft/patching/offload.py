@@ -33,7 +33,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
 MODES = ("offload", "recompute")
-_MODE_ATTRIBUTE = "_fastft_checkpoint_mode"
+_WRAPPED_ATTRIBUTE = "_fastft_checkpointing"  # (mode, the instance forward it wraps or None)
 _warned_cpu_fallback = False
 _TENSOR_SLOT = object()  # stands for a tensor in a flattened call or output held by _LayerCall
 
@@ -46,7 +46,8 @@ def find_decoder_layer_lists(model: nn.Module) -> list[nn.ModuleList]:
         if id(module) in inside_stack or not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
         first = module[0]
-        if len({type(layer) for layer in module}) == 1 and any(True for _ in first.children()) and any(True for _ in first.parameters()):
+        composite = next(first.children(), None) is not None and next(first.parameters(), None) is not None
+        if composite and len({type(layer) for layer in module}) == 1:
             stacks.append(module)
             inside_stack.update(id(inner) for inner in module.modules())
     return stacks
@@ -77,24 +78,31 @@ def apply_activation_checkpointing(
         offloader = HostOffloader()
     layers = [layer for stack in stacks for layer in stack]
     for layer in layers:
-        layer.__dict__.pop("forward", None)
-        run_layer = layer.forward  # the class forward, bound to this instance
+        _unwrap(layer)
+        inner_forward = layer.__dict__.get("forward")  # another patch's instance forward, if any
+        run_layer = layer.forward
         if mode == "recompute":
-            layer.forward = partial(_recompute_forward, run_layer)
+            layer.forward = partial(_recompute_forward, layer, run_layer)
         else:
-            layer.forward = partial(_offload_forward, run_layer, offloader, offloader.new_slot())
-        setattr(layer, _MODE_ATTRIBUTE, mode)
+            layer.forward = partial(_offload_forward, layer, run_layer, offloader, offloader.new_slot())
+        layer.__dict__[_WRAPPED_ATTRIBUTE] = (mode, inner_forward)
     return layers
 
 
 def remove_activation_checkpointing(model: nn.Module) -> int:
-    """Restore the class forward of every layer wrapped by :func:`apply_activation_checkpointing`."""
-    restored = 0
-    for module in model.modules():
-        if module.__dict__.pop(_MODE_ATTRIBUTE, None) is not None:
-            module.__dict__.pop("forward", None)
-            restored += 1
-    return restored
+    """Restore the forward of every layer wrapped by :func:`apply_activation_checkpointing`."""
+    return sum(_unwrap(module) for module in model.modules())
+
+
+def _unwrap(layer: nn.Module) -> bool:
+    if _WRAPPED_ATTRIBUTE not in layer.__dict__:
+        return False
+    _, inner_forward = layer.__dict__.pop(_WRAPPED_ATTRIBUTE)
+    if inner_forward is None:
+        del layer.__dict__["forward"]
+    else:
+        layer.__dict__["forward"] = inner_forward
+    return True
 
 
 def hf_gradient_checkpointing_on(model: nn.Module) -> bool:
@@ -124,17 +132,19 @@ def _trainable_parameters(layer: nn.Module) -> list[nn.Parameter]:
     return [parameter for parameter in layer.parameters() if parameter.requires_grad]
 
 
-def _recompute_forward(run_layer: Callable, *args: Any, **kwargs: Any) -> Any:
+def _recompute_forward(layer: nn.Module, run_layer: Callable, *args: Any, **kwargs: Any) -> Any:
     if not torch.is_grad_enabled():
         return run_layer(*args, **kwargs)
     tensors = [leaf for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, Tensor)]
-    if not (any(t.requires_grad for t in tensors) or _trainable_parameters(run_layer.__self__)):
+    if not (any(t.requires_grad for t in tensors) or _trainable_parameters(layer)):
         return run_layer(*args, **kwargs)
     args, kwargs = _without_cache(args, kwargs)
     return checkpoint(run_layer, *args, use_reentrant=False, **kwargs)
 
 
-def _offload_forward(run_layer: Callable, offloader: HostOffloader, slot: int, *args: Any, **kwargs: Any) -> Any:
+def _offload_forward(
+    layer: nn.Module, run_layer: Callable, offloader: HostOffloader, slot: int, *args: Any, **kwargs: Any
+) -> Any:
     global _warned_cpu_fallback
     if not torch.is_grad_enabled():
         return run_layer(*args, **kwargs)
@@ -144,7 +154,7 @@ def _offload_forward(run_layer: Callable, offloader: HostOffloader, slot: int, *
     hidden_index = next(i for i, leaf in enumerate(leaves) if leaf is hidden_states)
     other_positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor) and i != hidden_index]
     other_inputs = [leaves[i] for i in other_positions]
-    parameters = _trainable_parameters(run_layer.__self__)
+    parameters = _trainable_parameters(layer)
     if not (parameters or hidden_states.requires_grad or any(t.requires_grad for t in other_inputs)):
         return run_layer(*args, **kwargs)
     if not hidden_states.is_cuda and not offloader.emulate_on_cpu:

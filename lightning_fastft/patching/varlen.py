@@ -26,6 +26,7 @@ Registering adds names to transformers' ``AttentionInterface``/``AttentionMaskIn
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import weakref
 from dataclasses import dataclass
@@ -179,8 +180,8 @@ def _varlen_attention(query, key, value, segments, scaling, causal, sliding_wind
     def packed(states):
         return states.transpose(1, 2).reshape(batch * seq_len, states.shape[1], head_dim)
 
-    cu = segments.cu_seq_lens
-    out = varlen_attn(packed(query), packed(key), packed(value), cu, cu, segments.max_length, segments.max_length, **kwargs)
+    cu, max_length = segments.cu_seq_lens, segments.max_length
+    out = varlen_attn(packed(query), packed(key), packed(value), cu, cu, max_length, max_length, **kwargs)
     return out.view(batch, seq_len, heads, head_dim)
 
 
@@ -211,6 +212,16 @@ def _document_block_mask(segments: Segments, causal: bool, sliding_window: int |
     return _block_masks[1][kind]
 
 
+@functools.lru_cache
+def _softcap_score_mod(softcap: float):
+    """One score_mod per softcap value, so the compiled FlexAttention is not re-traced per call."""
+
+    def softcap_scores(score, b, h, q_idx, kv_idx):
+        return softcap * torch.tanh(score / softcap)
+
+    return softcap_scores
+
+
 def _flex_attention(query, key, value, segments, scaling, causal, sliding_window, softcap):
     """Compiled FlexAttention with a document mask: (B, H, S, D) -> (B, S, H, D).
 
@@ -220,14 +231,11 @@ def _flex_attention(query, key, value, segments, scaling, causal, sliding_window
     if _compiled_flex_attention is None:
         _compiled_flex_attention = torch.compile(flex_attention)
 
-    def softcap_scores(score, b, h, q_idx, kv_idx):
-        return softcap * torch.tanh(score / softcap)
-
     out = _compiled_flex_attention(
         query,
         key,
         value,
-        score_mod=None if softcap is None else softcap_scores,
+        score_mod=None if softcap is None else _softcap_score_mod(softcap),
         block_mask=_document_block_mask(segments, causal, sliding_window),
         scale=scaling,
         enable_gqa=query.shape[1] != key.shape[1],

@@ -1,0 +1,44 @@
+"""The lightning-fastft CLI runs both example configs (string and class forms of the strategy)."""
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from lightning_fastft.cli import build_cli
+from lightning_fastft.strategies import FastFTStrategy
+
+CONFIGS = Path(__file__).parent.parent / "examples" / "configs"
+
+
+@pytest.mark.parametrize("config", ["tiny_llama_lora.yaml", "tiny_qwen2_full_8bit.yaml"])
+def test_cli_fit_with_example_config(device, tmp_path, config):
+    args = [
+        "fit",
+        f"--config={CONFIGS / config}",
+        "--trainer.max_steps=2",
+        "--trainer.accumulate_grad_batches=1",
+        f"--trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.limit_val_batches=0",
+        "--data.init_args.seq_len=8",
+        "--data.init_args.batch_size=2",
+    ]
+    cli = build_cli(args)
+    strategy = cli.trainer.strategy
+    assert isinstance(strategy, FastFTStrategy)
+    assert strategy.patch_report.models[0].patched["rms_norm"] > 0
+    assert cli.trainer.global_step == 2
+    with open(Path(cli.trainer.logger.log_dir) / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sum(bool(r.get("train_loss")) for r in rows) == 2
+    assert all(float(r["tokens_per_sec"]) > 0 for r in rows if r.get("tokens_per_sec"))
+    if config == "tiny_qwen2_full_8bit.yaml":
+        import bitsandbytes as bnb
+
+        assert strategy.patch_options.checkpointing == "recompute"
+        assert isinstance(cli.trainer.optimizers[0], bnb.optim.AdamW8bit)
+    else:
+        assert cli.model.model.peft_config["default"].r == 8

@@ -1,0 +1,139 @@
+"""Training with ``strategy="fastft"`` follows plain Lightning + HF step for step (fp32).
+
+For each supported architecture a tiny random-weight model trains 20 steps from the same seed
+with and without the fastft strategy (every patch on); the loss of every step, the final logits
+and the trained weights must agree. A 2-process DDP run (gloo, CPU) with ``fastft_ddp`` must
+match the single-process run on the same global batch: run it alone with ``-m ddp``.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lightning_fastft.module import CausalLMFineTune, SyntheticCausalLMDataModule
+
+VOCAB = 128
+BASE = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+# (config fields, LoRA rank: 0 = full fine-tuning)
+ARCHITECTURES = {
+    "llama": (dict(model_type="llama", **BASE), 4),
+    "mistral": (dict(model_type="mistral", sliding_window=None, **BASE), 0),
+    "qwen2": (dict(model_type="qwen2", **BASE), 0),
+    "qwen3": (dict(model_type="qwen3", head_dim=16, **BASE), 4),
+    "gemma": (dict(model_type="gemma", head_dim=16, hidden_act="gelu_pytorch_tanh", **BASE), 0),
+    "gemma2": (dict(model_type="gemma2", head_dim=16, query_pre_attn_scalar=16, sliding_window=8, **BASE), 4),
+}
+STEPS = 20
+
+
+class _RecordLosses(Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].item())
+
+
+def probe_batch():
+    generator = torch.Generator().manual_seed(99)
+    return torch.randint(1, VOCAB, (2, 7), generator=generator)
+
+
+def run_fit(config, lora_r, strategy, steps, batch_size=2, num_samples=None, **trainer_kwargs):
+    """Fit from seed 0; returns (loss per step, logits on ``probe_batch()``, trainable weights)."""
+    pl.seed_everything(0)
+    module = CausalLMFineTune(model=config, lora_r=lora_r, lora_alpha=2 * max(lora_r, 1), learning_rate=5e-3)
+    data = SyntheticCausalLMDataModule(
+        vocab_size=VOCAB, seq_len=8, batch_size=batch_size, num_samples=num_samples or batch_size * steps, seed=1
+    )
+    losses = _RecordLosses()
+    trainer = pl.Trainer(
+        strategy=strategy,
+        max_steps=steps,
+        callbacks=[losses],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        **trainer_kwargs,
+    )
+    trainer.fit(module, data)
+    module.eval()
+    with torch.no_grad():
+        logits = module(input_ids=probe_batch().to(module.device)).logits.cpu()
+    weights = {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
+    return losses.losses, logits, weights
+
+
+def _assert_same_run(fast, reference, rtol=1e-4, atol=1e-4):
+    fast_losses, fast_logits, fast_weights = fast
+    ref_losses, ref_logits, ref_weights = reference
+    assert len(fast_losses) == len(ref_losses)
+    torch.testing.assert_close(torch.tensor(fast_losses), torch.tensor(ref_losses), rtol=rtol, atol=atol)
+    torch.testing.assert_close(fast_logits, ref_logits, rtol=rtol, atol=atol)
+    assert fast_weights.keys() == ref_weights.keys()
+    for name, weight in fast_weights.items():
+        torch.testing.assert_close(weight, ref_weights[name], rtol=rtol, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_fastft_matches_plain_training(device, arch):
+    config, lora_r = ARCHITECTURES[arch]
+    accelerator = "gpu" if device == "cuda" else "cpu"
+    fast = run_fit(config, lora_r, "fastft", STEPS, accelerator=accelerator, devices=1)
+    reference = run_fit(config, lora_r, "auto", STEPS, accelerator=accelerator, devices=1)
+    _assert_same_run(fast, reference)
+
+
+DDP_SCRIPT = """
+import os, sys
+os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, {tests!r})
+import torch
+import lightning_fastft
+from test_convergence import ARCHITECTURES, run_fit
+
+config, lora_r = ARCHITECTURES["llama"]
+result = run_fit(
+    config, lora_r, "fastft_ddp", {steps}, batch_size=2, num_samples=4 * {steps}, accelerator="cpu", devices=2
+)
+if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    torch.save(result, {out!r})
+"""
+
+
+@pytest.mark.ddp
+def test_fastft_ddp_matches_single_process(tmp_path):
+    """2 ranks x 2 rows per step == 1 process x 4 rows (token-exact across ranks)."""
+    steps = 4
+    script = tmp_path / "ddp_fit.py"
+    out = tmp_path / "ddp_result.pt"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), steps=steps, out=str(out)))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    completed = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    _, ddp_logits, ddp_weights = torch.load(out, weights_only=False)
+
+    config, lora_r = ARCHITECTURES["llama"]
+    _, logits, weights = run_fit(
+        config, lora_r, "fastft", steps, batch_size=4, num_samples=4 * steps, accelerator="cpu", devices=1
+    )
+    torch.testing.assert_close(ddp_logits, logits, rtol=1e-4, atol=1e-4)
+    for name, weight in weights.items():
+        torch.testing.assert_close(ddp_weights[name], weight, rtol=1e-4, atol=1e-4, msg=name)
