@@ -3,11 +3,13 @@
 ``run(results)`` appends one dict per (kernel, shape, dtype, impl):
 ``{kernel, shape, dtype, impl, fwd_ms, bwd_ms, fwd_gbps, bwd_gbps, peak_mib}``.
 
-* Times are medians of ``triton.testing.do_bench``. ``fwd_ms`` is the forward with autograd
-  recording; ``bwd_ms`` is (forward + backward) minus forward, since the fused cross-entropy
-  computes its gradients inside the forward and allows one backward per forward.
-* ``fwd_gbps``/``bwd_gbps`` (GLU only): nominal bytes over time; forward reads gate and up and
-  writes h, backward reads dh, gate and up and writes dgate and dup.
+* GLU: :func:`kernels_timing.measure` (GPU times from CUDA-graph replays over rotating inputs,
+  launch-bound ``do_bench`` times beside them); ``fwd_gbps``/``bwd_gbps``: nominal bytes over
+  the GPU time; forward reads gate and up and writes h, backward reads dh, gate and up and
+  writes dgate and dup.
+* Cross-entropy: medians of ``triton.testing.do_bench``. ``fwd_ms`` is the forward with
+  autograd recording; ``bwd_ms`` is (forward + backward) minus forward, since the fused
+  cross-entropy computes its gradients inside the forward and allows one backward per forward.
 * ``peak_mib``: peak CUDA memory of one forward + backward above what was allocated before it
   (the inputs), i.e. activations, logits, workspaces and the gradients produced.
 
@@ -58,6 +60,8 @@ def _time_and_memory(forward, leaves):
 
 
 def _bench_glu(results: list) -> None:
+    from kernels_timing import measure
+
     from lightning_fastft.kernels.glu import glu
 
     eager_acts = {"silu": F.silu, "gelu_pytorch_tanh": lambda g: F.gelu(g, approximate="tanh")}
@@ -69,29 +73,27 @@ def _bench_glu(results: list) -> None:
     for activation, eager_act in eager_acts.items():
         for tokens in GLU_TOKENS:
             shape = (tokens, GLU_INTERMEDIATE)
-            gate = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
-            up = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
+
+            def make_inputs():
+                gate = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
+                return gate, torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
+
             impls = {
-                "fastft": lambda: glu(gate, up, activation),
-                "eager": lambda: eager_act(gate) * up,
+                "fastft": lambda gate, up: glu(gate, up, activation),
+                "eager": lambda gate, up: eager_act(gate) * up,
             }
             if liger_functions[activation] is not None:
-                impls["liger"] = lambda: liger_functions[activation].apply(gate, up)
-            element_bytes = gate.numel() * gate.element_size()
+                impls["liger"] = liger_functions[activation].apply
+            element_bytes = tokens * GLU_INTERMEDIATE * dtype.itemsize
             for impl, forward in impls.items():
-                fwd_ms, bwd_ms, peak_mib = _time_and_memory(forward, [gate, up])
+                measured = measure(make_inputs, forward, torch.randn_like, 3 * element_bytes, 5 * element_bytes)
                 results.append({
                     "kernel": "swiglu" if activation == "silu" else "geglu_tanh",
                     "shape": shape,
                     "dtype": str(dtype).removeprefix("torch."),
                     "impl": impl,
-                    "fwd_ms": fwd_ms,
-                    "bwd_ms": bwd_ms,
-                    "fwd_gbps": 3 * element_bytes / fwd_ms / 1e6,
-                    "bwd_gbps": 5 * element_bytes / bwd_ms / 1e6 if bwd_ms > 0 else None,
-                    "peak_mib": peak_mib,
+                    **measured,
                 })
-            del gate, up
 
 
 def _bench_cross_entropy(results: list) -> None:

@@ -1,14 +1,15 @@
 """GPU micro-benchmark: RMSNorm and RoPE, fastft vs PyTorch eager vs Liger-Kernel.
 
-``run(results)`` appends one dict per (kernel, shape, impl):
-{kernel, shape, dtype, impl, fwd_ms, bwd_ms, fwd_gbps, bwd_gbps, peak_mib}. Times are
-``triton.testing.do_bench`` medians; GB/s counts each input read once and each output written
-once; peak_mib is the peak extra memory of one forward + backward. CUDA only.
+``run(results)`` appends one dict per (kernel, shape, impl) with the keys of
+:func:`kernels_timing.measure` (GPU times from CUDA-graph replays, launch-bound times from
+``do_bench``, peak memory); GB/s counts each input read once and each output written once.
+CUDA only.
 """
 
 from __future__ import annotations
 
 import torch
+from kernels_timing import graph_ms, measure
 
 HIDDEN = 4096
 SEQ_LENS = (2048, 8192)
@@ -22,37 +23,6 @@ def _liger(name: str):
     except ImportError:
         return None
     return {"rms_norm": rms_norm.LigerRMSNormFunction, "rope": rope.LigerRopeFunction}[name]
-
-
-def _measure(make_inputs, forward, grads_for, bytes_fwd: int, bytes_bwd: int) -> dict:
-    """Median fwd/bwd times, their GB/s and the peak extra memory of one fwd + bwd."""
-    from triton.testing import do_bench
-
-    inputs = make_inputs()
-    with torch.no_grad():
-        fwd_ms = do_bench(lambda: forward(*inputs), return_mode="median")
-    outputs = forward(*inputs)
-    grads = grads_for(outputs)
-    bwd_ms = do_bench(
-        lambda: torch.autograd.backward(outputs, grads, retain_graph=True), return_mode="median", grad_to_none=inputs
-    )
-    del inputs, outputs
-    torch.cuda.synchronize()
-    inputs = make_inputs()
-    grads = grads_for(forward(*inputs))  # grads of the right shapes, made before the measured pass
-    torch.cuda.synchronize()
-    baseline = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    torch.autograd.backward(forward(*inputs), grads)
-    torch.cuda.synchronize()
-    peak_mib = (torch.cuda.max_memory_allocated() - baseline) / 2**20
-    return {
-        "fwd_ms": fwd_ms,
-        "bwd_ms": bwd_ms,
-        "fwd_gbps": bytes_fwd / fwd_ms / 1e6,
-        "bwd_gbps": bytes_bwd / bwd_ms / 1e6,
-        "peak_mib": peak_mib,
-    }
 
 
 def _rms_norm_cases(seq_len: int):
@@ -77,7 +47,7 @@ def _rms_norm_cases(seq_len: int):
     bytes_fwd = 2 * activation + HIDDEN * element  # read x, w; write y
     bytes_bwd = 3 * activation + 2 * HIDDEN * element  # read dy, x, w; write dx, dw
     for impl, forward in impls.items():
-        yield impl, (1, seq_len, HIDDEN), make_inputs, forward, lambda y: torch.randn_like(y), bytes_fwd, bytes_bwd
+        yield impl, (1, seq_len, HIDDEN), make_inputs, forward, lambda y: torch.randn_like(y), bytes_fwd, bytes_bwd, 0.0
 
 
 def _rope_cases(seq_len: int):
@@ -116,9 +86,13 @@ def _rope_cases(seq_len: int):
     angle_bytes = 2 * seq_len * HEAD_DIM * element
     bytes_moved = 2 * qk_bytes + angle_bytes  # read q, k, cos, sin; write q, k (same for the backward)
     shape = (1, seq_len, Q_HEADS, KV_HEADS, HEAD_DIM)
+    clone_sets = [make_projections() for _ in range(4)]
+    clone_ms = graph_ms(lambda i: [t.clone() for t in clone_sets[i]], len(clone_sets))
+    del clone_sets
     for impl, forward in impls.items():
         grads_for = lambda outputs: [torch.randn_like(t) for t in outputs]  # noqa: E731
-        yield impl, shape, make_projections, forward, grads_for, bytes_moved, bytes_moved
+        fb_overhead_ms = clone_ms if impl == "fastft" else 0.0
+        yield impl, shape, make_projections, forward, grads_for, bytes_moved, bytes_moved, fb_overhead_ms
 
 
 def run(results: list) -> None:
@@ -127,15 +101,15 @@ def run(results: list) -> None:
         raise RuntimeError("benchmarks.kernels_norm_rope.run needs a CUDA device")
     for kernel, cases in (("rms_norm", _rms_norm_cases), ("rope", _rope_cases)):
         for seq_len in SEQ_LENS:
-            for impl, shape, make_inputs, forward, grads_for, bytes_fwd, bytes_bwd in cases(seq_len):
-                measured = _measure(make_inputs, forward, grads_for, bytes_fwd, bytes_bwd)
+            for impl, shape, make_inputs, forward, grads_for, bytes_fwd, bytes_bwd, fb_overhead_ms in cases(seq_len):
+                measured = measure(make_inputs, forward, grads_for, bytes_fwd, bytes_bwd, fb_overhead_ms)
                 results.append({"kernel": kernel, "shape": shape, "dtype": str(DTYPE), "impl": impl, **measured})
 
 
 if __name__ == "__main__":
     rows: list = []
     run(rows)
-    header = f"{'kernel':<9} {'shape':<26} {'impl':<7} {'fwd ms':>8} {'bwd ms':>8} {'fwd GB/s':>9} {'bwd GB/s':>9} {'peak MiB':>9}"
+    header = f"{'kernel':<9} {'shape':<26} {'impl':<7} {'fwd ms':>8} {'bwd ms':>8} {'fwd GB/s':>9} {'bwd GB/s':>9} {'peak MiB':>9}"  # noqa: E501
     print(header)
     print("-" * len(header))
     for row in rows:

@@ -126,7 +126,7 @@ def run(results: dict, num_samples: int = 384, batch_size: int = 8) -> dict:
         rows.append(row)
         print(row, flush=True)
     probe = torch.empty(1, 16, 1, 64, device="cuda", dtype=torch.bfloat16)
-    backend = pick_backend(probe, softcap=None, dropout=0.0, sliding_window=None, same_length=True)
+    backend = pick_backend(probe, softcap=None, dropout=0.0, sliding_window=None)
     results["packing"] = {"varlen_backend": backend, "rows": rows}
     del model
     gc.collect()

@@ -137,6 +137,44 @@ def test_rotates_in_place_and_bumps_version(device):
     assert_relative_close(k, want_k, torch.float32)
 
 
+def _backward_node_names(tensor: torch.Tensor) -> set[str]:
+    names, stack, seen = set(), [tensor.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("layout", ["projection_view", "heads_first_transpose"])
+def test_returned_views_avoid_as_strided_backward(layout, device):
+    """The returned q/k are view/permute of the rotated roots, not as_strided rebuilds."""
+    table_cos, table_sin = angle_table(SEQ, HEAD_DIM, device)
+    q_leaf = torch.randn(BATCH, SEQ, Q_HEADS * HEAD_DIM, device=device, requires_grad=True)
+    q = (q_leaf * 1).view(BATCH, SEQ, Q_HEADS, HEAD_DIM)
+    if layout == "heads_first_transpose":
+        k_leaf = torch.randn(BATCH, K_HEADS, SEQ, HEAD_DIM, device=device, requires_grad=True)
+        k = (k_leaf * 1).transpose(1, 2)
+    else:
+        k_leaf = torch.randn(BATCH, SEQ, K_HEADS * HEAD_DIM, device=device, requires_grad=True)
+        k = (k_leaf * 1).view(BATCH, SEQ, K_HEADS, HEAD_DIM)
+    want_q, want_k = rope_qk_reference(q.detach(), k.detach(), table_cos, table_sin)
+    q_out, k_out = rope_qk_(q, k, table_cos, table_sin)
+    names = _backward_node_names(q_out) | _backward_node_names(k_out)
+    assert not any("AsStrided" in name for name in names), names
+    assert_relative_close(q_out.detach(), want_q, torch.float32)
+    assert_relative_close(k_out.detach(), want_k, torch.float32)
+    grad_k = torch.randn_like(k_out)
+    ((q_out * 0).sum() + (k_out * grad_k).sum()).backward()
+    want_grad_k = rope_qk_reference(grad_k, grad_k, table_cos, -table_sin)[0]
+    if layout == "heads_first_transpose":
+        want_grad_k = want_grad_k.transpose(1, 2)
+    assert_relative_close(k_leaf.grad.view_as(want_grad_k), want_grad_k, torch.float32)
+
+
 def test_fused_qkv_views_share_one_root(device):
     """q and k as head slices of one QKV projection: v's gradient passes through untouched."""
     table_cos, table_sin = angle_table(SEQ, HEAD_DIM, device)
@@ -219,7 +257,8 @@ def test_fallback_matches_and_warns_once(device, monkeypatch):
     def rotate(q, k):
         pointers = (q.data_ptr(), k.data_ptr())
         q_out, k_out = rope_qk_(q, k, table_cos, table_sin, position_ids)
-        assert q_out is q and k_out is k and (q.data_ptr(), k.data_ptr()) == pointers
+        assert (q_out.data_ptr(), k_out.data_ptr()) == (q.data_ptr(), k.data_ptr()) == pointers
+        assert (q_out.shape, q_out.stride(), k_out.shape, k_out.stride()) == (q.shape, q.stride(), k.shape, k.stride())
         return q_out, k_out
 
     kernel = grads_through(leaves, views, rotate, grad_q, grad_k)

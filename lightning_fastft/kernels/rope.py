@@ -21,6 +21,7 @@ import triton.language as tl
 from lightning_fastft._runtime import triton_enabled, warn_fallback
 
 _INT32_LIMIT = 2**31
+_ROPE_NUM_WARPS = 4
 
 
 def rope_qk_reference(
@@ -49,6 +50,11 @@ def rope_qk_(
     q and k may have any strides whose last one is 1 (views of a ``(B, S, H*D)`` projection, or
     ``.transpose(1, 2)`` of ``(B, H, S, D)``). Differentiable in q and k (not in cos/sin); the
     backward rotates the incoming gradients in place when their layout allows it.
+
+    When autograd records the op, use the returned tensors: they hold the same memory as q and k
+    but are views with cheap backwards (``view``/``permute`` of the rotated root where the layout
+    allows), whereas autograd would rebuild the passed-in views with ``as_strided``, whose backward
+    zero-fills and scatters a buffer of the root's size.
     """
     _check_qk(q, k)
     _check_angles(cos, sin, position_ids, q)
@@ -65,10 +71,13 @@ def rope_qk_(
     cos, sin = cos.contiguous(), sin.contiguous()
     q_root, k_root = _root(q), _root(k)
     shared_root = k_root is q_root
-    _RoPEQKFunction.apply(
+    rotated_roots = _RoPEQKFunction.apply(
         q_root, None if shared_root else k_root, _geometry(q, q_root), _geometry(k, k_root), cos, sin, position_ids
     )
-    return q, k
+    if not (q.requires_grad or k.requires_grad) or not torch.is_grad_enabled():
+        return q, k
+    q_root, k_root = (rotated_roots, rotated_roots) if shared_root else rotated_roots
+    return _view_again(q, q_root), _view_again(k, k_root)
 
 
 def _check_qk(q: torch.Tensor, k: torch.Tensor) -> None:
@@ -138,7 +147,8 @@ def _rope_qk_kernel(
     n_k_heads,
     HALF_ROTARY: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
     USE_POSITION_IDS: tl.constexpr,
     INVERSE: tl.constexpr,
     LONG_INDEXING: tl.constexpr,
@@ -165,10 +175,9 @@ def _rope_qk_kernel(
     sin = tl.load(sin_ptr + angle_offset + dims, mask=dim_mask, other=0.0).to(tl.float32)
     if INVERSE:
         sin = -sin
-    heads = tl.arange(0, BLOCK_H)
-
     q_token_ptr = q_ptr + batch * q_stride_b + pos * q_stride_s
-    for head_start in range(0, n_q_heads, BLOCK_H):
+    heads = tl.arange(0, BLOCK_HQ)
+    for head_start in range(0, n_q_heads, BLOCK_HQ):
         offsets = (head_start + heads)[:, None] * q_stride_h + dims[None, :]
         mask = ((head_start + heads) < n_q_heads)[:, None] & dim_mask[None, :]
         x1 = tl.load(q_token_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -177,7 +186,8 @@ def _rope_qk_kernel(
         tl.store(q_token_ptr + offsets + HALF_ROTARY, (x2 * cos + x1 * sin).to(q_ptr.dtype.element_ty), mask=mask)
 
     k_token_ptr = k_ptr + batch * k_stride_b + pos * k_stride_s
-    for head_start in range(0, n_k_heads, BLOCK_H):
+    heads = tl.arange(0, BLOCK_HK)
+    for head_start in range(0, n_k_heads, BLOCK_HK):
         offsets = (head_start + heads)[:, None] * k_stride_h + dims[None, :]
         mask = ((head_start + heads) < n_k_heads)[:, None] & dim_mask[None, :]
         x1 = tl.load(k_token_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -258,16 +268,35 @@ def _launch(q, k, cos, sin, position_ids, inverse: bool) -> None:
     tensors = [q, k, cos] + ([position_ids] if position_ids is not None else [])
     long_indexing = max(_max_offset(t) for t in tensors) >= _INT32_LIMIT or n_tokens >= _INT32_LIMIT
     block_d = triton.next_power_of_2(half_rotary)
-    block_h = max(1, min(triton.next_power_of_2(max(n_q_heads, n_k_heads)), 4096 // block_d))
+    max_heads_per_tile = max(1, 4096 // block_d)
+    block_hq = min(triton.next_power_of_2(n_q_heads), max_heads_per_tile)
+    block_hk = min(triton.next_power_of_2(n_k_heads), max_heads_per_tile)
     _rope_qk_kernel[(n_tokens,)](
         q, k, cos, sin, position_ids if position_ids is not None else cos,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         angle_stride_b, angle_stride_s, position_stride_b, position_stride_s,
         seq_len, n_q_heads, n_k_heads,
-        HALF_ROTARY=half_rotary, BLOCK_D=block_d, BLOCK_H=block_h,
+        HALF_ROTARY=half_rotary, BLOCK_D=block_d, BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
         USE_POSITION_IDS=position_ids is not None, INVERSE=inverse, LONG_INDEXING=long_indexing,
-        num_warps=4 if block_h * block_d <= 1024 else 8,
+        num_warps=_ROPE_NUM_WARPS,
     )  # fmt: skip
+
+
+def _view_again(view: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
+    """``view``'s geometry rebuilt on ``root`` with the cheapest differentiable view op: ``view``
+    when it covers the whole contiguous root in order, ``view`` + ``permute`` when it covers it in
+    another dim order, else ``as_strided``."""
+    if root is view:
+        return root
+    if view.storage_offset() == root.storage_offset() and view.numel() == root.numel() and root.is_contiguous():
+        if view.is_contiguous():
+            return root.view(view.shape)
+        dims_by_stride = sorted(range(view.dim()), key=lambda d: -view.stride(d))
+        in_order = view.permute(dims_by_stride)
+        if in_order.is_contiguous():
+            inverse = sorted(range(view.dim()), key=lambda d: dims_by_stride[d])
+            return root.view(in_order.shape).permute(inverse)
+    return root.as_strided(view.shape, view.stride(), view.storage_offset())
 
 
 def _root(t: torch.Tensor) -> torch.Tensor:

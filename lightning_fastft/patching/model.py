@@ -2,7 +2,8 @@
 
 Only module *instances* are changed (``module.forward`` set to an :class:`InstanceForward`), never
 classes or module-level functions, so an unpatched model in the same process keeps HF's code.
-Patching again is idempotent. The fused LoRA paths are looked up at each call (the
+Patching again keeps the installed forwards and re-plans the modules it patches with the new
+switches (a switch that is off never unpatches). The fused LoRA paths are looked up at each call (the
 ``make_fused_*`` factories), so they follow adapters added, merged or disabled after patching,
 and a patched model holds no closures: it deep-copies and pickles.
 """
@@ -64,7 +65,7 @@ class PatchReport:
         if not self.models:
             return "lightning_fastft: no Hugging Face causal LM found; nothing patched"
         body = "\n".join(str(model) for model in self.models)
-        return f"lightning_fastft patched {len(self.models)} model(s):\n{body}"
+        return f"lightning_fastft patching report, {len(self.models)} model(s):\n{body}"
 
 
 class InstanceForward:

@@ -165,7 +165,8 @@ def _varlen_attention(query, key, value, segments, scaling, causal, sliding_wind
     kv_heads = key.shape[1]
     kwargs = {}
     if "window_size" in _VARLEN_PARAMS:
-        kwargs["window_size"] = (-1 if sliding_window is None else sliding_window - 1, 0 if causal else -1)
+        left = -1 if sliding_window is None else sliding_window - 1
+        kwargs["window_size"] = (left, 0 if causal else left)
     else:
         kwargs["is_causal"] = causal
     if "scale" in _VARLEN_PARAMS:
@@ -243,9 +244,9 @@ def _flex_attention(query, key, value, segments, scaling, causal, sliding_window
     return out.transpose(1, 2)
 
 
-def pick_backend(query: torch.Tensor, *, softcap, dropout: float, sliding_window, same_length: bool) -> str:
+def pick_backend(query: torch.Tensor, *, softcap: float | None, dropout: float, sliding_window: int | None) -> str:
     """The fastest backend that supports these inputs: "varlen", "flex" or "dense"."""
-    if not query.is_cuda or dropout > 0 or not same_length:
+    if not query.is_cuda or dropout > 0:
         return "dense"
     varlen_ok = (
         varlen_attn is not None
@@ -277,9 +278,7 @@ def packed_attention(
 
     ``backend`` forces "varlen", "flex" or "dense"; by default :func:`pick_backend` chooses.
     """
-    backend = backend or pick_backend(
-        query, softcap=softcap, dropout=dropout, sliding_window=sliding_window, same_length=True
-    )
+    backend = backend or pick_backend(query, softcap=softcap, dropout=dropout, sliding_window=sliding_window)
     if backend == "varlen":
         return _varlen_attention(query, key, value, segments, scaling, causal, sliding_window)
     if backend == "flex":
