@@ -28,7 +28,7 @@ _GRAPH_REPLAYS = 15
 
 
 def _as_tuple(outputs) -> tuple:
-    return outputs if isinstance(outputs, tuple) else (outputs,)
+    return tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
 
 
 def _set_bytes(inputs: Sequence[torch.Tensor]) -> int:
@@ -85,7 +85,7 @@ def measure(
     n_sets = max(2, min(_MAX_INPUT_SETS, -(-_L2_ROTATION_BYTES // max(1, _set_bytes(first)))))
     input_sets = [first] + [make_inputs() for _ in range(n_sets - 1)]
     with torch.no_grad():
-        grad_sets = [[g.detach() for g in _as_tuple(grads_for(_as_tuple(forward(*inputs))))] for inputs in input_sets]
+        grad_sets = [[g.detach() for g in _as_tuple(grads_for(forward(*inputs)))] for inputs in input_sets]
     leaves = [[t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad] for inputs in input_sets]
 
     def forward_step(i: int) -> None:

@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader
 
 from lightning_fastft.module import CausalLMFineTune, SyntheticCausalLMDataModule
 
@@ -54,8 +55,11 @@ def probe_batch():
     return torch.randint(1, VOCAB, (2, 7), generator=generator)
 
 
-def run_fit(config, lora_r, strategy, steps, batch_size=2, num_samples=None, **trainer_kwargs):
-    """Fit from seed 0; returns (loss per step, logits on ``probe_batch()``, trainable weights)."""
+def run_fit(config, lora_r, strategy, steps, batch_size=1, num_samples=None, sampler=None, **trainer_kwargs):
+    """Fit from seed 0; returns (loss per step, logits on ``probe_batch()``, trainable weights).
+
+    ``sampler`` (an index order) replaces the data module's sequential order.
+    """
     pl.seed_everything(0)
     module = CausalLMFineTune(model=config, lora_r=lora_r, lora_alpha=2 * max(lora_r, 1), learning_rate=5e-3)
     data = SyntheticCausalLMDataModule(
@@ -73,7 +77,10 @@ def run_fit(config, lora_r, strategy, steps, batch_size=2, num_samples=None, **t
         limit_val_batches=0,
         **trainer_kwargs,
     )
-    trainer.fit(module, data)
+    if sampler is None:
+        trainer.fit(module, data)
+    else:
+        trainer.fit(module, DataLoader(data.train_set, batch_size=batch_size, sampler=sampler))
     module.eval()
     with torch.no_grad():
         logits = module(input_ids=probe_batch().to(module.device)).logits.cpu()
@@ -111,7 +118,7 @@ from test_convergence import ARCHITECTURES, run_fit
 
 config, lora_r = ARCHITECTURES["llama"]
 result = run_fit(
-    config, lora_r, "fastft_ddp", {steps}, batch_size=2, num_samples=4 * {steps}, accelerator="cpu", devices=2
+    config, lora_r, "fastft_ddp", {steps}, batch_size=1, num_samples=2 * {steps}, accelerator="cpu", devices=2
 )
 if int(os.environ.get("LOCAL_RANK", "0")) == 0:
     torch.save(result, {out!r})
@@ -120,7 +127,11 @@ if int(os.environ.get("LOCAL_RANK", "0")) == 0:
 
 @pytest.mark.ddp
 def test_fastft_ddp_matches_single_process(tmp_path):
-    """2 ranks x 2 rows per step == 1 process x 4 rows (token-exact across ranks)."""
+    """2 ranks x 1 row per step == 1 process x 2 rows (token-exact across ranks, unequal row lengths).
+
+    Lightning's DistributedSampler shuffles (seed 0, epoch 0) and deals indices round-robin; the
+    single process reads the same permutation two rows at a time.
+    """
     steps = 4
     script = tmp_path / "ddp_fit.py"
     out = tmp_path / "ddp_result.pt"
@@ -131,8 +142,9 @@ def test_fastft_ddp_matches_single_process(tmp_path):
     _, ddp_logits, ddp_weights = torch.load(out, weights_only=False)
 
     config, lora_r = ARCHITECTURES["llama"]
+    order = torch.randperm(2 * steps, generator=torch.Generator().manual_seed(0)).tolist()
     _, logits, weights = run_fit(
-        config, lora_r, "fastft", steps, batch_size=4, num_samples=4 * steps, accelerator="cpu", devices=1
+        config, lora_r, "fastft", steps, batch_size=2, num_samples=2 * steps, sampler=order, accelerator="cpu", devices=1
     )
     torch.testing.assert_close(ddp_logits, logits, rtol=1e-4, atol=1e-4)
     for name, weight in weights.items():

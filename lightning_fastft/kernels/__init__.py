@@ -1,0 +1,24 @@
+"""Triton kernels with hand-derived backward passes, each beside its PyTorch reference."""
+
+from lightning_fastft.kernels.cross_entropy import causal_lm_loss, fused_linear_cross_entropy, shift_labels
+from lightning_fastft.kernels.glu import geglu, glu, swiglu
+from lightning_fastft.kernels.lora import LoRAWeights, lora_linear, lora_mlp, lora_qkv
+from lightning_fastft.kernels.nf4 import dequantize_4bit
+from lightning_fastft.kernels.rms_norm import rms_norm
+from lightning_fastft.kernels.rope import rope_qk_
+
+__all__ = [
+    "LoRAWeights",
+    "causal_lm_loss",
+    "dequantize_4bit",
+    "fused_linear_cross_entropy",
+    "geglu",
+    "glu",
+    "lora_linear",
+    "lora_mlp",
+    "lora_qkv",
+    "rms_norm",
+    "rope_qk_",
+    "shift_labels",
+    "swiglu",
+]

@@ -173,9 +173,9 @@ class LoRAQKVFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         outputs, xas = zip(*(_project(x2, w, dtype) for w in weights))
         ctx.weights_offset = 1
-        ctx.x_dtype = x.dtype
+        ctx.x_dtype, ctx.x_shape = x.dtype, x.shape
         ctx.save_for_backward(x2, *xas, *_save_weights(ctx, weights))
-        return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outputs)
+        return outputs  # 2-D; lora_qkv reshapes outside the Function so RoPE may write in place
 
     @staticmethod
     def backward(ctx, *dys):
@@ -189,7 +189,7 @@ class LoRAQKVFunction(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 dx = _add_input_grad(dx, dy2, dxa, w)
         if dx is not None:
-            dx = dx.to(ctx.x_dtype).view(*dys[0].shape[:-1], x2.shape[-1])
+            dx = dx.to(ctx.x_dtype).view(ctx.x_shape)
         return (dx, *grads)
 
 
@@ -270,7 +270,8 @@ def lora_linear(x: torch.Tensor, w: LoRAWeights) -> torch.Tensor:
 
 def lora_qkv(x: torch.Tensor, q: LoRAWeights, k: LoRAWeights, v: LoRAWeights):
     """``(q_out, k_out, v_out)``: three LoRA projections of one ``x`` in one autograd node."""
-    return LoRAQKVFunction.apply(x, *q, *k, *v)
+    outputs = LoRAQKVFunction.apply(x, *q, *k, *v)
+    return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outputs)
 
 
 def lora_mlp(x: torch.Tensor, gate: LoRAWeights, up: LoRAWeights, down: LoRAWeights, activation: str) -> torch.Tensor:

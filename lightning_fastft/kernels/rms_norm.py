@@ -170,7 +170,8 @@ class _RMSNormFunction(torch.autograd.Function):
         weight = weight.contiguous()
         gemma = casting == "gemma"
         out_dtype = x.dtype if gemma else torch.promote_types(x.dtype, weight.dtype)
-        y_rows = torch.empty(x_rows.shape, dtype=out_dtype, device=x.device)
+        y = torch.empty(x.shape, dtype=out_dtype, device=x.device)  # not a view: RoPE may write into it
+        y_rows = y.view(-1, n_cols)
         rstd = torch.empty(x_rows.shape[0], dtype=torch.float32, device=x.device)
         block = triton.next_power_of_2(n_cols)
         if x_rows.shape[0] > 0:
@@ -180,7 +181,7 @@ class _RMSNormFunction(torch.autograd.Function):
             )  # fmt: skip
         ctx.save_for_backward(x_rows, weight, rstd)
         ctx.offset, ctx.gemma, ctx.x_shape = offset, gemma, x.shape
-        return y_rows.view(x.shape)
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
