@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 SUITES = ("kernels_norm_rope", "kernels_glu_ce", "kernels_lora")
-COLUMNS = ("kernel", "shape", "dtype", "impl", "fwd_ms", "bwd_ms", "fwd_gbps", "bwd_gbps", "peak_mib")
+COLUMNS = ("kernel", "shape", "dtype", "impl", "fwd_ms", "bwd_ms", "fwd_launch_ms", "bwd_launch_ms", "fwd_gbps", "bwd_gbps", "peak_mib")
 
 
 def _cell(value) -> str:

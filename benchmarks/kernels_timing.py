@@ -10,8 +10,10 @@
   launched from Python (L2 flushed before each). At small sizes these measure the CPU cost of
   the Python wrapper, autograd and the launches, not the GPU.
 
-``bwd`` is (forward + backward) minus forward, both timed the same way; the gradients fed to
-the backward are random tensors made before timing. ``peak_mib`` is the peak memory of one
+``bwd`` is (forward + backward) minus forward, both timed the same way (a backward can't be
+replayed alone: some implementations, e.g. Liger's GLU, overwrite their saved tensors); the
+gradients fed to the backward are random tensors made before timing. The forward alone runs
+under ``no_grad``. ``peak_mib`` is the peak memory of one
 forward + backward above what was allocated before it (its inputs and incoming gradients).
 """
 
@@ -103,13 +105,8 @@ def measure(
     inputs, grads = input_sets[0], grad_sets[0]
     with torch.no_grad():
         fwd_launch_ms = do_bench(lambda: forward(*inputs), return_mode="median")
-    outputs = _as_tuple(forward(*inputs))
-    bwd_launch_ms = do_bench(
-        lambda: torch.autograd.backward(outputs, grads, retain_graph=True),
-        return_mode="median",
-        grad_to_none=leaves[0],
-    )
-    del outputs
+    fb_launch_ms = do_bench(lambda: forward_backward_step(0), return_mode="median")
+    bwd_launch_ms = max(fb_launch_ms - fwd_launch_ms, 0.0)
     for leaf in leaves[0]:
         leaf.grad = None
     torch.cuda.synchronize()

@@ -104,27 +104,35 @@ def test_count_target_tokens():
 
 
 def test_patches_applied_before_optimizers(device, monkeypatch):
-    """setup() patches (and checkpoints) the model before Lightning builds optimizers."""
+    """setup() patches and checkpoints the model before Lightning builds optimizers."""
+    from lightning_fastft.patching import offload
+
     seen = {}
-    real_patch_model = patching.patch_model
+    real_patch_model, real_checkpointing = patching.patch_model, offload.apply_activation_checkpointing
 
     def recording_patch_model(model, **switches):
         seen["optimizers_at_patch_time"] = list(trainer.strategy.optimizers)
         seen["switches"] = switches
         return real_patch_model(model, **switches)
 
+    def recording_checkpointing(model, mode):
+        seen["optimizers_at_checkpointing_time"] = list(trainer.strategy.optimizers)
+        seen["checkpointed_layers"], seen["mode"] = real_checkpointing(model, mode), mode
+        return seen["checkpointed_layers"]
+
     monkeypatch.setattr(patching, "patch_model", recording_patch_model)
+    monkeypatch.setattr(offload, "apply_activation_checkpointing", recording_checkpointing)
     module = CausalLMFineTune()
     trainer = _trainer(device, strategy=FastFTStrategy(rope=False, checkpointing="recompute"))
     trainer.fit(module, _loader([_random_batch(2, 7, [0, 2])]))
 
-    assert seen["optimizers_at_patch_time"] == []
+    assert seen["optimizers_at_patch_time"] == [] and seen["optimizers_at_checkpointing_time"] == []
     assert seen["switches"] == dict(rms_norm=True, rope=False, mlp=True, cross_entropy=True, lora=True)
     report = trainer.strategy.patch_report.models[0]
     assert report.patched["rms_norm"] > 0 and report.patched["cross_entropy"] == 1
-    layers = module.model.model.layers
-    assert all(getattr(layer, "_fastft_checkpoint_mode", None) == "recompute" for layer in layers)
+    assert seen["mode"] == "recompute" and seen["checkpointed_layers"] == list(module.model.model.layers)
     assert "forward" in module.model.model.norm.__dict__  # patched on the instance
+    assert len(trainer.optimizers) == 1
 
 
 def test_fastft_callback_patches_model_built_in_configure_model(device):

@@ -13,6 +13,8 @@ gradients accumulate in fp32; the forward keeps only x, w and the per-row fp32 `
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -65,9 +67,15 @@ def _num_warps(block: int) -> int:
     return 16
 
 
+@functools.cache
+def _multiprocessor_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _num_backward_programs(n_rows: int, device: torch.device) -> int:
+    """Two programs per SM (fastest of 1-8 per SM on an H100 at 2048 and 8192 rows of 4096)."""
     if device.type == "cuda":
-        workers = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        workers = 2 * _multiprocessor_count(device.index if device.index is not None else torch.cuda.current_device())
     else:  # interpreter: few programs, each looping over many rows
         workers = 4
     return max(1, min(n_rows, workers))
