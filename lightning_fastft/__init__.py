@@ -1,20 +1,49 @@
 """lightning_fastft: fast, memory-lean LLM fine-tuning for PyTorch Lightning.
 
 Importing the package registers the ``"fastft"``, ``"fastft_ddp"``, ``"fastft_ddp_spawn"`` and
-``"fastft_fsdp"`` strategy names, so ``Trainer(strategy="fastft")`` works.
+``"fastft_fsdp"`` strategy names, so ``Trainer(strategy="fastft")`` works. The rest of the public
+API (which imports transformers, peft, bitsandbytes) loads on first attribute access.
 """
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
+from lightning_fastft.callbacks import FastFT, FastFTMetrics  # noqa: E402
 from lightning_fastft.strategies import (  # noqa: E402
     FastFTDDPStrategy,
     FastFTFSDPStrategy,
     FastFTStrategy,
     register_strategies,
 )
-from lightning_fastft.callbacks import FastFT, FastFTMetrics  # noqa: E402
 
 register_strategies()
+
+_LAZY = {
+    "ActivationOffload": "lightning_fastft.callbacks.offload",
+    "CausalLMFineTune": "lightning_fastft.module",
+    "PackedCollator": "lightning_fastft.data.packing",
+    "PaddedCollator": "lightning_fastft.data.packing",
+    "PatchReport": "lightning_fastft.patching.model",
+    "apply_activation_checkpointing": "lightning_fastft.patching.offload",
+    "export_gguf": "lightning_fastft.export.gguf",
+    "load_qlora": "lightning_fastft.qlora",
+    "merge_and_save": "lightning_fastft.export.merged",
+    "pack_dataset": "lightning_fastft.data.packing",
+    "pack_sequences": "lightning_fastft.data.packing",
+    "patch_model": "lightning_fastft.patching.model",
+    "prepare_qlora": "lightning_fastft.qlora",
+    "token_utilisation": "lightning_fastft.data.packing",
+    "use_varlen_attention": "lightning_fastft.patching.varlen",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "FastFT",
@@ -23,4 +52,5 @@ __all__ = [
     "FastFTMetrics",
     "FastFTStrategy",
     "register_strategies",
+    *_LAZY,
 ]

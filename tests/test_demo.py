@@ -1,0 +1,61 @@
+"""The demo (shortened), its tokenizer asset, and the finetune example's command line."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+
+
+def _load(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_committed_tokenizer_is_what_the_script_builds():
+    make_tokenizer = _load(EXAMPLES / "assets" / "make_tokenizer.py")
+    built = json.loads(make_tokenizer.build_tokenizer().to_str())
+    committed = json.loads((EXAMPLES / "assets" / "tokenizer.json").read_text())
+    assert built == committed
+
+
+def test_samples_and_held_out_words():
+    demo = _load(EXAMPLES / "demo.py")
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(demo.TOKENIZER_PATH))
+    train, held_out = demo.word_splits(300, 40, 3, 7, seed=5)
+    assert len(train) == 300 and len(held_out) == 40 and not set(train) & set(held_out)
+    assert all(3 <= len(word) <= 7 for word in train + held_out)
+
+    sample = demo.training_sample(tokenizer, "xkcdq")
+    tokens = [tokenizer.id_to_token(i) for i in sample["input_ids"]]
+    assert tokens == ["<bos>", "reverse:", *"xkcdq", "answer:", *"qdckx", "<eos>"]
+    assert sample["loss_mask"] == [0] * 8 + [1] * 6
+
+
+def test_shortened_demo_completes_and_reports_accuracy(capsys):
+    demo = _load(EXAMPLES / "demo.py")
+    args = ["--max-steps", "3", "--batch-size", "8", "--max-seq-len", "64", "--num-train", "64", "--num-eval", "12",
+            "--no-progress-bar"]  # fmt: skip
+    result = demo.main(args)
+    assert 0.0 <= result["accuracy_before"] <= 1.0 and 0.0 <= result["accuracy_after"] <= 1.0
+    assert math.isfinite(result["final_loss"]) and result["final_loss"] > 0
+    printed = capsys.readouterr().out
+    assert "held-out words before fine-tuning" in printed and "after fine-tuning" in printed
+    assert "reverse: " in printed and " answer: " in printed
+
+
+def test_finetune_help_lists_the_options(capsys):
+    finetune = _load(EXAMPLES / "finetune.py")
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    usage = capsys.readouterr().out
+    for option in ("--model_name_or_path", "--dataset", "--max_seq_len", "--lora_r", "--quant", "--checkpointing", "--max_steps"):
+        assert option in usage
