@@ -3,8 +3,9 @@
 Each decoder layer *instance* gets an instance ``forward`` (state_dict keys are untouched), so that
 during training a layer keeps only its input hidden state and recomputes everything else in backward:
 
-* ``mode="recompute"``: non-reentrant ``torch.utils.checkpoint`` of the layer; the input stays on
-  the device.
+* ``mode="recompute"``: the same layer Function as offload with the input kept on the device
+  (:class:`DeviceStore`); measured faster than non-reentrant ``torch.utils.checkpoint`` on the
+  8B LoRA step (see benchmarks/results/train_partA.md).
 * ``mode="offload"``: the input is copied device -> pinned host memory on a side CUDA stream while
   compute goes on; in backward it is copied back, and the input of the next layer to be recomputed
   is prefetched on the side stream while the current one recomputes. Without CUDA this falls back
@@ -28,7 +29,6 @@ from typing import Any, Callable
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
@@ -74,17 +74,14 @@ def apply_activation_checkpointing(
             stacklevel=2,
         )
         disable_hf_gradient_checkpointing(model)
-    if mode == "offload" and offloader is None:
-        offloader = HostOffloader()
+    if offloader is None:
+        offloader = HostOffloader() if mode == "offload" else DeviceStore()
     layers = [layer for stack in stacks for layer in stack]
     for layer in layers:
         _unwrap(layer)
         inner_forward = layer.__dict__.get("forward")  # another patch's instance forward, if any
         run_layer = layer.forward
-        if mode == "recompute":
-            layer.forward = partial(_recompute_forward, layer, run_layer)
-        else:
-            layer.forward = partial(_offload_forward, layer, run_layer, offloader, offloader.new_slot())
+        layer.forward = partial(_offload_forward, layer, run_layer, offloader, offloader.new_slot())
         layer.__dict__[_WRAPPED_ATTRIBUTE] = (mode, inner_forward)
     return layers
 
@@ -132,16 +129,6 @@ def _trainable_parameters(layer: nn.Module) -> list[nn.Parameter]:
     return [parameter for parameter in layer.parameters() if parameter.requires_grad]
 
 
-def _recompute_forward(layer: nn.Module, run_layer: Callable, *args: Any, **kwargs: Any) -> Any:
-    if not torch.is_grad_enabled():
-        return run_layer(*args, **kwargs)
-    tensors = [leaf for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, Tensor)]
-    if not (any(t.requires_grad for t in tensors) or _trainable_parameters(layer)):
-        return run_layer(*args, **kwargs)
-    args, kwargs = _without_cache(args, kwargs)
-    return checkpoint(run_layer, *args, use_reentrant=False, **kwargs)
-
-
 def _offload_forward(
     layer: nn.Module, run_layer: Callable, offloader: HostOffloader, slot: int, *args: Any, **kwargs: Any
 ) -> Any:
@@ -157,7 +144,7 @@ def _offload_forward(
     parameters = _trainable_parameters(layer)
     if not (parameters or hidden_states.requires_grad or any(t.requires_grad for t in other_inputs)):
         return run_layer(*args, **kwargs)
-    if not hidden_states.is_cuda and not offloader.emulate_on_cpu:
+    if not hidden_states.is_cuda and not offloader.runs_on_cpu:
         if not _warned_cpu_fallback:
             _warned_cpu_fallback = True
             warnings.warn(
@@ -165,7 +152,7 @@ def _offload_forward(
                 f"{hidden_states.device.type} use plain recompute checkpointing instead.",
                 stacklevel=3,
             )
-        return checkpoint(run_layer, *args, use_reentrant=False, **kwargs)
+        offloader = _KEEP_ON_DEVICE
     call = _LayerCall(
         run_layer=run_layer,
         input_spec=spec,
@@ -321,6 +308,31 @@ class _HostCopy:
         return not self.release.alive
 
 
+class _DeviceCopy:
+    """A layer input kept where it is (``mode="recompute"``)."""
+
+    def __init__(self, tensor: Tensor):
+        self.tensor = tensor
+
+
+class DeviceStore:
+    """The store of ``mode="recompute"``: layer inputs stay on their device, nothing is copied."""
+
+    runs_on_cpu = True
+
+    def new_slot(self) -> int:
+        return 0
+
+    def offload(self, tensor: Tensor, slot: int) -> _DeviceCopy:
+        return _DeviceCopy(tensor)
+
+    def fetch(self, stored: _DeviceCopy) -> Tensor:
+        return stored.tensor
+
+
+_KEEP_ON_DEVICE = DeviceStore()  # the CPU fallback of mode="offload"
+
+
 class HostOffloader:
     """Moves layer inputs to pinned host memory and back, overlapping the copies with compute.
 
@@ -335,7 +347,7 @@ class HostOffloader:
     """
 
     def __init__(self, emulate_on_cpu: bool = False):
-        self.emulate_on_cpu = emulate_on_cpu
+        self.runs_on_cpu = emulate_on_cpu
         self.host_buffers_allocated = 0
         self._free_buffers: dict[tuple[int, torch.dtype], list[Tensor]] = {}
         self._slots = itertools.count()
