@@ -347,7 +347,11 @@ def write_results(out: Path, title: str, meta: dict, results: list[dict], column
     environment_line = ", ".join(f"{key} {value}" for key, value in meta["environment"].items())
     markdown = [f"# {title}", "", f"Command: `{meta['command']}`", "", f"Environment: {environment_line}", ""]
     markdown += [markdown_table(results, columns), ""]
-    markdown += [f"- {r['variant']} ({r['shape']}, seq {r['seq_len']}): {r['patch_report']}" for r in results if r.get("patch_report")]
+    markdown += [
+        f"- {r['variant']} ({r['shape']}, seq {r['seq_len']}): " + r["patch_report"].replace("\n", "; ")
+        for r in results
+        if r.get("patch_report")
+    ]
     out.with_suffix(".md").write_text("\n".join(markdown) + "\n")
 
 
