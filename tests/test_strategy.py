@@ -183,9 +183,10 @@ def test_token_exact_accumulation_matches_one_big_batch(device, gradient_clip_va
     # the logged loss is the last micro-batch's own mean, computed with the initial weights
     torch.manual_seed(1234)
     initial = _SGDFineTune()
-    initial.configure_model()
+    with torch.device(device):  # as Lightning's init context: CUDA weights come from the CUDA RNG
+        initial.configure_model()
     with torch.no_grad():
-        last_loss = initial(**micro_batches[-1]).loss
+        last_loss = initial(**{key: value.to(device) for key, value in micro_batches[-1].items()}).loss
     torch.testing.assert_close(trainer.callback_metrics["train_loss"], last_loss, rtol=1e-5, atol=1e-6)
 
 

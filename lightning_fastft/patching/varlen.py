@@ -244,6 +244,9 @@ def _flex_attention(query, key, value, segments, scaling, causal, sliding_window
     return out.transpose(1, 2)
 
 
+FLEX_MIN_HEAD_DIM = 16  # compiled FlexAttention refuses smaller head dims ("NYI: ... at least 16")
+
+
 def pick_backend(query: torch.Tensor, *, softcap: float | None, dropout: float, sliding_window: int | None) -> str:
     """The fastest backend that supports these inputs: "varlen", "flex" or "dense"."""
     if not query.is_cuda or dropout > 0:
@@ -258,7 +261,8 @@ def pick_backend(query: torch.Tensor, *, softcap: float | None, dropout: float, 
     )
     if varlen_ok:
         return "varlen"
-    return "flex" if flex_attention is not None else "dense"
+    flex_ok = flex_attention is not None and query.shape[-1] >= FLEX_MIN_HEAD_DIM
+    return "flex" if flex_ok else "dense"
 
 
 def packed_attention(
