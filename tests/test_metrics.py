@@ -1,16 +1,20 @@
 """FastFTMetrics: tokens/s, MFU and peak memory reach the loggers and the progress bar."""
 
+import copy
 import csv
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from torch.utils.data import DataLoader
 
 from lightning_fastft.callbacks import FastFTMetrics
 from lightning_fastft.callbacks.metrics import flops_coefficients, peak_flops_for
-from lightning_fastft.module import TINY_LLAMA_CONFIG, CausalLMFineTune, SyntheticCausalLMDataModule
+from lightning_fastft.data.packing import PackedCollator
+from lightning_fastft.module import TINY_LLAMA_CONFIG, CausalLMFineTune, SyntheticCausalLMDataModule, build_causal_lm
 from lightning_fastft.strategies import FastFTStrategy
 
 NO_PATCHES = dict(rms_norm=False, rope=False, mlp=False, cross_entropy=False, lora=False)
@@ -18,9 +22,10 @@ PEAK = 1e12
 STEPS = 3
 
 
-def _fit(device, logger, lora_r=0, checkpointing=None):
+def _fit(device, logger, lora_r=0, checkpointing=None, data=None):
     module = CausalLMFineTune(lora_r=lora_r)
-    data = SyntheticCausalLMDataModule(batch_size=2, seq_len=10, num_samples=2 * STEPS, seed=5)
+    if data is None:
+        data = SyntheticCausalLMDataModule(batch_size=2, seq_len=10, num_samples=2 * STEPS, seed=5)
     trainer = pl.Trainer(
         accelerator="gpu" if device == "cuda" else "cpu",
         devices=1,
@@ -61,6 +66,18 @@ def test_flops_formula_full_lora_and_recompute():
     assert 0 < n_lora < n_total / 5
     assert flops_coefficients(lora) == (4.0 * n_total + 2.0 * n_lora, 12.0 * attention)
     assert flops_coefficients(torch.nn.Linear(2, 2)) is None
+
+
+def test_flops_count_the_logical_weights_of_4bit_layers():
+    bnb = pytest.importorskip("bitsandbytes")
+    from lightning_fastft.qlora import attach_lora, prepare_qlora
+
+    base = build_causal_lm(TINY_LLAMA_CONFIG)
+    unquantized = attach_lora(copy.deepcopy(base), lora_r=4)
+    quantized = prepare_qlora(base, lora_r=4)
+    packed = [m.weight for m in quantized.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert packed and all(w.numel() < w.quant_state.shape.numel() for w in packed)  # 2 weights per byte
+    assert flops_coefficients(quantized) == flops_coefficients(unquantized)
 
 
 def test_peak_flops_table():
@@ -105,3 +122,17 @@ def test_metrics_in_wandb_offline_run(device, tmp_path, monkeypatch):
     assert run_files.name.startswith("offline-run-") and list(run_files.glob("*.wandb"))
     metrics = next(c for c in trainer.callbacks if isinstance(c, FastFTMetrics))
     assert metrics.recompute is True  # read from the strategy's checkpointing mode
+
+
+def test_packed_batches_count_real_tokens_without_logger(device):
+    # lengths 9 and 5 with max_seq_len 12 pack into two rows padded to 16: 14 real of 32 tokens
+    samples = [{"input_ids": torch.randint(1, 128, (length,))} for _ in range(STEPS) for length in (9, 5)]
+    loader = DataLoader(samples, batch_size=2, collate_fn=PackedCollator(max_seq_len=12, pad_to_multiple_of=8))
+    batch = next(iter(loader))
+    assert "attention_mask" not in batch and batch["num_real_tokens"] == 14 and batch["input_ids"].numel() == 32
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, _, trainer = _fit(device, logger=False, data=loader)
+    assert not [w for w in caught if "no logger configured" in str(w.message)]
+    metrics = trainer.progress_bar_metrics
+    assert metrics["tokens_per_sec"] / metrics["tokens_per_sec_total"] == pytest.approx(14 / 32, rel=1e-5)

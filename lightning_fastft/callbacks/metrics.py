@@ -4,7 +4,8 @@ Model FLOPs per token (matmuls only, multiply-add = 2 FLOPs), for a sequence of 
 
     flops/token = 4 N + 2 N_trainable + 12 L d T  [+ 2 N + 4 L d T  when activations are recomputed]
 
-* ``N``: parameters used in matmuls (all but the input embedding; a tied LM head counts);
+* ``N``: parameters used in matmuls (all but the input embedding; a tied LM head counts),
+  counting the logical weights of quantised layers (a bitsandbytes 4-bit tensor stores two per byte);
   forward costs ``2N`` and the backward's input gradients another ``2N``.
 * ``N_trainable``: trainable matmul parameters, whose weight gradients cost ``2 N_trainable``
   (full fine-tuning: ``N_trainable = N``, giving the usual ``6N``; LoRA: the adapters only).
@@ -13,8 +14,9 @@ Model FLOPs per token (matmuls only, multiply-add = 2 FLOPs), for a sequence of 
   discounted). Packed sequences are counted at the full row length ``T``.
 * recomputation (activation checkpointing) repeats the forward: ``+2N + 4 L d T``.
 
-MFU = flops/token x tokens/s (all tokens, padding included) / peak device FLOP/s. The peak is
-looked up from the GPU name (dense bf16 tensor-core numbers) or given as ``peak_flops``.
+MFU = flops/token x tokens/s (all tokens, padding included: the matmuls run on it) / peak device
+FLOP/s. The peak is looked up from the GPU name (dense bf16 tensor-core numbers) or given as
+``peak_flops``.
 All values are per device.
 """
 
@@ -63,6 +65,23 @@ def _causal_lm(module: nn.Module) -> Optional[nn.Module]:
     return next((m for m in module.modules() if isinstance(m, PreTrainedModel)), None)
 
 
+def _logical_numel(param: torch.Tensor) -> int:
+    """Number of weights ``param`` holds: its ``numel()``, or for a quantised bitsandbytes 4-bit
+    parameter (packed two per byte) the shape of the weight it stands for."""
+    quant_state = getattr(param, "quant_state", None)
+    return quant_state.shape.numel() if quant_state is not None else param.numel()
+
+
+def count_real_tokens(batch: Any) -> int:
+    """Non-padding tokens of ``batch``: its int ``num_real_tokens`` (packed batches from
+    ``PackedCollator``), else ``attention_mask.sum()``, else every token of ``input_ids``."""
+    num_real_tokens = batch.get("num_real_tokens")
+    if num_real_tokens is not None:
+        return int(num_real_tokens)
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
 def flops_coefficients(module: nn.Module, recompute: bool = False) -> Optional[tuple[float, float]]:
     """``(a, b)`` with training FLOPs per token ``= a + b * seq_len`` for the HF causal LM inside ``module``.
 
@@ -79,9 +98,10 @@ def flops_coefficients(module: nn.Module, recompute: bool = False) -> Optional[t
     for param in model.parameters():
         if param is embedding and not tied_head:
             continue
-        matmul_params += param.numel()
+        numel = _logical_numel(param)
+        matmul_params += numel
         if param.requires_grad:
-            matmul_trainable += param.numel()
+            matmul_trainable += numel
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     attention_per_position = config.num_hidden_layers * config.num_attention_heads * head_dim
     fixed = 4 * matmul_params + 2 * matmul_trainable
@@ -102,8 +122,8 @@ class FastFTMetrics(Callback):
     """Log ``tokens_per_sec`` (non-padding tokens), ``tokens_per_sec_total``, ``mfu`` and ``peak_mem_gib``.
 
     Timing covers ``on_train_batch_start`` to ``on_train_batch_end`` (CUDA synchronized), averaged
-    over the last ``window`` batches. Non-padding tokens are ``attention_mask.sum()`` when the
-    batch has a mask, else every token (packed rows).
+    over the last ``window`` batches. Non-padding tokens are counted by :func:`count_real_tokens`.
+    Metrics go to the progress bar, and to the loggers when the trainer has any.
 
     Args:
         peak_flops: peak FLOP/s of one device for MFU; default: looked up from the GPU name (no
@@ -142,10 +162,7 @@ class FastFTMetrics(Callback):
         self._synchronize(pl_module)
         elapsed = time.perf_counter() - self._batch_start
         input_ids = batch["input_ids"]
-        total = input_ids.numel()
-        mask = batch.get("attention_mask")
-        non_pad = int(mask.sum()) if mask is not None else total
-        self._batches.append((elapsed, non_pad, total, input_ids.shape[-1]))
+        self._batches.append((elapsed, count_real_tokens(batch), input_ids.numel(), input_ids.shape[-1]))
 
         seconds = sum(b[0] for b in self._batches)
         metrics = {
@@ -158,4 +175,6 @@ class FastFTMetrics(Callback):
             metrics["mfu"] = flops / seconds / self.peak_flops
         if pl_module.device.type == "cuda":
             metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=True, logger=True, batch_size=1)
+        pl_module.log_dict(
+            metrics, on_step=True, on_epoch=False, prog_bar=True, logger=bool(trainer.loggers), batch_size=1
+        )
