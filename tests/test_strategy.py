@@ -187,7 +187,7 @@ def test_token_exact_accumulation_matches_one_big_batch(device, gradient_clip_va
         initial.configure_model()
     with torch.no_grad():
         last_loss = initial(**{key: value.to(device) for key, value in micro_batches[-1].items()}).loss
-    torch.testing.assert_close(trainer.callback_metrics["train_loss"], last_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(trainer.callback_metrics["train_loss"].cpu(), last_loss.cpu(), rtol=1e-5, atol=1e-6)
 
 
 def test_adamw_8bit_replaces_adamw_keeping_groups_and_scheduler(device):
