@@ -261,7 +261,8 @@ ARCHITECTURES = {
     "qwen2": (Qwen2ForCausalLM, Qwen2Config, dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)),
     "qwen3": (Qwen3ForCausalLM, Qwen3Config, dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)),
     "gemma": (GemmaForCausalLM, GemmaConfig, {}),
-    "gemma2": (Gemma2ForCausalLM, Gemma2Config, dict(sliding_window=5, attn_logit_softcapping=1.5)),
+    # eager: HF's sdpa silently drops Gemma2's attention softcap (transformers 5.17 picks sdpa by default)
+    "gemma2": (Gemma2ForCausalLM, Gemma2Config, dict(sliding_window=5, attn_logit_softcapping=1.5, _attn_implementation="eager")),
 }
 
 
