@@ -36,29 +36,6 @@ def _liger(module: str, name: str):
         return None
 
 
-def _time_and_memory(forward, leaves):
-    """(fwd_ms, bwd_ms, peak_mib) of ``forward()`` returning a tensor to backpropagate."""
-    from triton.testing import do_bench
-
-    def step():
-        out = forward()
-        out.backward(torch.ones_like(out))
-
-    fwd_ms = do_bench(forward, grad_to_none=leaves, return_mode="median")
-    step_ms = do_bench(step, grad_to_none=leaves, return_mode="median")
-    for leaf in leaves:
-        leaf.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    peak_mib = (torch.cuda.max_memory_allocated() - before) / 2**20
-    for leaf in leaves:
-        leaf.grad = None
-    return fwd_ms, max(step_ms - fwd_ms, 0.0), peak_mib
-
-
 def _bench_glu(results: list) -> None:
     from kernels_timing import measure
 
@@ -97,6 +74,8 @@ def _bench_glu(results: list) -> None:
 
 
 def _bench_cross_entropy(results: list) -> None:
+    from kernels_timing import launched_time_and_memory
+
     from lightning_fastft.kernels.cross_entropy import fused_linear_cross_entropy
 
     liger_function = _liger("fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyFunction")
@@ -121,7 +100,7 @@ def _bench_cross_entropy(results: list) -> None:
                 impls["liger"] = lambda: liger_loss(hidden, weight, target)
             leaves = [hidden, weight] if trainable_weight else [hidden]
             for impl, forward in impls.items():
-                fwd_ms, bwd_ms, peak_mib = _time_and_memory(forward, leaves)
+                fwd_ms, bwd_ms, peak_mib = launched_time_and_memory(forward, leaves)
                 results.append({
                     "kernel": "linear_ce_" + ("trainable_w" if trainable_weight else "frozen_w"),
                     "shape": (tokens, CE_HIDDEN, CE_VOCAB),

@@ -89,33 +89,6 @@ def cases(device: str = "cuda", tokens: int = TOKENS, hidden: int = HIDDEN, inte
             lambda x=x, m=attn: (m.q_proj(x), m.k_proj(x), m.v_proj(x))), leaves
 
 
-def _time_and_memory(forward, leaves):
-    from triton.testing import do_bench
-
-    outputs = forward()
-    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-    grads = [torch.randn_like(o) for o in outputs]
-    del outputs
-
-    def step():
-        out = forward()
-        torch.autograd.backward(out if isinstance(out, tuple) else (out,), grads)
-
-    fwd_ms = do_bench(forward, grad_to_none=leaves, return_mode="median")
-    step_ms = do_bench(step, grad_to_none=leaves, return_mode="median")
-    for leaf in leaves:
-        leaf.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    peak_mib = (torch.cuda.max_memory_allocated() - before) / 2**20
-    for leaf in leaves:
-        leaf.grad = None
-    return fwd_ms, max(step_ms - fwd_ms, 0.0), peak_mib
-
-
 def _bench_dequant(results: list) -> None:
     import bitsandbytes.functional as bnb_functional
     from triton.testing import do_bench
@@ -135,8 +108,10 @@ def _bench_dequant(results: list) -> None:
 
 def run(results: list) -> None:
     """Append the LoRA and NF4 dequant benchmark rows to ``results`` (CUDA only)."""
+    from kernels_timing import launched_time_and_memory
+
     for kernel, shape, dtype, impl, forward, leaves in cases():
-        fwd_ms, bwd_ms, peak_mib = _time_and_memory(forward, leaves)
+        fwd_ms, bwd_ms, peak_mib = launched_time_and_memory(forward, leaves)
         results.append(dict(kernel=kernel, shape=shape, dtype=dtype, impl=impl,
                             fwd_ms=fwd_ms, bwd_ms=bwd_ms, peak_mib=peak_mib))
     _bench_dequant(results)

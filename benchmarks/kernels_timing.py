@@ -128,3 +128,32 @@ def measure(
         "bwd_launch_ms": bwd_launch_ms,
         "peak_mib": peak_mib,
     }
+
+
+def launched_time_and_memory(forward, leaves):
+    """(fwd_ms, bwd_ms, peak_mib) of ``forward()`` (a tensor or a tuple) launched from Python:
+    ``do_bench`` medians, backward fed random gradients; for GPU-bound sizes."""
+    from triton.testing import do_bench
+
+    outputs = forward()
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    grads = [torch.randn_like(o) for o in outputs]
+    del outputs
+
+    def step():
+        out = forward()
+        torch.autograd.backward(out if isinstance(out, tuple) else (out,), grads)
+
+    fwd_ms = do_bench(forward, grad_to_none=leaves, return_mode="median")
+    step_ms = do_bench(step, grad_to_none=leaves, return_mode="median")
+    for leaf in leaves:
+        leaf.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    peak_mib = (torch.cuda.max_memory_allocated() - before) / 2**20
+    for leaf in leaves:
+        leaf.grad = None
+    return fwd_ms, max(step_ms - fwd_ms, 0.0), peak_mib

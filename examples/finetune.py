@@ -9,12 +9,14 @@
 every token) or a ``--prompt_column`` + ``--response_column`` pair (loss on the response only).
 Samples are packed into rows of ``--max_seq_len`` tokens (uncontaminated: each attends only to
 itself) and trained through ``Trainer(strategy=FastFTStrategy(...))``. The LoRA adapter and the
-tokenizer are saved to ``--output_dir``.
+tokenizer are saved to ``--output_dir``; with ``--save_merged`` also a plain 16-bit checkpoint with
+the adapter merged in (the 4-bit base dequantised) to ``--output_dir/merged``.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -51,8 +53,27 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--max_steps", type=int, default=100)
     parser.add_argument("--accumulate_grad_batches", type=int, default=1)
     parser.add_argument("--output_dir", default="outputs/finetune")
+    parser.add_argument("--save_merged", action="store_true", help="also save the merged model to OUTPUT_DIR/merged")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
+
+
+DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+def load_rows(args: argparse.Namespace):
+    """The ``--split`` of ``--dataset``: a data file, a ``save_to_disk`` directory, or anything
+    ``datasets.load_dataset`` takes (a hub name, a directory of data files)."""
+    import datasets
+
+    path = Path(args.dataset)
+    builder = DATA_FILE_BUILDERS.get(path.suffix.lower())
+    if path.is_file() and builder is not None:
+        return datasets.load_dataset(builder, data_files={args.split: str(path)}, split=args.split)
+    if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+        saved = datasets.load_from_disk(str(path))
+        return saved[args.split] if isinstance(saved, datasets.DatasetDict) else saved
+    return datasets.load_dataset(args.dataset, args.dataset_config, split=args.split)
 
 
 def tokenize_rows(dataset, tokenizer, args: argparse.Namespace) -> list[dict[str, list[int]]]:
@@ -83,21 +104,26 @@ def load_lora_model(args: argparse.Namespace) -> torch.nn.Module:
     return attach_lora(model, **lora)
 
 
+def load_trainable_model(args: argparse.Namespace) -> torch.nn.Module:
+    """The LoRA-wrapped model in training mode (``from_pretrained`` returns it in eval mode, which
+    would turn off dropout and the fused cross-entropy patch)."""
+    model = load_lora_model(args)
+    model.config.use_cache = False
+    use_varlen_attention(model)
+    return model.train()
+
+
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.prompt_column and not args.response_column:
         raise SystemExit("--prompt_column needs --response_column")
-    import datasets
     from transformers import AutoTokenizer
 
     pl.seed_everything(args.seed, verbose=False)
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
-    dataset = datasets.load_dataset(args.dataset, args.dataset_config, split=args.split)
-    samples = tokenize_rows(dataset, tokenizer, args)
+    samples = tokenize_rows(load_rows(args), tokenizer, args)
 
-    model = load_lora_model(args)
-    model.config.use_cache = False
-    use_varlen_attention(model)
+    model = load_trainable_model(args)
     module = CausalLMFineTune(
         model=args.model_name_or_path,
         lora_r=args.lora_r,
@@ -132,6 +158,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     module.model.save_pretrained(args.output_dir)
     tokenizer.save_pretrained(args.output_dir)
     print(f"LoRA adapter and tokenizer saved to {args.output_dir}")
+    if args.save_merged:
+        from lightning_fastft.export import merge_and_save
+
+        merge_and_save(module.model, Path(args.output_dir) / "merged", tokenizer=tokenizer)
+        print(f"merged model saved to {Path(args.output_dir) / 'merged'}")
     return {key: float(value) for key, value in trainer.callback_metrics.items()}
 
 
