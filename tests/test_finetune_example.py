@@ -143,7 +143,11 @@ def test_lora_prompt_response_json_with_merged_export(finetune, model_dir, tmp_p
     input_ids = torch.randint(4, base.config.vocab_size, (2, 13))
     with torch.no_grad():
         expected, got = adapted(input_ids=input_ids).logits, merged(input_ids=input_ids).logits
-    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+        with adapted.disable_adapter():
+            untrained = adapted(input_ids=input_ids).logits
+    tolerance = 2e-2 * expected.abs().max().item()
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=tolerance)
+    assert (untrained - expected).abs().max() > 5 * tolerance  # the adapter changes the outputs
 
 
 def test_qlora_text_column_saved_dataset_offload_accumulation(finetune, model_dir, tmp_path, as_users_run):
