@@ -88,7 +88,8 @@ def test_tokenize_rows_masks_prompts_and_ends_with_eos(finetune, model_dir):
 
     text_args = finetune.parse_args(["--model_name_or_path", "x", "--dataset", "x"])
     for sample in finetune.tokenize_rows(dataset, tokenizer, text_args):
-        assert sample["loss_mask"] == [1] * len(sample["input_ids"]) and sample["input_ids"][-1] == tokenizer.eos_token_id
+        assert sample["loss_mask"] == [1] * len(sample["input_ids"])
+        assert sample["input_ids"][-1] == tokenizer.eos_token_id
 
 
 def test_model_trains_in_training_mode(finetune, model_dir):
@@ -131,7 +132,8 @@ def test_lora_prompt_response_json_with_merged_export(finetune, model_dir, tmp_p
     ])  # fmt: skip
     assert math.isfinite(metrics["train_loss"]) and metrics["train_loss"] > 0
 
-    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {p.name for p in output_dir.iterdir()}
+    saved = {path.name for path in output_dir.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= saved
     lora_b = _lora_b_weights(output_dir)  # LoRA B starts at zero: non-zero means the adapter trained
     assert lora_b and all(weight.abs().max() > 0 for weight in lora_b.values())
 
@@ -139,7 +141,8 @@ def test_lora_prompt_response_json_with_merged_export(finetune, model_dir, tmp_p
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     adapted = PeftModel.from_pretrained(base, output_dir).eval()
     merged = AutoModelForCausalLM.from_pretrained(output_dir / "merged", dtype=torch.float32).eval()
-    assert AutoTokenizer.from_pretrained(output_dir / "merged").get_vocab() == AutoTokenizer.from_pretrained(model_dir).get_vocab()
+    merged_vocab = AutoTokenizer.from_pretrained(output_dir / "merged").get_vocab()
+    assert merged_vocab == AutoTokenizer.from_pretrained(model_dir).get_vocab()
     input_ids = torch.randint(4, base.config.vocab_size, (2, 13))
     with torch.no_grad():
         expected, got = adapted(input_ids=input_ids).logits, merged(input_ids=input_ids).logits
