@@ -4,8 +4,8 @@ Model: Llama-3-8B-shaped (hidden 4096, intermediate 14336, 32/8 heads, vocab 128
 few layers, bf16 random weights, PEFT LoRA r16 on all linears. Modes: no checkpointing, HF gradient
 checkpointing, our ``"recompute"`` and our ``"offload"``; one fwd+bwd step at bs 1.
 
-``run(results)`` fills ``results["activation_checkpointing"]``; ``max_seq_len_search`` finds the
-longest sequence one training step fits in, for any model builder and mode.
+``run(results)`` fills ``results["activation_checkpointing"]``; ``set_mode`` is shared with
+``benchmarks/max_context.py``.
 ``python benchmarks/offload.py`` prints the table and writes ``benchmarks/results/offload.json``.
 """
 
@@ -15,7 +15,6 @@ import gc
 import json
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -103,43 +102,6 @@ def measure(model: torch.nn.Module, seq_len: int, steps: int = 3) -> dict:
         return {"error": "OOM"}
     finally:
         _free_cuda_memory(model)
-
-
-def max_seq_len_search(
-    build_model: Callable[[], torch.nn.Module],
-    mode: str,
-    low: int = 1024,
-    high: int = 262144,
-    granularity: int = 1024,
-) -> int:
-    """Longest multiple of ``granularity`` in [low, high] for which one bs-1 fwd+bwd step fits (0: none).
-
-    ``build_model()`` returns a trainable HF/PEFT causal LM on CUDA; ``mode`` is one of :data:`MODES`.
-    Binary search, so it assumes memory grows with the sequence length.
-    """
-    model = build_model()
-    set_mode(model, mode)
-
-    def fits(seq_len: int) -> bool:
-        try:
-            train_step(model, seq_len)
-            return True
-        except torch.cuda.OutOfMemoryError:
-            return False
-        finally:
-            _free_cuda_memory(model)
-
-    lo, hi, best = low // granularity, high // granularity, 0
-    while lo <= hi:
-        middle = (lo + hi) // 2
-        if fits(middle * granularity):
-            best, lo = middle * granularity, middle + 1
-        else:
-            hi = middle - 1
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
-    return best
 
 
 def run(results: dict, num_layers: int = 4, seq_lens: tuple[int, ...] = SEQ_LENS) -> dict:

@@ -41,7 +41,7 @@ PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 
 
 def demo_model_config(vocab_size: int) -> dict[str, Any]:
-    """A small Llama (about 0.6M parameters) for :func:`lightning_fastft.module.build_causal_lm`."""
+    """A small Llama (about 0.7M parameters) for :func:`lightning_fastft.module.build_causal_lm`."""
     return {
         "model_type": "llama",
         "vocab_size": vocab_size,
@@ -80,6 +80,13 @@ def training_sample(tokenizer: Tokenizer, word: str) -> dict[str, list[int]]:
     return {"input_ids": prompt + answer, "loss_mask": [0] * len(prompt) + [1] * len(answer)}
 
 
+def greedy_continuation(model: torch.nn.Module, ids: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """The next ``num_tokens`` greedy tokens after each row of ``ids`` (no KV cache), shape (B, num_tokens)."""
+    for _ in range(num_tokens):
+        ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], dim=1)
+    return ids[:, -num_tokens:]
+
+
 @torch.no_grad()
 def exact_match_accuracy(
     model: torch.nn.Module, tokenizer: Tokenizer, words: list[str], device: torch.device, batch_size: int = 64
@@ -99,10 +106,7 @@ def exact_match_accuracy(
             batch = group[start : start + batch_size]
             ids = torch.tensor([prompt_ids(tokenizer, w) for w in batch], device=device)
             targets = torch.tensor([answer_ids(tokenizer, w) for w in batch], device=device)
-            for _ in range(targets.shape[1]):
-                next_ids = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
-                ids = torch.cat([ids, next_ids], dim=1)
-            metric.update(ids[:, -targets.shape[1] :], targets)
+            metric.update(greedy_continuation(model, ids, targets.shape[1]), targets)
     model.train(was_training)
     return float(metric.compute())
 
@@ -112,9 +116,7 @@ def show_examples(model: torch.nn.Module, tokenizer: Tokenizer, words: list[str]
     with torch.no_grad():
         for word in words:
             ids = torch.tensor([prompt_ids(tokenizer, word)], device=device)
-            for _ in range(len(word) + 1):
-                ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], dim=1)
-            answer = tokenizer.decode(ids[0, -(len(word) + 1) :].tolist())
+            answer = tokenizer.decode(greedy_continuation(model, ids, len(word) + 1)[0].tolist())
             print(f"  reverse: {word:<10} answer: {answer:<10} {'ok' if answer == word[::-1] else 'wrong'}")
 
 

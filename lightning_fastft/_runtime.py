@@ -12,24 +12,16 @@ import warnings
 
 import torch
 
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - triton is a hard dependency on Linux
-    HAS_TRITON = False
-
 _warned: set[str] = set()
 
 
 def triton_interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def triton_enabled(*tensors: torch.Tensor) -> bool:
     """True when the Triton kernels can run on these tensors."""
-    if not HAS_TRITON:
-        return False
     if all(t.is_cuda for t in tensors):
         return True
     return triton_interpreting() and all(t.device.type == "cpu" for t in tensors)

@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_fastft.strategies.token_exact import IGNORE_INDEX
+from lightning_fastft.data.packing import IGNORE_INDEX
 
 TINY_LLAMA_CONFIG: dict[str, Any] = {
     "model_type": "llama",
@@ -91,15 +91,16 @@ class CausalLMFineTune(pl.LightningModule):
     def forward(self, **batch: Any) -> Any:
         return self.model(**batch)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def _logged_loss(self, batch: dict[str, torch.Tensor], name: str) -> torch.Tensor:
         loss = self(**batch).loss
-        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log(name, loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._logged_loss(batch, "train_loss")
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self(**batch).loss
-        self.log("val_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        return loss
+        return self._logged_loss(batch, "val_loss")
 
     def configure_optimizers(self) -> Any:
         trainable = [p for p in self.parameters() if p.requires_grad]

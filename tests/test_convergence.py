@@ -9,7 +9,6 @@ match the single-process run on the same global batch: run it alone with ``-m dd
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import lightning.pytorch as pl

@@ -95,9 +95,8 @@ def test_default_chunking_uses_several_chunks(device, monkeypatch):
     check_against_reference(*inputs, torch.float32)
 
 
-def test_frozen_weight_skips_weight_gradient(device, monkeypatch):
-    hidden, weight, _, target = make_inputs(device, 31, 96, 1001, torch.float32, ignored=(4,))
-    weight.requires_grad_(False)
+def spy_on_requested_grads(monkeypatch) -> list:
+    """The (hidden, weight, bias) gradient flags of every later ``_chunked_loss_and_grads`` call."""
     requested = []
     chunked = ce_module._chunked_loss_and_grads
 
@@ -106,6 +105,13 @@ def test_frozen_weight_skips_weight_gradient(device, monkeypatch):
         return chunked(*args)
 
     monkeypatch.setattr(ce_module, "_chunked_loss_and_grads", spy)
+    return requested
+
+
+def test_frozen_weight_skips_weight_gradient(device, monkeypatch):
+    hidden, weight, _, target = make_inputs(device, 31, 96, 1001, torch.float32, ignored=(4,))
+    weight.requires_grad_(False)
+    requested = spy_on_requested_grads(monkeypatch)
     check_against_reference(hidden, weight, None, target, torch.float32, chunk_size=8)
     assert requested == [(True, False, False)]
     assert weight.grad is None
@@ -113,14 +119,7 @@ def test_frozen_weight_skips_weight_gradient(device, monkeypatch):
 
 def test_no_grad_computes_loss_only(device, monkeypatch):
     hidden, weight, _, target = make_inputs(device, 21, 64, 500, torch.float32)
-    requested = []
-    chunked = ce_module._chunked_loss_and_grads
-
-    def spy(*args):
-        requested.append(args[8:11])
-        return chunked(*args)
-
-    monkeypatch.setattr(ce_module, "_chunked_loss_and_grads", spy)
+    requested = spy_on_requested_grads(monkeypatch)
     with torch.no_grad():
         loss = fused_linear_cross_entropy(hidden, weight, target, chunk_size=4)
     assert requested == [(False, False, False)] and not loss.requires_grad

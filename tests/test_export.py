@@ -1,7 +1,5 @@
 """Merged 16-bit export and GGUF export of tiny random-weight models (no downloads)."""
 
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -53,9 +51,8 @@ def randomize_norms(model):
     return model
 
 
-def with_trained_lora(model):
-    """Attach LoRA and give lora_B random values, as after training (PEFT starts it at zero)."""
-    peft_model = attach_lora(model, lora_r=4, lora_alpha=8)
+def randomize_lora_b(peft_model):
+    """Random lora_B values, as after training (PEFT starts them at zero, which would hide the adapter)."""
     for name, param in peft_model.named_parameters():
         if "lora_B" in name:
             param.data.normal_(0.0, 0.05)
@@ -91,7 +88,7 @@ def tiny_bpe_tokenizer(vocab_size=300):
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 def test_merge_and_save_lora_round_trip(tmp_path, dtype, tol):
-    model = with_trained_lora(tiny_llama())
+    model = randomize_lora_b(attach_lora(tiny_llama(), lora_r=4, lora_alpha=8))
     input_ids = torch.randint(0, 301, (2, 11))
     peft_logits = logits(model, input_ids)
     state_before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -112,9 +109,7 @@ def test_merge_and_save_lora_round_trip(tmp_path, dtype, tol):
 
 def test_merge_and_save_qlora_is_dequantised_base_plus_lora(tmp_path, device):
     model = prepare_qlora(tiny_llama().to(device), compute_dtype=torch.float32, lora_r=4, lora_alpha=8)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0.0, 0.05)
+    randomize_lora_b(model)
     q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
     qweight_before = q_proj.base_layer.weight.data.clone()
     input_ids = torch.randint(0, 301, (2, 11), device=device)
@@ -385,7 +380,7 @@ def test_export_gguf_llama3_rope_writes_rope_freqs(tmp_path):
 def test_export_gguf_rejects_unknown_dtype_and_arch(tmp_path):
     with pytest.raises(ValueError, match="dtype"):
         export_gguf(tiny_llama(), tmp_path / "x.gguf", dtype="q4_k")
-    model = copy.deepcopy(tiny_llama())
+    model = tiny_llama()
     model.config.model_type = "gpt2"
     with pytest.raises(NotImplementedError, match="model_type"):
         export_gguf(model, tmp_path / "x.gguf")

@@ -114,15 +114,21 @@ def test_named_wrappers(device):
         glu(gate, up, "relu")
 
 
-def test_fallback_warns_and_matches_reference(device, monkeypatch):
-    monkeypatch.setattr(glu_module, "triton_enabled", lambda *tensors: False)
-    monkeypatch.setattr(_runtime, "_warned", set())
+def test_fallback_warns_and_matches_kernel(device, monkeypatch):
     gate = torch.randn(5, 31, device=device, requires_grad=True)
     up = torch.randn(5, 31, device=device, requires_grad=True)
+    dh = torch.randn(5, 31, device=device)
+    h_kernel = glu(gate, up, "gelu")
+    dgate_kernel, dup_kernel = torch.autograd.grad(h_kernel, (gate, up), dh)
+
+    monkeypatch.setattr(glu_module, "triton_enabled", lambda *tensors: False)
+    monkeypatch.setattr(_runtime, "_warned", set())
     with pytest.warns(UserWarning, match="glu runs its PyTorch reference"):
         h = glu(gate, up, "gelu")
-    h.sum().backward()
-    h_ref, dgate_ref, dup_ref = reference_grads(gate, up, torch.ones_like(h), "gelu")
+    h.backward(dh)
+    h_ref, dgate_ref, dup_ref = reference_grads(gate, up, dh, "gelu")
     assert torch.equal(h, h_ref)
     assert_close(gate.grad, dgate_ref, torch.float32)
     assert_close(up.grad, dup_ref, torch.float32)
+    for fallback, kernel in ((h, h_kernel), (gate.grad, dgate_kernel), (up.grad, dup_kernel)):
+        assert_close(fallback.detach(), kernel.detach(), torch.float32)

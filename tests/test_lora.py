@@ -157,6 +157,12 @@ def test_lora_mlp_refuses_second_backward(device):
         y.backward()
 
 
+def test_lora_mlp_rejects_unknown_activation(device):
+    w = [_direct_weights(device, 16, 24, 2), _direct_weights(device, 16, 24, 2), _direct_weights(device, 24, 16, 2)]
+    with pytest.raises(ValueError, match="unsupported GLU activation 'relu'"):
+        lora_mlp(torch.randn(5, 16, device=device), *w, "relu")
+
+
 def test_lora_mlp_without_triton_composes_lora_linears(monkeypatch, device):
     model, layer = _tiny_llama(device)
     monkeypatch.setattr(lora_kernels, "triton_enabled", lambda *tensors: False)

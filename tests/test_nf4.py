@@ -66,6 +66,7 @@ def test_dequantize_4bit_of_params4bit(device):
 
 def test_dequantize_4bit_fallback_warns_and_matches(monkeypatch, device):
     packed, state = _quantized((19, 33), torch.float16, "nf4", True, device)
+    kernel = nf4.dequantize_4bit(packed, state, torch.float32)
     monkeypatch.setattr(nf4, "triton_enabled", lambda *tensors: False)
     monkeypatch.setattr("lightning_fastft._runtime._warned", set())
     with warnings.catch_warnings(record=True) as caught:
@@ -74,3 +75,4 @@ def test_dequantize_4bit_fallback_warns_and_matches(monkeypatch, device):
     assert any("dequantize_4bit" in str(w.message) for w in caught)
     assert out.dtype == torch.float32
     assert torch.equal(out, bnb_functional.dequantize_4bit(packed, state).float())
+    assert torch.equal(out, kernel)

@@ -100,12 +100,10 @@ def assert_same_training(reference, wrapped, device, steps=1, autocast_dtype=Non
 
 def checkpointed_copy(model, variant):
     wrapped = copy.deepcopy(model)
-    if variant == "recompute":
-        apply_activation_checkpointing(wrapped, "recompute")
-    elif variant == "offload":
-        apply_activation_checkpointing(wrapped, "offload")
-    else:
+    if variant == "offload_emulated":
         apply_activation_checkpointing(wrapped, "offload", offloader=HostOffloader(emulate_on_cpu=True))
+    else:
+        apply_activation_checkpointing(wrapped, variant)
     return wrapped
 
 

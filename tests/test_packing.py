@@ -28,6 +28,7 @@ from lightning_fastft.data import (
     pack_sequences,
     token_utilisation,
 )
+from lightning_fastft.patching import patch_model
 from lightning_fastft.patching.varlen import (
     ATTN_IMPLEMENTATION,
     find_segments,
@@ -326,10 +327,6 @@ def test_packed_batch_equals_samples_run_alone(arch, device):
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_packed_batch_equals_samples_run_alone_patched(arch, device):
     """Patched modules on the packed batch vs HF's own modules per sample (kernels are slow on CPU: one run)."""
-    try:
-        from lightning_fastft.patching import patch_model
-    except ImportError as error:
-        pytest.skip(f"lightning_fastft.patching.patch_model is not available yet ({error})")
     model = build(arch, num_hidden_layers=1).to(device)
     reference = copy.deepcopy(model)
     with warnings.catch_warnings():

@@ -167,9 +167,10 @@ def test_returned_views_avoid_as_strided_backward(layout, device):
     assert not any("AsStrided" in name for name in names), names
     assert_relative_close(q_out.detach(), want_q, torch.float32)
     assert_relative_close(k_out.detach(), want_k, torch.float32)
-    grad_k = torch.randn_like(k_out)
-    ((q_out * 0).sum() + (k_out * grad_k).sum()).backward()
-    want_grad_k = rope_qk_reference(grad_k, grad_k, table_cos, -table_sin)[0]
+    grad_q, grad_k = torch.randn_like(q_out), torch.randn_like(k_out)
+    ((q_out * grad_q).sum() + (k_out * grad_k).sum()).backward()
+    want_grad_q, want_grad_k = rope_qk_reference(grad_q, grad_k, table_cos, -table_sin)  # inverse rotation
+    assert_relative_close(q_leaf.grad.view_as(want_grad_q), want_grad_q, torch.float32)
     if layout == "heads_first_transpose":
         want_grad_k = want_grad_k.transpose(1, 2)
     assert_relative_close(k_leaf.grad.view_as(want_grad_k), want_grad_k, torch.float32)

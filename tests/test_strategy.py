@@ -1,6 +1,7 @@
 """The fastft strategies: registration, patch order, token-exact accumulation, 8-bit AdamW."""
 
 import warnings
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -218,13 +219,9 @@ def test_to_8bit_adamw_with_injected_class():
     adamw = torch.optim.AdamW([{"params": [weight]}, {"params": [bias], "weight_decay": 0.0}], lr=0.1, eps=1e-6)
     scheduler = torch.optim.lr_scheduler.StepLR(adamw, step_size=1)
 
-    class Config:
-        pass
-
-    config = Config()
-    config.scheduler = scheduler
+    scheduler_config = SimpleNamespace(scheduler=scheduler)  # stands for Lightning's LRSchedulerConfig
     sgd = torch.optim.SGD([weight], lr=0.1)
-    converted = convert_optimizers([adamw, sgd], [config], "adamw_8bit", optimizer_class=torch.optim.Adam)
+    converted = convert_optimizers([adamw, sgd], [scheduler_config], "adamw_8bit", optimizer_class=torch.optim.Adam)
     assert type(converted[0]) is torch.optim.Adam and converted[1] is sgd
     assert [g["weight_decay"] for g in converted[0].param_groups] == [0.01, 0.0]
     assert converted[0].defaults["eps"] == 1e-6

@@ -123,10 +123,10 @@ def pack_dataset(dataset, max_seq_len: int, *, split_long: bool = False):
     """
     import datasets
 
-    columns = [c for c in ("input_ids", "labels", "loss_mask") if c in dataset.column_names]
-    rows = pack_sequences(dataset.select_columns(columns), max_seq_len, split_long=split_long)
-    columns = ("input_ids", "labels", "position_ids", "seq_lens")
-    return datasets.Dataset.from_dict({key: [row[key] for row in rows] for key in columns})
+    sample_columns = [c for c in ("input_ids", "labels", "loss_mask") if c in dataset.column_names]
+    rows = pack_sequences(dataset.select_columns(sample_columns), max_seq_len, split_long=split_long)
+    row_columns = ("input_ids", "labels", "position_ids", "seq_lens")
+    return datasets.Dataset.from_dict({key: [row[key] for row in rows] for key in row_columns})
 
 
 def _round_up(value: int, multiple: int) -> int:

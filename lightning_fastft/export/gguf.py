@@ -119,16 +119,11 @@ def _write_hyperparameters(writer: gguf.GGUFWriter, config, spec: _ArchSpec, fil
         writer.add_sliding_window(config.sliding_window)
 
 
-def _tokenizer_json(tokenizer) -> dict:
-    return json.loads(tokenizer.backend_tokenizer.to_str())
-
-
-def _write_tokenizer(writer: gguf.GGUFWriter, tokenizer, config, model_type: str) -> None:
+def _write_tokenizer(writer: gguf.GGUFWriter, tokenizer, config) -> None:
     """Tokens, token types and scores padded to the model's vocab size; merges for BPE; special ids."""
     if not getattr(tokenizer, "is_fast", False):
         raise NotImplementedError("GGUF tokenizer export needs a fast (tokenizer.json) tokenizer")
-    spec = _tokenizer_json(tokenizer)
-    model_spec = spec["model"]
+    model_spec = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
     if model_spec["type"] != "BPE":
         raise NotImplementedError(f"GGUF tokenizer export handles BPE vocabularies, not {model_spec['type']}")
     byte_fallback = bool(model_spec.get("byte_fallback", False))
@@ -163,7 +158,7 @@ def _write_tokenizer(writer: gguf.GGUFWriter, tokenizer, config, model_type: str
         writer.add_tokenizer_pre("default")
     else:  # byte-level BPE (GPT-2 style: Llama 3, Qwen)
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(_BPE_PRE_TOKENIZERS.get(model_type, "default"))
+        writer.add_tokenizer_pre(_BPE_PRE_TOKENIZERS.get(config.model_type, "default"))
         merges = [m if isinstance(m, str) else " ".join(m) for m in model_spec.get("merges", [])]
         writer.add_token_merges(merges)
     writer.add_token_list(tokens)
@@ -223,7 +218,7 @@ def export_gguf(
     writer = gguf.GGUFWriter(out_path, gguf.MODEL_ARCH_NAMES[spec.arch], use_temp_file=True)
     _write_hyperparameters(writer, config, spec, file_type)
     if tokenizer is not None:
-        _write_tokenizer(writer, tokenizer, config, config.model_type)
+        _write_tokenizer(writer, tokenizer, config)
 
     if _rope_scaling(config).get("rope_type") == "llama3":
         rope_freqs_name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"

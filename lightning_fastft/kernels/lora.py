@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .._runtime import triton_enabled
+from .glu import _check_activation, glu, glu_backward, glu_forward
 from .nf4 import dequantize_4bit
 
 
@@ -208,8 +209,6 @@ class LoRAMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, activation, *weight_args):
-        from .glu import glu_forward
-
         gate, up, down = _unpack(weight_args, 3)
         dtype = _compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
@@ -227,8 +226,6 @@ class LoRAMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        from .glu import glu_backward
-
         if ctx.consumed:
             raise RuntimeError("lora_mlp's backward reuses its saved activations in place: it cannot run twice")
         ctx.consumed = True
@@ -278,10 +275,7 @@ def lora_mlp(x: torch.Tensor, gate: LoRAWeights, up: LoRAWeights, down: LoRAWeig
     """``down(act(gate(x)) * up(x))`` with LoRA projections and ``activation`` a GLU activation
     name (HF ``hidden_act``: "silu", "gelu_pytorch_tanh", "gelu"). One autograd node when the
     Triton GLU kernels can run; otherwise three :func:`lora_linear` around the reference GLU."""
-    from .glu import ACTIVATIONS, glu
-
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unsupported GLU activation {activation!r}; expected one of {ACTIVATIONS}")
+    _check_activation(activation)
     if not triton_enabled(x):
         return lora_linear(glu(lora_linear(x, gate), lora_linear(x, up), activation), down)
     return LoRAMLPFunction.apply(x, activation, *gate, *up, *down)

@@ -61,10 +61,14 @@ def _dequantize_4bit_kernel(
     tl.store(out_ptr + out_idx, values.to(out_ptr.dtype.element_ty), mask=out_idx < n_elements)
 
 
+def _plain_tensor(weight_packed: torch.Tensor) -> torch.Tensor:
+    """The packed data of a ``Params4bit`` (or the tensor itself when it is not a Parameter)."""
+    return weight_packed.data if isinstance(weight_packed, torch.nn.Parameter) else weight_packed
+
+
 def _packed_bytes(weight_packed: torch.Tensor) -> torch.Tensor:
     """The packed weight as a flat uint8 tensor (bitsandbytes may store it in another dtype)."""
-    packed = weight_packed.data if isinstance(weight_packed, torch.nn.Parameter) else weight_packed
-    packed = packed.contiguous()
+    packed = _plain_tensor(weight_packed).contiguous()
     if packed.dtype != torch.uint8:
         packed = packed.view(torch.uint8)
     return packed.reshape(-1)
@@ -75,8 +79,7 @@ def dequantize_4bit_reference(weight_packed: torch.Tensor, quant_state, out_dtyp
     from ``quant_state.dtype``."""
     import bitsandbytes.functional as bnb_functional
 
-    packed = weight_packed.data if isinstance(weight_packed, torch.nn.Parameter) else weight_packed
-    out = bnb_functional.dequantize_4bit(packed, quant_state)
+    out = bnb_functional.dequantize_4bit(_plain_tensor(weight_packed), quant_state)
     return out if out_dtype is None else out.to(out_dtype)
 
 

@@ -169,7 +169,9 @@ def _as_rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
 
 
 class _RMSNormFunction(torch.autograd.Function):
-    """y = RMSNorm(x) * (w + offset); backward as in ``_rms_norm_backward_kernel``."""
+    """y = x_hat * (w + offset) with x_hat = x * rstd; backward (``_rms_norm_backward_kernel``)
+    per row ``dx = rstd * (g w' - x_hat * mean(g w' x_hat))`` with w' = w + offset, and
+    ``dw = sum_rows(g * x_hat)``."""
 
     @staticmethod
     def forward(ctx, x, weight, eps, offset, casting):

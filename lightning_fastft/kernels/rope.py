@@ -300,6 +300,7 @@ def _view_again(view: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
 
 
 def _root(t: torch.Tensor) -> torch.Tensor:
+    """The tensor ``t`` is a view of, or ``t`` itself."""
     return t._base if t._base is not None else t
 
 
@@ -314,11 +315,13 @@ def _rebuild(root: torch.Tensor, geometry: tuple) -> torch.Tensor:
     return root.as_strided(shape, strides, root.storage_offset() + offset)
 
 
+def _copy_with_strides(t: torch.Tensor, strides: tuple) -> torch.Tensor:
+    return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device).copy_(t)
+
+
 def _writable_like(grad: torch.Tensor, root_strides: tuple) -> torch.Tensor:
     """``grad`` itself when it has the root's strides, else a copy with them."""
-    if grad.stride() == root_strides:
-        return grad
-    return torch.empty_strided(grad.shape, root_strides, dtype=grad.dtype, device=grad.device).copy_(grad)
+    return grad if grad.stride() == root_strides else _copy_with_strides(grad, root_strides)
 
 
 class _RoPEQKFunction(torch.autograd.Function):
@@ -327,8 +330,10 @@ class _RoPEQKFunction(torch.autograd.Function):
     Autograd cannot let one Function dirty two views, so the Function takes the roots (the
     tensors q and k are views of, or themselves; one root when q and k share it, e.g. a fused
     QKV projection) and rebuilds q and k on them from their geometry. Autograd then replays the
-    views of the modified roots. Backward: the inverse rotation (sin negated) applied in place to
-    the q and k regions of the roots' gradients; everything else in them passes through.
+    views of the modified roots. Backward: the rotation is orthogonal, so the gradient is its
+    transpose, the same map with sin negated, ``(g1, g2) -> (g1 cos + g2 sin, g2 cos - g1 sin)``,
+    applied in place to the q and k regions of the roots' gradients; everything else in them
+    passes through.
     """
 
     @staticmethod
@@ -349,10 +354,8 @@ class _RoPEQKFunction(torch.autograd.Function):
     def backward(ctx, *grad_roots):
         cos, sin, position_ids = ctx.saved_tensors
         grads = [_writable_like(g, strides) for g, strides in zip(grad_roots, ctx.root_strides)]
-        if len(grads) == 2 and _ranges_intersect(grads[0], grads[1]):
-            grads[1] = torch.empty_strided(
-                grads[1].shape, ctx.root_strides[1], dtype=grads[1].dtype, device=grads[1].device
-            ).copy_(grads[1])
+        if len(grads) == 2 and _ranges_intersect(grads[0], grads[1]):  # e.g. (q + k).sum(): one tensor
+            grads[1] = _copy_with_strides(grads[1], ctx.root_strides[1])
         grad_q = _rebuild(grads[0], ctx.geometries[0])
         grad_k = _rebuild(grads[-1], ctx.geometries[1])
         _launch(grad_q, grad_k, cos, sin, position_ids, inverse=True)

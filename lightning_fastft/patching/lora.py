@@ -115,9 +115,9 @@ def _projections(parent: nn.Module, names: tuple[str, ...]) -> list[nn.Module] |
 
 def make_fused_mlp(mlp_module: nn.Module, activation: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """``x -> down_proj(act(gate_proj(x)) * up_proj(x))`` as one fused LoRA op, for HF GLU MLPs
-    (``activation`` is the config's ``hidden_act``), or None when not fusable. The callable reads
-    the weights at each call and falls back to the modules' own forwards if they stopped being
-    fusable (e.g. adapters merged meanwhile)."""
+    (``activation``: one of the GLU kernel's ``ACTIVATIONS``), or None when not fusable. The
+    callable reads the weights at each call and falls back to the modules' own forwards if they
+    stopped being fusable (e.g. adapters merged meanwhile)."""
     if activation not in ACTIVATIONS:
         return None
     modules = _projections(mlp_module, ("gate_proj", "up_proj", "down_proj"))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union, get_args
 
 import torch
 from lightning.fabric.utilities.types import _PATH
@@ -43,8 +43,10 @@ class PatchOptions:
     checkpointing: Optional[CheckpointingMode] = None
 
     def __post_init__(self) -> None:
-        if self.checkpointing not in (None, "recompute", "offload"):
-            raise ValueError(f"checkpointing must be None, 'recompute' or 'offload', got {self.checkpointing!r}")
+        if self.checkpointing not in (None, *get_args(CheckpointingMode)):
+            raise ValueError(
+                f"checkpointing must be None or one of {get_args(CheckpointingMode)}, got {self.checkpointing!r}"
+            )
 
     def apply(self, module: nn.Module) -> Any:
         """Patch ``module`` in place (instances only, idempotent); returns the ``PatchReport``."""

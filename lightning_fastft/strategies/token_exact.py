@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100
+from lightning_fastft.data.packing import IGNORE_INDEX
 
 
 def count_target_tokens(batch: Any) -> torch.Tensor | None:
