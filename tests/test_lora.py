@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from lightning_fastft.kernels import lora as lora_kernels  # noqa: E402
-from lightning_fastft.kernels.lora import LoRAWeights, lora_linear, lora_mlp, lora_qkv  # noqa: E402
+from lightning_fastft.kernels.lora import LoRAWeights, lora_linear, lora_mlp  # noqa: E402
 from lightning_fastft.patching.lora import lora_weights, make_fused_mlp, make_fused_o, make_fused_qkv  # noqa: E402
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2}

@@ -75,4 +75,4 @@ def test_dequantize_4bit_fallback_warns_and_matches(monkeypatch, device):
     assert any("dequantize_4bit" in str(w.message) for w in caught)
     assert out.dtype == torch.float32
     assert torch.equal(out, bnb_functional.dequantize_4bit(packed, state).float())
-    assert torch.equal(out, kernel)
+    assert torch.equal(out, kernel.half().float())  # the fallback rounds to quant_state.dtype first

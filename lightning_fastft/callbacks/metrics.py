@@ -59,7 +59,7 @@ def peak_flops_for(device_name: str) -> Optional[float]:
     return None
 
 
-def _causal_lm(module: nn.Module) -> Optional[nn.Module]:
+def _outermost_hf_model(module: nn.Module) -> Optional[nn.Module]:
     from transformers import PreTrainedModel
 
     return next((m for m in module.modules() if isinstance(m, PreTrainedModel)), None)
@@ -87,7 +87,7 @@ def flops_coefficients(module: nn.Module, recompute: bool = False) -> Optional[t
 
     Formula in the module docstring; ``None`` when ``module`` holds no HF model.
     """
-    model = _causal_lm(module)
+    model = _outermost_hf_model(module)
     if model is None:
         return None
     config = model.config.get_text_config()
