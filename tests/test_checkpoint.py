@@ -3,39 +3,27 @@
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from helpers import NO_PATCHES, RecordLosses, quiet_trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_fastft.module import CausalLMFineTune, SyntheticCausalLMDataModule
 from lightning_fastft.strategies import FastFTStrategy
 
-NO_PATCHES = dict(rms_norm=False, rope=False, mlp=False, cross_entropy=False, lora=False)
 STEPS_PER_EPOCH = 3
-
-
-class _RecordLosses(Callback):
-    def __init__(self):
-        self.losses = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append(outputs["loss"].item())
 
 
 def _fit(device, tmp_path, epochs, adapter_only=True, ckpt_path=None, name="run"):
     pl.seed_everything(7)  # the frozen base weights are drawn from this seed in every run
     module = CausalLMFineTune(lora_r=2, lora_alpha=4, learning_rate=1e-2)
     data = SyntheticCausalLMDataModule(batch_size=2, seq_len=12, num_samples=2 * STEPS_PER_EPOCH, seed=3)
-    losses = _RecordLosses()
+    losses = RecordLosses()
     checkpoint = ModelCheckpoint(dirpath=tmp_path / name, save_top_k=-1, every_n_epochs=1)
-    trainer = pl.Trainer(
-        accelerator="gpu" if device == "cuda" else "cpu",
-        devices=1,
+    trainer = quiet_trainer(
+        device,
         strategy=FastFTStrategy(adapter_only_checkpoint=adapter_only, **NO_PATCHES),
         max_epochs=epochs,
         callbacks=[losses, checkpoint],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
+        enable_checkpointing=True,
     )
     trainer.fit(module, data, ckpt_path=ckpt_path)
     return module, losses.losses, sorted((tmp_path / name).glob("*.ckpt"))

@@ -14,7 +14,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
+from helpers import RecordLosses, quiet_trainer
 from torch.utils.data import DataLoader
 
 from lightning_fastft.module import CausalLMFineTune, SyntheticCausalLMDataModule
@@ -41,41 +41,23 @@ ARCHITECTURES = {
 STEPS = 20
 
 
-class _RecordLosses(Callback):
-    def __init__(self):
-        self.losses = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append(outputs["loss"].item())
-
-
 def probe_batch():
     generator = torch.Generator().manual_seed(99)
     return torch.randint(1, VOCAB, (2, 7), generator=generator)
 
 
-def run_fit(config, lora_r, strategy, steps, batch_size=1, num_samples=None, sampler=None, **trainer_kwargs):
+def run_fit(config, lora_r, strategy, steps, device, devices=1, batch_size=1, num_samples=None, sampler=None):
     """Fit from seed 0; returns (loss per step, logits on ``probe_batch()``, trainable weights).
 
-    ``sampler`` (an index order) replaces the data module's sequential order.
+    Runs on ``devices`` x ``device``; ``sampler`` (an index order) replaces the data module's sequential order.
     """
     pl.seed_everything(0)
     module = CausalLMFineTune(model=config, lora_r=lora_r, lora_alpha=2 * max(lora_r, 1), learning_rate=5e-3)
     data = SyntheticCausalLMDataModule(
         vocab_size=VOCAB, seq_len=8, batch_size=batch_size, num_samples=num_samples or batch_size * steps, seed=1
     )
-    losses = _RecordLosses()
-    trainer = pl.Trainer(
-        strategy=strategy,
-        max_steps=steps,
-        callbacks=[losses],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        **trainer_kwargs,
-    )
+    losses = RecordLosses()
+    trainer = quiet_trainer(device, devices=devices, strategy=strategy, max_steps=steps, callbacks=[losses])
     if sampler is None:
         trainer.fit(module, data)
     else:
@@ -101,9 +83,8 @@ def _assert_same_run(fast, reference, rtol=1e-4, atol=1e-4):
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_fastft_matches_plain_training(device, arch):
     config, lora_r = ARCHITECTURES[arch]
-    accelerator = "gpu" if device == "cuda" else "cpu"
-    fast = run_fit(config, lora_r, "fastft", STEPS, accelerator=accelerator, devices=1)
-    reference = run_fit(config, lora_r, "auto", STEPS, accelerator=accelerator, devices=1)
+    fast = run_fit(config, lora_r, "fastft", STEPS, device)
+    reference = run_fit(config, lora_r, "auto", STEPS, device)
     _assert_same_run(fast, reference)
 
 
@@ -117,7 +98,7 @@ from test_convergence import ARCHITECTURES, run_fit
 
 config, lora_r = ARCHITECTURES["llama"]
 result = run_fit(
-    config, lora_r, "fastft_ddp", {steps}, batch_size=1, num_samples=2 * {steps}, accelerator="cpu", devices=2
+    config, lora_r, "fastft_ddp", {steps}, "cpu", devices=2, batch_size=1, num_samples=2 * {steps}
 )
 if int(os.environ.get("LOCAL_RANK", "0")) == 0:
     torch.save(result, {out!r})
@@ -143,7 +124,7 @@ def test_fastft_ddp_matches_single_process(tmp_path):
     config, lora_r = ARCHITECTURES["llama"]
     order = torch.randperm(2 * steps, generator=torch.Generator().manual_seed(0)).tolist()
     _, logits, weights = run_fit(
-        config, lora_r, "fastft", steps, batch_size=2, num_samples=2 * steps, sampler=order, accelerator="cpu", devices=1
+        config, lora_r, "fastft", steps, "cpu", batch_size=2, num_samples=2 * steps, sampler=order
     )
     torch.testing.assert_close(ddp_logits, logits, rtol=1e-4, atol=1e-4)
     for name, weight in weights.items():

@@ -1,6 +1,5 @@
 """The demo (shortened), its tokenizer asset, and the finetune example's command line."""
 
-import importlib.util
 import json
 import os
 import re
@@ -9,26 +8,20 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import load_script
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
 
-def _load(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_committed_tokenizer_is_what_the_script_builds():
-    make_tokenizer = _load(EXAMPLES / "assets" / "make_tokenizer.py")
+    make_tokenizer = load_script(EXAMPLES / "assets" / "make_tokenizer.py")
     built = json.loads(make_tokenizer.build_tokenizer().to_str())
     committed = json.loads((EXAMPLES / "assets" / "tokenizer.json").read_text())
     assert built == committed
 
 
 def test_samples_and_held_out_words():
-    demo = _load(EXAMPLES / "demo.py")
+    demo = load_script(EXAMPLES / "demo.py")
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(demo.TOKENIZER_PATH))
@@ -56,7 +49,7 @@ def test_shortened_demo_completes_and_reports_accuracy():
 
 
 def test_finetune_help_lists_the_options(capsys):
-    finetune = _load(EXAMPLES / "finetune.py")
+    finetune = load_script(EXAMPLES / "finetune.py")
     with pytest.raises(SystemExit) as exit_info:
         finetune.parse_args(["--help"])
     assert exit_info.value.code == 0

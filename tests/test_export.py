@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import gguf
+from helpers import eval_logits, relative_error
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
@@ -59,15 +60,6 @@ def randomize_lora_b(peft_model):
     return peft_model
 
 
-def logits(model, input_ids):
-    with torch.no_grad():
-        return model(input_ids).logits.float()
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
 def tiny_bpe_tokenizer(vocab_size=300):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -90,7 +82,7 @@ def tiny_bpe_tokenizer(vocab_size=300):
 def test_merge_and_save_lora_round_trip(tmp_path, dtype, tol):
     model = randomize_lora_b(attach_lora(tiny_llama(), lora_r=4, lora_alpha=8))
     input_ids = torch.randint(0, 301, (2, 11))
-    peft_logits = logits(model, input_ids)
+    peft_logits = eval_logits(model, input_ids)
     state_before = {k: v.clone() for k, v in model.state_dict().items()}
 
     merged = merge_and_save(model, tmp_path, dtype=dtype, tokenizer=tiny_bpe_tokenizer())
@@ -98,8 +90,8 @@ def test_merge_and_save_lora_round_trip(tmp_path, dtype, tol):
 
     assert loaded.dtype == dtype and type(loaded) is LlamaForCausalLM
     assert not any("lora" in k for k in loaded.state_dict())
-    torch.testing.assert_close(logits(loaded, input_ids), logits(merged, input_ids), rtol=0, atol=0)
-    assert rel_err(logits(loaded, input_ids), peft_logits) < tol
+    torch.testing.assert_close(eval_logits(loaded, input_ids), eval_logits(merged, input_ids), rtol=0, atol=0)
+    assert relative_error(eval_logits(loaded, input_ids), peft_logits) < tol
     assert (tmp_path / "tokenizer.json").exists()
     # The caller's training model is untouched: same tensors, adapters still unmerged.
     for key, value in model.state_dict().items():
@@ -114,7 +106,7 @@ def test_merge_and_save_qlora_is_dequantised_base_plus_lora(tmp_path, device):
     qweight_before = q_proj.base_layer.weight.data.clone()
     input_ids = torch.randint(0, 301, (2, 11), device=device)
     model.train()  # the 4-bit forward in train mode, so CPU does not repack the weights
-    peft_logits = logits(model, input_ids)
+    peft_logits = eval_logits(model, input_ids)
 
     merge_and_save(model, tmp_path, dtype=torch.float32)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).to(device)
@@ -124,7 +116,7 @@ def test_merge_and_save_qlora_is_dequantised_base_plus_lora(tmp_path, device):
     lora_delta = (q_proj.lora_B["default"].weight @ q_proj.lora_A["default"].weight) * q_proj.scaling["default"]
     expected = bnbf.dequantize_4bit(q_proj.base_layer.weight.data, q_proj.base_layer.weight.quant_state) + lora_delta
     torch.testing.assert_close(loaded.model.layers[0].self_attn.q_proj.weight, expected.detach(), rtol=1e-5, atol=1e-6)
-    assert rel_err(logits(loaded, input_ids), peft_logits) < 1e-4
+    assert relative_error(eval_logits(loaded, input_ids), peft_logits) < 1e-4
     torch.testing.assert_close(q_proj.base_layer.weight.data, qweight_before, rtol=0, atol=0)
 
 
@@ -136,7 +128,7 @@ def test_merge_after_cpu_inference_repacking_leaves_model_alone(tmp_path):
 
     dense_before = bnbf.dequantize_4bit(q_proj.weight.data, q_proj.weight.quant_state).float()
     model.eval()
-    logits(model, torch.randint(0, 301, (1, 5)))  # eval + no_grad: AVX512-BF16 CPUs repack in place
+    eval_logits(model, torch.randint(0, 301, (1, 5)))  # eval + no_grad: AVX512-BF16 CPUs repack in place
     if not getattr(q_proj.weight.quant_state, "packing_format_for_cpu", False):
         pytest.skip("this CPU has no AVX512-BF16 repacking")
     packed_before = q_proj.weight.data.clone()
@@ -144,7 +136,7 @@ def test_merge_after_cpu_inference_repacking_leaves_model_alone(tmp_path):
     merged = merge_and_save(model, tmp_path, dtype=torch.float32)
 
     merged_q = merged.model.layers[1].self_attn.q_proj.weight  # LoRA B is zero: merged == base
-    assert rel_err(merged_q, dense_before) < 1e-2  # bf16 absmax of the repacked layout
+    assert relative_error(merged_q, dense_before) < 1e-2  # bf16 absmax of the repacked layout
     assert q_proj.weight.quant_state.packing_format_for_cpu
     torch.testing.assert_close(q_proj.weight.data, packed_before, rtol=0, atol=0)
 

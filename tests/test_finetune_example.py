@@ -1,28 +1,21 @@
 """``examples/finetune.py`` end to end, offline: a tiny random Llama and tokenizer saved to disk, local data."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_script
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 PROMPTS = ["reverse: abc answer:", "reverse: hello answer:", "reverse: xkcdq answer:", "reverse: lightning answer:"]
 RESPONSES = ["cba", "olleh", "qdckx", "gninthgil"]
 
 
-def _load_finetune():
-    spec = importlib.util.spec_from_file_location("finetune", EXAMPLES / "finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def finetune():
-    return _load_finetune()
+    return load_script(EXAMPLES / "finetune.py")
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ import csv
 import warnings
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import NO_PATCHES, quiet_trainer
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from torch.utils.data import DataLoader
 
@@ -17,7 +17,6 @@ from lightning_fastft.data.packing import PackedCollator
 from lightning_fastft.module import TINY_LLAMA_CONFIG, CausalLMFineTune, SyntheticCausalLMDataModule, build_causal_lm
 from lightning_fastft.strategies import FastFTStrategy
 
-NO_PATCHES = dict(rms_norm=False, rope=False, mlp=False, cross_entropy=False, lora=False)
 PEAK = 1e12
 STEPS = 3
 
@@ -26,18 +25,13 @@ def _fit(device, logger, lora_r=0, checkpointing=None, data=None):
     module = CausalLMFineTune(lora_r=lora_r)
     if data is None:
         data = SyntheticCausalLMDataModule(batch_size=2, seq_len=10, num_samples=2 * STEPS, seed=5)
-    trainer = pl.Trainer(
-        accelerator="gpu" if device == "cuda" else "cpu",
-        devices=1,
+    trainer = quiet_trainer(
+        device,
         strategy=FastFTStrategy(checkpointing=checkpointing, **NO_PATCHES),
         max_steps=STEPS,
         logger=logger,
         log_every_n_steps=1,
         callbacks=[FastFTMetrics(peak_flops=PEAK, window=2)],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
     )
     trainer.fit(module, data)
     return module, data, trainer

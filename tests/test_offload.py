@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from helpers import quiet_trainer
 
 from lightning_fastft.patching.offload import (
     HostOffloader,
@@ -322,17 +323,8 @@ def test_lightning_fit_with_callback_and_accumulation(tmp_path, device):
     def fit(callbacks):
         pl.seed_everything(0)
         module = TinyLM(state)
-        trainer = pl.Trainer(
-            accelerator=device if device == "cpu" else "gpu",
-            devices=1,
-            max_epochs=1,
-            accumulate_grad_batches=2,
-            callbacks=callbacks,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=tmp_path,
+        trainer = quiet_trainer(
+            device, max_epochs=1, accumulate_grad_batches=2, callbacks=callbacks, default_root_dir=tmp_path
         )
         trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
         return module.model.state_dict()

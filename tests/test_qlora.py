@@ -6,6 +6,7 @@ import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
 import pytest
 import torch
+from helpers import eval_logits, relative_error
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -27,15 +28,6 @@ def tiny_llama(device, intermediate_size=192) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).to(device).eval()
 
 
-def logits(model, input_ids):
-    with torch.no_grad():
-        return model(input_ids).logits.float()
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
 def test_quantize_linear_layers_matches_dequantised_reference(device):
     model = tiny_llama(device)
     original = copy.deepcopy(model)
@@ -54,16 +46,16 @@ def test_quantize_linear_layers_matches_dequantised_reference(device):
         assert layer.weight.quant_state.nested  # double quantisation of the absmax
         dense = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
         source = original.get_submodule(name).weight
-        weight_errors.append(rel_err(dense, source))
+        weight_errors.append(relative_error(dense, source))
         reference.get_submodule(name).weight.data.copy_(dense)
 
     model.train()  # keeps bitsandbytes' CPU inference repacking out of this comparison
-    quantized_logits = logits(model, input_ids)
+    quantized_logits = eval_logits(model, input_ids)
     # the 4-bit model computes exactly what its dequantised weights give ...
-    assert rel_err(quantized_logits, logits(reference, input_ids)) < 1e-4
+    assert relative_error(quantized_logits, eval_logits(reference, input_ids)) < 1e-4
     # ... and those sit at NF4's error level: ~10% per weight for Gaussian weights
     assert all(0.03 < e < 0.15 for e in weight_errors), " ".join(f"{e:.3f}" for e in weight_errors)
-    assert 1e-3 < rel_err(quantized_logits, logits(original, input_ids)) < 0.3
+    assert 1e-3 < relative_error(quantized_logits, eval_logits(original, input_ids)) < 0.3
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only bitsandbytes limitation")
@@ -144,4 +136,4 @@ def test_load_qlora_from_local_directory(tmp_path, device):
     loaded.train()
     in_place.train()
     # transformers' quantiser and prepare_qlora quantise the same weights the same way
-    assert rel_err(logits(loaded, input_ids), logits(in_place, input_ids)) < 1e-4
+    assert relative_error(eval_logits(loaded, input_ids), eval_logits(in_place, input_ids)) < 1e-4

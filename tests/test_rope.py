@@ -2,6 +2,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import assert_norm_relative_close
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb as apply_partial_rotary_pos_emb
@@ -10,14 +11,7 @@ from lightning_fastft import _runtime
 from lightning_fastft.kernels import rope as rope_module
 from lightning_fastft.kernels.rope import rope_qk_, rope_qk_reference
 
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
 BATCH, SEQ, Q_HEADS, K_HEADS, HEAD_DIM = 3, 7, 4, 2, 16
-
-
-def assert_relative_close(actual, expected, dtype):
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype
-    error = (actual.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-12)
-    assert error < TOLERANCE[dtype], f"relative error {error:.2e}"
 
 
 def angle_table(positions: int, rotary_dim: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,10 +70,10 @@ def test_matches_hugging_face_llama(head_dim, dtype, device):
     q, k = (q_leaf * 1).transpose(1, 2), (k_leaf * 1).transpose(1, 2)
     q_out, k_out = rope_qk_(q, k, cos, sin)
     ((q_out.transpose(1, 2) * grad_q).sum() + (k_out.transpose(1, 2) * grad_k).sum()).backward()
-    assert_relative_close(q_out.transpose(1, 2), want_q.detach(), dtype)
-    assert_relative_close(k_out.transpose(1, 2), want_k.detach(), dtype)
-    assert_relative_close(q_leaf.grad, q_hf.grad, dtype)
-    assert_relative_close(k_leaf.grad, k_hf.grad, dtype)
+    assert_norm_relative_close(q_out.transpose(1, 2), want_q.detach(), dtype)
+    assert_norm_relative_close(k_out.transpose(1, 2), want_k.detach(), dtype)
+    assert_norm_relative_close(q_leaf.grad, q_hf.grad, dtype)
+    assert_norm_relative_close(k_leaf.grad, k_hf.grad, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -92,8 +86,8 @@ def test_partial_rotary_matches_hugging_face_phi3(dtype, device):
     want_q, want_k = apply_partial_rotary_pos_emb(q_hf, k_hf, cos, sin)
     q, k = q_hf.transpose(1, 2).clone(), k_hf.transpose(1, 2).clone()
     rope_qk_(q, k, cos, sin)
-    assert_relative_close(q.transpose(1, 2), want_q, dtype)
-    assert_relative_close(k.transpose(1, 2), want_k, dtype)
+    assert_norm_relative_close(q.transpose(1, 2), want_q, dtype)
+    assert_norm_relative_close(k.transpose(1, 2), want_k, dtype)
     assert torch.equal(q[..., rotary_dim:], q_hf.transpose(1, 2)[..., rotary_dim:])
 
 
@@ -120,7 +114,7 @@ def test_forward_backward_match_reference(rotary_dim, angles, dtype, device):
         leaves, views, lambda q, k: rope_qk_reference(q, k, cos, sin, position_ids), grad_q, grad_k
     )
     for actual, expected in zip(got, want):
-        assert_relative_close(actual, expected, dtype)
+        assert_norm_relative_close(actual, expected, dtype)
 
 
 def test_rotates_in_place_and_bumps_version(device):
@@ -133,8 +127,8 @@ def test_rotates_in_place_and_bumps_version(device):
     assert q_out is q and k_out is k
     assert (q.data_ptr(), k.data_ptr()) == pointers
     assert q._version > versions[0] and k._version > versions[1]
-    assert_relative_close(q, want_q, torch.float32)
-    assert_relative_close(k, want_k, torch.float32)
+    assert_norm_relative_close(q, want_q, torch.float32)
+    assert_norm_relative_close(k, want_k, torch.float32)
 
 
 def _backward_node_names(tensor: torch.Tensor) -> set[str]:
@@ -165,15 +159,15 @@ def test_returned_views_avoid_as_strided_backward(layout, device):
     q_out, k_out = rope_qk_(q, k, table_cos, table_sin)
     names = _backward_node_names(q_out) | _backward_node_names(k_out)
     assert not any("AsStrided" in name for name in names), names
-    assert_relative_close(q_out.detach(), want_q, torch.float32)
-    assert_relative_close(k_out.detach(), want_k, torch.float32)
+    assert_norm_relative_close(q_out.detach(), want_q, torch.float32)
+    assert_norm_relative_close(k_out.detach(), want_k, torch.float32)
     grad_q, grad_k = torch.randn_like(q_out), torch.randn_like(k_out)
     ((q_out * grad_q).sum() + (k_out * grad_k).sum()).backward()
     want_grad_q, want_grad_k = rope_qk_reference(grad_q, grad_k, table_cos, -table_sin)  # inverse rotation
-    assert_relative_close(q_leaf.grad.view_as(want_grad_q), want_grad_q, torch.float32)
+    assert_norm_relative_close(q_leaf.grad.view_as(want_grad_q), want_grad_q, torch.float32)
     if layout == "heads_first_transpose":
         want_grad_k = want_grad_k.transpose(1, 2)
-    assert_relative_close(k_leaf.grad.view_as(want_grad_k), want_grad_k, torch.float32)
+    assert_norm_relative_close(k_leaf.grad.view_as(want_grad_k), want_grad_k, torch.float32)
 
 
 def test_fused_qkv_views_share_one_root(device):
@@ -194,7 +188,7 @@ def test_fused_qkv_views_share_one_root(device):
     got = run(lambda q, k: rope_qk_(q, k, table_cos, table_sin))
     want = run(lambda q, k: rope_qk_reference(q, k, table_cos, table_sin))
     for actual, expected in zip(got, want):
-        assert_relative_close(actual, expected, torch.float32)
+        assert_norm_relative_close(actual, expected, torch.float32)
 
 
 @pytest.mark.parametrize("loss", ["same_grad_tensor", "expanded_grad"])
@@ -213,7 +207,7 @@ def test_backward_with_aliased_or_expanded_grads(loss, device):
     got = run(lambda q, k: rope_qk_(q, k, table_cos, table_sin))
     want = run(lambda q, k: rope_qk_reference(q, k, table_cos, table_sin))
     for actual, expected in zip(got, want):
-        assert_relative_close(actual, expected, torch.float32)
+        assert_norm_relative_close(actual, expected, torch.float32)
 
 
 def test_long_indexing_path(device, monkeypatch):
@@ -229,7 +223,7 @@ def test_long_indexing_path(device, monkeypatch):
         leaves, views, lambda q, k: rope_qk_reference(q, k, table_cos, table_sin, position_ids), grad_q, grad_k
     )
     for actual, expected in zip(got, want):
-        assert_relative_close(actual, expected, torch.float32)
+        assert_norm_relative_close(actual, expected, torch.float32)
 
 
 def test_rejects_layouts_it_cannot_rotate_in_place(device):
@@ -271,4 +265,4 @@ def test_fallback_matches_and_warns_once(device, monkeypatch):
         grads_through(leaves, views, rotate, grad_q, grad_k)
     assert [str(w.message).count("rope_qk_") for w in caught] == [1]
     for actual, expected in zip(fallback, kernel):
-        assert_relative_close(actual, expected, torch.float32)
+        assert_norm_relative_close(actual, expected, torch.float32)

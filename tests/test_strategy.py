@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import NO_PATCHES, quiet_trainer
 from lightning.pytorch.strategies import StrategyRegistry
 from torch.utils.data import DataLoader, Dataset
 
@@ -16,24 +17,6 @@ from lightning_fastft.module import TINY_LLAMA_CONFIG, CausalLMFineTune
 from lightning_fastft.optim import convert_optimizers, to_8bit_adamw
 from lightning_fastft.strategies import FastFTDDPStrategy, FastFTFSDPStrategy, FastFTStrategy
 from lightning_fastft.strategies.token_exact import count_target_tokens
-
-NO_PATCHES = dict(rms_norm=False, rope=False, mlp=False, cross_entropy=False, lora=False)
-
-
-def _trainer(device, **kwargs):
-    defaults = dict(
-        accelerator="gpu" if device == "cuda" else "cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        max_steps=1,
-    )
-    defaults.update(kwargs)
-    return pl.Trainer(**defaults)
-
 
 class _Batches(Dataset):
     """A dataset whose items are ready-made batches (use with ``batch_size=None``)."""
@@ -124,7 +107,7 @@ def test_patches_applied_before_optimizers(device, monkeypatch):
     monkeypatch.setattr(patching, "patch_model", recording_patch_model)
     monkeypatch.setattr(offload, "apply_activation_checkpointing", recording_checkpointing)
     module = CausalLMFineTune()
-    trainer = _trainer(device, strategy=FastFTStrategy(rope=False, checkpointing="recompute"))
+    trainer = quiet_trainer(device, max_steps=1, strategy=FastFTStrategy(rope=False, checkpointing="recompute"))
     trainer.fit(module, _loader([_random_batch(2, 7, [0, 2])]))
 
     assert seen["optimizers_at_patch_time"] == [] and seen["optimizers_at_checkpointing_time"] == []
@@ -139,7 +122,7 @@ def test_patches_applied_before_optimizers(device, monkeypatch):
 def test_fastft_callback_patches_model_built_in_configure_model(device):
     module = CausalLMFineTune()
     callback = FastFT(mlp=False)
-    trainer = _trainer(device, callbacks=[callback])
+    trainer = quiet_trainer(device, max_steps=1, callbacks=[callback])
     trainer.fit(module, _loader([_random_batch(2, 6, [1, 0])]))
     report = callback.patch_report.models[0]
     assert report.patched["rms_norm"] > 0 and report.patched["mlp"] == 0
@@ -160,8 +143,12 @@ def test_token_exact_accumulation_matches_one_big_batch(device, gradient_clip_va
         torch.manual_seed(1234)  # same initial weights in every run
         module = _SGDFineTune(learning_rate=1.0)
         strategy = FastFTStrategy(token_exact=token_exact, **NO_PATCHES)
-        trainer = _trainer(
-            device, strategy=strategy, accumulate_grad_batches=accumulate, gradient_clip_val=gradient_clip_val
+        trainer = quiet_trainer(
+            device,
+            max_steps=1,
+            strategy=strategy,
+            accumulate_grad_batches=accumulate,
+            gradient_clip_val=gradient_clip_val,
         )
         trainer.fit(module, _loader(batches))
         return module, trainer
@@ -196,7 +183,7 @@ def test_adamw_8bit_replaces_adamw_keeping_groups_and_scheduler(device):
 
     module = CausalLMFineTune(learning_rate=3e-3, weight_decay=0.1, betas=(0.8, 0.95), warmup_steps=4)
     strategy = FastFTStrategy(optimizer="adamw_8bit", **NO_PATCHES)
-    trainer = _trainer(device, strategy=strategy, max_steps=2)
+    trainer = quiet_trainer(device, strategy=strategy, max_steps=2)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*optimizer.step.*")  # schedulers see the new optimizer
         trainer.fit(module, _loader([_random_batch(2, 8, [0, 3]), _random_batch(2, 8, [1, 0])]))
@@ -234,10 +221,7 @@ def test_to_8bit_adamw_with_injected_class():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP needs CUDA")
 def test_fsdp_strategy_lora_fit_and_adapter_checkpoint(tmp_path):
     module = CausalLMFineTune(lora_r=4)
-    trainer = pl.Trainer(
-        strategy="fastft_fsdp", accelerator="gpu", devices=1, max_steps=2, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
-    )
+    trainer = quiet_trainer("cuda", strategy="fastft_fsdp", max_steps=2)
     trainer.fit(module, _loader([_random_batch(2, 8, [0, 3]), _random_batch(2, 8, [1, 0])]))
     path = tmp_path / "fsdp.ckpt"
     trainer.save_checkpoint(path)

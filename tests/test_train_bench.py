@@ -8,11 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import load_script
 
 BENCH_PATH = Path(__file__).parents[1] / "benchmarks" / "train_bench.py"
-_spec = importlib.util.spec_from_file_location("train_bench", BENCH_PATH)
-train_bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train_bench)
+train_bench = load_script(BENCH_PATH)
 
 TINY = {"shape": "tiny", "seq_len": 24, "warmup_steps": 1, "timed_steps": 1}
 
@@ -67,9 +66,7 @@ def test_ratios_tables_and_plot(tmp_path):
     assert "1.500 1.250" in markdown and "| oom |" in markdown
 
     pytest.importorskip("matplotlib")
-    plot_spec = importlib.util.spec_from_file_location("plot", BENCH_PATH.with_name("plot.py"))
-    plot = importlib.util.module_from_spec(plot_spec)
-    plot_spec.loader.exec_module(plot)
+    plot = load_script(BENCH_PATH.with_name("plot.py"))
     png = plot.plot_results(rows, tmp_path / "chart.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
