@@ -183,6 +183,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
     trainer.fit(module, loader)
     final_loss = float(trainer.callback_metrics["train_loss"])
 
+    module.model.to(device)  # Lightning moves the module back to the CPU when fit ends
     accuracy_after = exact_match_accuracy(module.model, tokenizer, eval_words, device)
     print(f"exact-match accuracy on {len(eval_words)} held-out words after fine-tuning:  {accuracy_after:.1%}")
     show_examples(module.model, tokenizer, eval_words[:5], device)

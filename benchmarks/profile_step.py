@@ -1,0 +1,155 @@
+"""Where a LoRA training step's time goes: wall time vs GPU kernel time, and the top kernels.
+
+    . benchmarks/gpu_env.sh
+    python benchmarks/profile_step.py --shape llama8b --seq-len 2048 --out benchmarks/results/profile_llama8b.json
+
+One model (random bf16 weights, LoRA r16 on all linears, bs 1) runs forward + backward + AdamW
+steps under each mode in turn: ``hf`` (HF gradient checkpointing, HF modules) first, then the
+model is patched in place and runs ``recompute``, ``offload`` and ``none`` (fastft
+checkpointing modes). Per mode: the median step time over ``--steps`` steps, then a
+``torch.profiler`` trace of two steps giving the summed GPU kernel time (``gpu_busy`` = kernel
+time / wall time; well below 1 means the step waits on the host) and the kernels with the most
+GPU time. ``--host`` adds a cProfile of one step (Python functions by own time) and every
+host-device synchronisation of one step, by the line that caused it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import collections
+import io
+import json
+import pstats
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).parent))
+from offload import set_mode  # noqa: E402
+from train_bench import build_lora_model, model_config  # noqa: E402
+
+from lightning_fastft.patching import patch_model  # noqa: E402
+
+MODES = ("hf", "recompute", "offload", "none")
+
+
+def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, input_ids: torch.Tensor):
+    def step() -> float:
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def timed_steps(step, steps: int) -> list[float]:
+    seconds = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def kernel_profile(step, top: int) -> dict:
+    """GPU kernel time of two steps (summed per kernel name) against their wall time."""
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        step()
+        step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) / 2
+    kernels: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels.setdefault(event.name, []).append(event.device_time / 2e6)  # us over 2 steps -> s per step
+    totals = sorted(((sum(t), len(t) // 2, name) for name, t in kernels.items()), reverse=True)
+    gpu_s = sum(t for t, _, _ in totals)
+    return {
+        "wall_s": wall,
+        "gpu_kernel_s": gpu_s,
+        "gpu_busy": gpu_s / wall,
+        "top_kernels": [{"name": name[:120], "s": t, "calls": calls} for t, calls, name in totals[:top]],
+    }
+
+
+def host_profile(step, top: int) -> dict:
+    """One step under cProfile (functions by own time) and under CUDA sync-debug mode (every
+    host<->device synchronisation, counted by the Python line that caused it)."""
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    profiler.runcall(step)
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    torch.cuda.set_sync_debug_mode("warn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step()
+        torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode(0)
+    syncs = collections.Counter(f"{w.filename}:{w.lineno}: {str(w.message)[:80]}" for w in caught
+                                if "synchroniz" in str(w.message))  # fmt: skip
+    return {"cprofile": text.getvalue().splitlines()[:top + 12], "syncs": syncs.most_common(top)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="llama8b")
+    parser.add_argument("--layers", type=int)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--quant", choices=("nf4",))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--host", action="store_true", help="also cProfile one step and list its host syncs")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    model = build_lora_model(model_config(args.shape, args.layers), "cuda", args.quant)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    input_ids = torch.randint(0, model.config.vocab_size, (1, args.seq_len), device="cuda")
+    results = {"command": "python " + " ".join(sys.argv), "gpu": torch.cuda.get_device_name(),
+               "torch": torch.__version__, "modes": {}}  # fmt: skip
+    patched = False
+    for mode in args.modes:
+        if mode != "hf" and not patched:
+            results["patch_report"] = str(patch_model(model))
+            patched = True
+        set_mode(model, mode)
+        step = make_step(model, optimizer, input_ids)
+        timed_steps(step, 2)  # warm-up (Triton autotune / compile)
+        seconds = timed_steps(step, args.steps)
+        torch.cuda.reset_peak_memory_stats()
+        row = {"step_s": statistics.median(seconds), "tokens_per_sec": args.seq_len / statistics.median(seconds)}
+        row.update(kernel_profile(step, args.top))
+        row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if args.host:
+            row.update(host_profile(step, args.top))
+        results["modes"][mode] = row
+        print(f"== {mode}: step {row['step_s']:.4f} s, {row['tokens_per_sec']:.0f} tok/s, GPU kernels "
+              f"{row['gpu_kernel_s']:.4f} s/step, busy {row['gpu_busy']:.2f}, peak {row['peak_gib']:.1f} GiB", flush=True)  # fmt: skip
+        for kernel in row["top_kernels"]:
+            print(f"   {kernel['s'] * 1e3:8.2f} ms  x{kernel['calls']:<4d} {kernel['name']}")
+        for line in row.get("cprofile", []):
+            print("   " + line)
+        for where, count in row.get("syncs", []):
+            print(f"   sync x{count}: {where}")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
