@@ -104,6 +104,35 @@ def host_profile(step, top: int) -> dict:
     return {"cprofile": text.getvalue().splitlines()[:top + 12], "syncs": syncs.most_common(top)}
 
 
+def launch_costs(calls: int = 2000) -> dict:
+    """Host microseconds per call of a few tiny ops (the GPU work is negligible): the floor
+    under every op a training step launches."""
+    import torch.nn.functional as F
+
+    from lightning_fastft.kernels.rms_norm import rms_norm
+
+    x = torch.randn(8, 64, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16)
+    norm_weight = torch.ones(64, device="cuda", dtype=torch.bfloat16)
+    ops = {
+        "torch.add": lambda: x + x,
+        "x.to(same dtype)": lambda: x.to(torch.bfloat16),
+        "F.linear": lambda: F.linear(x, w),
+        "rms_norm (Triton, no grad)": lambda: rms_norm(x, norm_weight, 1e-6),
+    }
+    costs = {}
+    for name, op in ops.items():
+        for _ in range(50):
+            op()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            op()
+        costs[name] = (time.perf_counter() - start) / calls * 1e6
+        torch.cuda.synchronize()
+    return costs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="llama8b")
@@ -119,10 +148,14 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = build_lora_model(model_config(args.shape, args.layers), "cuda", args.quant)
+    model.to(torch.bfloat16)  # as Lightning's bf16-true precision does (PEFT keeps LoRA weights fp32)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     input_ids = torch.randint(0, model.config.vocab_size, (1, args.seq_len), device="cuda")
     results = {"command": "python " + " ".join(sys.argv), "gpu": torch.cuda.get_device_name(),
                "torch": torch.__version__, "modes": {}}  # fmt: skip
+    if args.host:
+        results["launch_us"] = launch_costs()
+        print("host us per call:", {k: round(v, 1) for k, v in results["launch_us"].items()}, flush=True)
     patched = False
     for mode in args.modes:
         if mode != "hf" and not patched:

@@ -8,6 +8,7 @@ state never leak between variants; the parent loops over them and writes the res
     python benchmarks/train_bench.py --part B        # llama8b QLoRA (nf4), seq 2048
     python benchmarks/train_bench.py --part C        # llama8b bf16 LoRA, long context (seq 8192)
     python benchmarks/train_bench.py --part D        # qwen7b and llama1b bf16 LoRA, seq 2048
+    python benchmarks/train_bench.py --part E        # llama8b QLoRA, long context (seq 16384)
     python benchmarks/train_bench.py --max-context --shape llama8b --quant nf4 --variants hf fastft_offload
     python benchmarks/train_bench.py --shape tiny --device cpu --layers 2 --seq-len 64   # CPU smoke run
 
@@ -78,11 +79,12 @@ SHAPES: dict[str, dict[str, Any]] = {
 PARTS: dict[str, list[dict[str, Any]]] = {
     "A": [{"shape": "llama8b", "seq_len": 2048, "quant": None, "variants": VARIANTS}],
     "B": [{"shape": "llama8b", "seq_len": 2048, "quant": "nf4", "variants": VARIANTS}],
-    "C": [{"shape": "llama8b", "seq_len": 8192, "quant": None, "variants": ("hf", "liger", "fastft", "fastft_offload")}],
+    "C": [{"shape": "llama8b", "seq_len": 8192, "quant": None, "variants": VARIANTS}],
     "D": [
         {"shape": "qwen7b", "seq_len": 2048, "quant": None, "variants": ("hf", "liger", "fastft")},
         {"shape": "llama1b", "seq_len": 2048, "quant": None, "variants": ("hf", "liger", "fastft")},
     ],
+    "E": [{"shape": "llama8b", "seq_len": 16384, "quant": "nf4", "variants": ("hf", "liger", "fastft", "fastft_offload")}],
 }
 
 TABLE_COLUMNS = (

@@ -1,5 +1,8 @@
 """Fused LoRA MLP / QKV / O against PEFT's own modules: outputs, input and LoRA-weight grads."""
 
+import copy
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +15,9 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from lightning_fastft.kernels import lora as lora_kernels  # noqa: E402
 from lightning_fastft.kernels.lora import LoRAWeights, lora_linear, lora_mlp  # noqa: E402
-from lightning_fastft.patching.lora import lora_weights, make_fused_mlp, make_fused_o, make_fused_qkv  # noqa: E402
+from lightning_fastft.patching import lora as lora_patching  # noqa: E402
+from lightning_fastft.patching.lora import GLU_MLP, O_PROJ, QKV, lora_weights, projection_plans  # noqa: E402
+from lightning_fastft.patching.model import patch_model  # noqa: E402
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
 HIDDEN, INTERMEDIATE = 72, 177  # 6 heads of 12, 2 KV heads: k/v out 24; odd intermediate
@@ -29,6 +34,21 @@ def _tiny_llama(device, dtype=torch.float32, target_modules="all-linear", **lora
     lora_config.update(lora_kwargs)
     model = get_peft_model(model, LoraConfig(**lora_config)).to(device=device, dtype=dtype)
     return model, model.base_model.model.model.layers[1]
+
+
+def make_fused_qkv(attn):
+    plans = projection_plans(attn, QKV)
+    return None if plans is None else functools.partial(lora_patching.fused_qkv, plans)
+
+
+def make_fused_o(attn):
+    plans = projection_plans(attn, O_PROJ)
+    return None if plans is None else functools.partial(lora_patching.fused_o, plans)
+
+
+def make_fused_mlp(mlp, activation):
+    plans = projection_plans(mlp, GLU_MLP)
+    return None if plans is None else functools.partial(lora_patching.fused_mlp, plans, activation=activation)
 
 
 def _rel_error(actual, expected):
@@ -233,14 +253,13 @@ def test_two_active_adapters_merged_and_trainable_base_give_none(device):
 
     layer.self_attn.o_proj.base_layer.weight.requires_grad_(True)
     assert make_fused_o(layer.self_attn) is None
-    assert make_fused_mlp(layer.mlp, "relu") is None  # not a GLU activation the kernels know
     assert lora_weights(nn.Conv1d(3, 3, 1)) is None
 
 
-def test_callables_read_weights_at_call_time(device):
+def test_plans_read_tensors_at_call_time(device):
     model, layer = _tiny_llama(device)
-    attn, mlp = layer.self_attn, layer.mlp
-    fused_o, fused_mlp = make_fused_o(attn), make_fused_mlp(mlp, "silu")
+    attn = layer.self_attn
+    fused_o = make_fused_o(attn)
     x = torch.randn(2, 5, HIDDEN, device=device)
     with torch.no_grad():
         before = fused_o(x)
@@ -248,8 +267,41 @@ def test_callables_read_weights_at_call_time(device):
         attn.o_proj.lora_B["default"].weight.add_(0.5)
         assert _rel_error(fused_o(x), before) > 1e-2
         assert _rel_error(fused_o(x), attn.o_proj(x)) < 1e-5
+
+
+def test_patched_modules_follow_adapter_changes(device):
+    """Outside a forward pass of the stack a patched MLP decides at each call, like PEFT."""
+    model, layer = _tiny_llama(device)
+    patch_model(model)
+    mlp = layer.mlp
+    x = torch.randn(2, 5, HIDDEN, device=device)
+    hf_forward = lambda: type(mlp).forward(mlp, x)  # noqa: E731 - the class forward runs PEFT's modules
+    with torch.no_grad():
+        assert _rel_error(mlp(x), hf_forward()) < 1e-5
         with model.disable_adapter():  # base projections only, like PEFT
             assert lora_weights(mlp.up_proj).lora_A is None
-            assert _rel_error(fused_mlp(x), mlp(x)) < 1e-5
-        mlp.up_proj.merge()  # no longer fusable: falls back to the modules' own forwards
-        assert _rel_error(fused_mlp(x), mlp(x)) < 1e-5
+            assert _rel_error(mlp(x), hf_forward()) < 1e-5
+        mlp.up_proj.merge()  # no longer fusable: PEFT's own forwards
+        assert _rel_error(mlp(x), hf_forward()) < 1e-5
+
+
+def test_fusability_decided_once_per_forward_pass(monkeypatch, device):
+    """One decision per (module, projection group) per pass, reused by the checkpoint
+    recomputation in backward; a change between passes (disabling adapters) is honoured."""
+    from lightning_fastft.patching import model as patching_model
+    from lightning_fastft.patching.offload import apply_activation_checkpointing
+
+    model, _ = _tiny_llama(device)
+    reference = copy.deepcopy(model)
+    patch_model(model)
+    apply_activation_checkpointing(model, "recompute")
+    decisions = []
+    real = patching_model.projection_plans
+    monkeypatch.setattr(patching_model, "projection_plans", lambda *a: decisions.append(a) or real(*a))
+    ids = torch.randint(0, 61, (2, 9), device=device)
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert len(decisions) == 2 * 3  # 2 layers x (qkv, o, mlp), none in the recomputation
+    with torch.no_grad(), model.disable_adapter(), reference.disable_adapter():
+        patched_logits = model(input_ids=ids).logits
+        assert _rel_error(patched_logits, reference(input_ids=ids).logits) < 1e-5
+    assert len(decisions) == 4 * 3

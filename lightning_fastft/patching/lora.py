@@ -1,7 +1,10 @@
-"""PEFT glue: read a LoRA projection's weights and build fused MLP / QKV / O callables.
+"""PEFT glue: decide which projections the fused LoRA ops can run, and run them.
 
-Works on module instances only (nothing is patched here): :func:`lora_weights` reads one
-projection, the ``make_fused_*`` factories return callables for the patched forwards to call.
+Works on module instances only (nothing is patched here). :func:`projection_plan` decides
+whether one projection is fusable (walking its PEFT state: the slow part) and returns a
+:class:`ProjectionPlan` that reads its current tensors cheaply; :func:`projection_plans` does it
+for a group (:data:`QKV`, :data:`O_PROJ`, :data:`GLU_MLP`), and ``fused_qkv`` / ``fused_o`` /
+``fused_mlp`` run the fused ops from plans. The patched forwards decide once per forward pass.
 
 A projection is fusable when it is
 
@@ -20,17 +23,21 @@ Anything else gives ``None``: leave PEFT's own forward.
 
 from __future__ import annotations
 
-from typing import Callable
+import functools
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..kernels.glu import ACTIVATIONS, glu
 from ..kernels.lora import LoRAWeights, lora_linear, lora_mlp, lora_qkv
 
 _NO_LORA = (None, None, 0.0)
+QKV = ("q_proj", "k_proj", "v_proj")
+O_PROJ = ("o_proj",)
+GLU_MLP = ("gate_proj", "up_proj", "down_proj")
 
 
+@functools.cache
 def _linear4bit_class():
     try:
         import bitsandbytes as bnb
@@ -39,128 +46,115 @@ def _linear4bit_class():
     return bnb.nn.Linear4bit
 
 
+@functools.cache
+def _lora_layer_class():
+    from peft.tuners.lora.layer import LoraLayer
+
+    return LoraLayer
+
+
 def _has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
 
 
-def _frozen_base(layer: nn.Module) -> tuple | None:
-    """``(base, quant_state, bias)`` of a frozen nn.Linear / Linear4bit, else None."""
+def _is_frozen_base(layer: nn.Module) -> bool:
+    """A frozen, hook-free nn.Linear or (quantised) bitsandbytes Linear4bit."""
     if _has_hooks(layer):
-        return None
+        return False
     linear4bit = _linear4bit_class()
     if linear4bit is not None and isinstance(layer, linear4bit):
-        quant_state = getattr(layer.weight, "quant_state", None)
-        if quant_state is None:  # not quantised yet (still on the CPU before .to(device))
-            return None
-    elif type(layer) is nn.Linear:
-        quant_state = None
-    else:
-        return None
-    if layer.weight.requires_grad or (layer.bias is not None and layer.bias.requires_grad):
-        return None
-    return layer.weight, quant_state, layer.bias
+        if getattr(layer.weight, "quant_state", None) is None:  # not quantised yet (still on the CPU)
+            return False
+    elif type(layer) is not nn.Linear:
+        return False
+    return not (layer.weight.requires_grad or (layer.bias is not None and layer.bias.requires_grad))
 
 
-def _plain_lora_adapter(module: nn.Module, name: str) -> tuple | None:
-    """``(lora_A, lora_B, scaling)`` of adapter ``name`` when it is plain LoRA, else None."""
+def _is_plain_lora_adapter(module: nn.Module, name: str) -> bool:
+    """Whether adapter ``name`` of a PEFT LoRA layer is plain LoRA without dropout or bias."""
     if name in getattr(module, "lora_variant", {}) or module.use_dora.get(name, False):
-        return None
+        return False
     if getattr(module, "lora_bias", {}).get(name, False):
-        return None
+        return False
     dropout = module.lora_dropout[name]
     if not (isinstance(dropout, nn.Identity) or (type(dropout) is nn.Dropout and dropout.p == 0)):
+        return False
+    layers = (module.lora_A[name], module.lora_B[name])
+    return all(type(layer) is nn.Linear and layer.bias is None and not _has_hooks(layer) for layer in layers)
+
+
+@dataclass(frozen=True)
+class ProjectionPlan:
+    """Where one fusable projection's weights live: its frozen base layer and, when a plain LoRA
+    adapter is active on it, the PEFT layer and the adapter's name. Deciding fusability walks the
+    modules; :meth:`weights` only reads the current tensors (cheap, and always fresh)."""
+
+    base_layer: nn.Module
+    lora_layer: nn.Module | None = None
+    adapter: str | None = None
+
+    def weights(self) -> LoRAWeights:
+        base = self.base_layer
+        weight = base.weight
+        quant_state = getattr(weight, "quant_state", None)
+        if self.adapter is None:
+            return LoRAWeights(weight, quant_state, base.bias, *_NO_LORA)
+        lora, name = self.lora_layer, self.adapter
+        return LoRAWeights(
+            weight, quant_state, base.bias, lora.lora_A[name].weight, lora.lora_B[name].weight, float(lora.scaling[name])
+        )
+
+
+def projection_plan(module: nn.Module) -> ProjectionPlan | None:
+    """The :class:`ProjectionPlan` of a projection, or ``None`` when it is not fusable (see the
+    module docstring)."""
+    if not isinstance(module, _lora_layer_class()):
+        return ProjectionPlan(module) if _is_frozen_base(module) else None
+    if _has_hooks(module) or getattr(module, "fan_in_fan_out", False) or module.merged:
         return None
-    lora_A, lora_B = module.lora_A[name], module.lora_B[name]
-    for layer in (lora_A, lora_B):
-        if type(layer) is not nn.Linear or layer.bias is not None or _has_hooks(layer):
-            return None
-    return lora_A.weight, lora_B.weight, float(module.scaling[name])
-
-
-def lora_weights(module: nn.Module) -> LoRAWeights | None:
-    """The projection's :class:`LoRAWeights`, read now (current parameters and scaling), or
-    ``None`` when it is not fusable (see the module docstring)."""
-    from peft.tuners.lora.layer import LoraLayer
-
-    if not isinstance(module, LoraLayer):
-        base = _frozen_base(module)
-        return None if base is None else LoRAWeights(*base, *_NO_LORA)
-    if _has_hooks(module) or getattr(module, "fan_in_fan_out", False):
-        return None
-    base = _frozen_base(module.get_base_layer())
-    if base is None or module.merged:
+    base = module.get_base_layer()
+    if not _is_frozen_base(base):
         return None
     if module.disable_adapters:
-        return LoRAWeights(*base, *_NO_LORA)
+        return ProjectionPlan(base)
     active = [name for name in module.active_adapters if name in module.lora_A]
     if len(active) > 1:
         return None
     if not active:
-        return LoRAWeights(*base, *_NO_LORA)
-    adapter = _plain_lora_adapter(module, active[0])
-    return None if adapter is None else LoRAWeights(*base, *adapter)
+        return ProjectionPlan(base)
+    return ProjectionPlan(base, module, active[0]) if _is_plain_lora_adapter(module, active[0]) else None
 
 
-def _all_weights(modules: list[nn.Module]) -> list[LoRAWeights] | None:
-    weights = [lora_weights(m) for m in modules]
-    return None if any(w is None for w in weights) else weights
+def lora_weights(module: nn.Module) -> LoRAWeights | None:
+    """The projection's :class:`LoRAWeights`, read now (current parameters and scaling), or
+    ``None`` when it is not fusable."""
+    plan = projection_plan(module)
+    return None if plan is None else plan.weights()
 
 
-def _projections(parent: nn.Module, names: tuple[str, ...]) -> list[nn.Module] | None:
-    modules = [getattr(parent, name, None) for name in names]
-    if any(not isinstance(m, nn.Module) for m in modules) or _all_weights(modules) is None:
-        return None
-    return modules
+def projection_plans(parent: nn.Module, names: tuple[str, ...]) -> tuple[ProjectionPlan, ...] | None:
+    """Plans of ``parent``'s projections ``names`` (e.g. :data:`QKV`), or None unless all are fusable."""
+    plans = []
+    for name in names:
+        module = getattr(parent, name, None)
+        plan = projection_plan(module) if isinstance(module, nn.Module) else None
+        if plan is None:
+            return None
+        plans.append(plan)
+    return tuple(plans)
 
 
-def make_fused_mlp(mlp_module: nn.Module, activation: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """``x -> down_proj(act(gate_proj(x)) * up_proj(x))`` as one fused LoRA op, for HF GLU MLPs
-    (``activation``: one of the GLU kernel's ``ACTIVATIONS``), or None when not fusable. The
-    callable reads the weights at each call and falls back to the modules' own forwards if they
-    stopped being fusable (e.g. adapters merged meanwhile)."""
-    if activation not in ACTIVATIONS:
-        return None
-    modules = _projections(mlp_module, ("gate_proj", "up_proj", "down_proj"))
-    if modules is None:
-        return None
-    gate_proj, up_proj, down_proj = modules
-
-    def fused_mlp(x: torch.Tensor) -> torch.Tensor:
-        weights = _all_weights(modules)
-        if weights is None:
-            return down_proj(glu(gate_proj(x), up_proj(x), activation))
-        return lora_mlp(x, *weights, activation)
-
-    return fused_mlp
+def fused_qkv(plans: tuple[ProjectionPlan, ...], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q_proj(x), k_proj(x), v_proj(x))``, each shaped ``(*x.shape[:-1], out)``, as one fused LoRA op."""
+    return lora_qkv(x, *(plan.weights() for plan in plans))
 
 
-def make_fused_qkv(attn_module: nn.Module) -> Callable[[torch.Tensor], tuple] | None:
-    """``x -> (q_proj(x), k_proj(x), v_proj(x))`` (each shaped ``(*x.shape[:-1], out)``) as one
-    fused LoRA op, or None when not fusable; weights read at each call, as in make_fused_mlp."""
-    modules = _projections(attn_module, ("q_proj", "k_proj", "v_proj"))
-    if modules is None:
-        return None
-
-    def fused_qkv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        weights = _all_weights(modules)
-        if weights is None:
-            return tuple(m(x) for m in modules)
-        return lora_qkv(x, *weights)
-
-    return fused_qkv
+def fused_o(plans: tuple[ProjectionPlan, ...], x: torch.Tensor) -> torch.Tensor:
+    """``o_proj(x)`` as one fused LoRA op."""
+    return lora_linear(x, plans[0].weights())
 
 
-def make_fused_o(attn_module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """``x -> o_proj(x)`` as a fused LoRA op, or None when not fusable; weights read at each call."""
-    modules = _projections(attn_module, ("o_proj",))
-    if modules is None:
-        return None
-    (o_proj,) = modules
-
-    def fused_o(x: torch.Tensor) -> torch.Tensor:
-        weights = _all_weights(modules)
-        if weights is None:
-            return o_proj(x)
-        return lora_linear(x, weights[0])
-
-    return fused_o
+def fused_mlp(plans: tuple[ProjectionPlan, ...], x: torch.Tensor, activation: str) -> torch.Tensor:
+    """``down_proj(act(gate_proj(x)) * up_proj(x))`` as one fused LoRA op (``activation``: one of
+    the GLU kernel's ``ACTIVATIONS``)."""
+    return lora_mlp(x, *(plan.weights() for plan in plans), activation)

@@ -3,9 +3,11 @@
 Only module *instances* are changed (``module.forward`` set to an :class:`InstanceForward`), never
 classes or module-level functions, so an unpatched model in the same process keeps HF's code.
 Patching again keeps the installed forwards and re-plans the modules it patches with the new
-switches (a switch that is off never unpatches). The fused LoRA paths are looked up at each call (the
-``make_fused_*`` factories), so they follow adapters added, merged or disabled after patching,
-and a patched model holds no closures: it deep-copies and pickles.
+switches (a switch that is off never unpatches). Which projections run fused LoRA is decided
+once per forward pass of the decoder stack (a forward pre-hook on it starts a new
+:class:`ForwardPasses` entry) and reused by that pass's checkpoint recomputation, so it
+follows adapters added, merged or disabled between passes; the tensors themselves are read at
+every call. A patched model holds no closures: it deep-copies and pickles.
 """
 
 from __future__ import annotations
@@ -30,7 +32,15 @@ from lightning_fastft.kernels.glu import glu
 from lightning_fastft.kernels.rms_norm import rms_norm
 from lightning_fastft.kernels.rope import rope_qk_
 from lightning_fastft.patching.architectures import ARCHITECTURES, ArchitectureSpec
-from lightning_fastft.patching.lora import make_fused_mlp, make_fused_o, make_fused_qkv
+from lightning_fastft.patching.lora import (
+    GLU_MLP,
+    O_PROJ,
+    QKV,
+    fused_mlp,
+    fused_o,
+    fused_qkv,
+    projection_plans,
+)
 
 GLU_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
 """HF ``hidden_act`` names the GLU kernel computes, mapped to the kernel's activation name."""
@@ -93,7 +103,7 @@ class InstanceForward:
 class _AttentionPlan:
     spec: ArchitectureSpec
     rope: bool  # our in-place RoPE kernel; False: the architecture's own apply_rotary_pos_emb
-    lora: bool  # fused LoRA QKV / O whenever make_fused_qkv / make_fused_o accept the module
+    lora: bool  # fused LoRA QKV / O whenever projection_plans accepts the projections
     hf_apply_rotary: Callable
     hf_eager_attention: Callable
 
@@ -103,6 +113,55 @@ class _MlpPlan:
     activation: str | None  # the GLU kernel's name for the MLP activation; None: no GLU path
     use_glu: bool
     lora: bool
+
+
+class ForwardPasses:
+    """The fused-LoRA decisions of one patched decoder stack for its current forward pass.
+
+    The stack's forward pre-hook :func:`_start_forward_pass` empties ``plans`` and opens the pass;
+    its forward hook closes it. Patched attention/MLP modules store their
+    ``projection_plans`` while a pass is open and reuse them until the next pass starts (the
+    backward's checkpoint recomputation runs after the stack's forward has returned). Outside
+    any pass they decide afresh at each call.
+    """
+
+    def __init__(self) -> None:
+        self.plans: dict = {}
+        self.open = False
+
+
+def _start_forward_pass(stack: nn.Module, args) -> None:
+    passes: ForwardPasses = stack._fastft_passes
+    passes.plans = {}
+    passes.open = True
+
+
+def _end_forward_pass(stack: nn.Module, args, output) -> None:
+    stack._fastft_passes.open = False
+
+
+def _install_forward_passes(stack: nn.Module) -> ForwardPasses:
+    """The stack's :class:`ForwardPasses`, created (with its two hooks) on first use."""
+    passes = stack.__dict__.get("_fastft_passes")
+    if passes is None:
+        passes = stack._fastft_passes = ForwardPasses()
+        stack.register_forward_pre_hook(_start_forward_pass)
+        stack.register_forward_hook(_end_forward_pass)
+    return passes
+
+
+def _pass_plans(module: nn.Module, names: tuple[str, ...]):
+    """``projection_plans(module, names)``, decided once per forward pass of the stack."""
+    passes: ForwardPasses | None = module.__dict__.get("_fastft_passes")
+    if passes is None:
+        return projection_plans(module, names)
+    key = (module, names)
+    if key in passes.plans:
+        return passes.plans[key]
+    plans = projection_plans(module, names)
+    if passes.open:
+        passes.plans[key] = plans
+    return plans
 
 
 def _rms_norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -128,9 +187,9 @@ def _attention_forward(
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
 
-    fused_qkv = make_fused_qkv(self) if plan.lora else None
-    if fused_qkv is not None:
-        query, key, value = fused_qkv(hidden_states)
+    qkv_plans = _pass_plans(self, QKV) if plan.lora else None
+    if qkv_plans is not None:
+        query, key, value = fused_qkv(qkv_plans, hidden_states)
     else:
         query, key, value = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
     query, key, value = query.view(hidden_shape), key.view(hidden_shape), value.view(hidden_shape)
@@ -163,16 +222,16 @@ def _attention_forward(
         **kwargs,
     )
     attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-    fused_o = make_fused_o(self) if plan.lora else None
-    attn_output = fused_o(attn_output) if fused_o is not None else self.o_proj(attn_output)
+    o_plans = _pass_plans(self, O_PROJ) if plan.lora else None
+    attn_output = fused_o(o_plans, attn_output) if o_plans is not None else self.o_proj(attn_output)
     return attn_output, attn_weights
 
 
 def _mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     plan: _MlpPlan = self._fastft_mlp
-    fused = make_fused_mlp(self, plan.activation) if plan.lora and plan.activation else None
-    if fused is not None:
-        return fused(x)
+    plans = _pass_plans(self, GLU_MLP) if plan.lora and plan.activation else None
+    if plans is not None:
+        return fused_mlp(plans, x, plan.activation)
     if not plan.use_glu:  # the mlp switch is off and LoRA stopped being fusable: HF's forward
         return type(self).forward(self, x)
     return self.down_proj(glu(self.gate_proj(x), self.up_proj(x), plan.activation))
@@ -255,14 +314,21 @@ def _has_lora(*modules: nn.Module) -> bool:
 
 
 def _patch_attention(
-    attention: nn.Module, spec: ArchitectureSpec, rope: bool, lora: bool, entry: ModelPatchReport, unfused: Counter
+    attention: nn.Module,
+    spec: ArchitectureSpec,
+    rope: bool,
+    lora: bool,
+    entry: ModelPatchReport,
+    unfused: Counter,
+    passes: ForwardPasses,
 ):
-    fused_qkv = lora and make_fused_qkv(attention) is not None
-    fused_o = lora and make_fused_o(attention) is not None
+    fused_qkv = lora and projection_plans(attention, QKV) is not None
+    fused_o = lora and projection_plans(attention, O_PROJ) is not None
     unfused["lora_qkv"] += lora and not fused_qkv and _has_lora(attention.q_proj, attention.k_proj, attention.v_proj)
     unfused["lora_o"] += lora and not fused_o and _has_lora(attention.o_proj)
     if not (rope or fused_qkv or fused_o):
         return
+    attention._fastft_passes = passes
     hf_modeling = sys.modules[type(attention).__module__]
     attention._fastft_attention = _AttentionPlan(
         spec=spec,
@@ -279,13 +345,20 @@ def _patch_attention(
 
 
 def _patch_mlp(
-    mlp: nn.Module, activation: str | None, use_glu: bool, lora: bool, entry: ModelPatchReport, unfused: Counter
+    mlp: nn.Module,
+    activation: str | None,
+    use_glu: bool,
+    lora: bool,
+    entry: ModelPatchReport,
+    unfused: Counter,
+    passes: ForwardPasses,
 ):
-    fused = bool(lora and activation) and make_fused_mlp(mlp, activation) is not None
+    fused = bool(lora and activation) and projection_plans(mlp, GLU_MLP) is not None
     unfused["lora_mlp"] += lora and not fused and _has_lora(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     use_glu = use_glu and activation is not None
     if not (fused or use_glu):
         return
+    mlp._fastft_passes = passes
     mlp._fastft_mlp = _MlpPlan(activation=activation, use_glu=use_glu, lora=lora)
     _install_forward(mlp, _mlp_forward)
     entry.patched["mlp"] += not fused
@@ -307,6 +380,7 @@ def _patch_causal_lm(path: str, model: PreTrainedModel, switches: dict[str, bool
         entry.skipped.append(f"mlp: activation {hidden_act!r} has no GLU kernel")
 
     unfused = Counter()
+    passes = _install_forward_passes(getattr(model, model.base_model_prefix, model))
     for module in model.modules():
         class_name = type(module).__name__
         if class_name == spec.norm_class and switches["rms_norm"]:
@@ -314,9 +388,9 @@ def _patch_causal_lm(path: str, model: PreTrainedModel, switches: dict[str, bool
             _install_forward(module, _rms_norm_forward)
             entry.patched["rms_norm"] += 1
         elif class_name == spec.attention_class:
-            _patch_attention(module, spec, switches["rope"], switches["lora"], entry, unfused)
+            _patch_attention(module, spec, switches["rope"], switches["lora"], entry, unfused, passes)
         elif class_name == spec.mlp_class:
-            _patch_mlp(module, activation, switches["mlp"], switches["lora"], entry, unfused)
+            _patch_mlp(module, activation, switches["mlp"], switches["lora"], entry, unfused, passes)
     entry.skipped += [f"{kind}: {n} LoRA modules not fusable, PEFT's forward kept" for kind, n in unfused.items() if n]
 
     if switches["cross_entropy"]:
