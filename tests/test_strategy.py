@@ -220,10 +220,16 @@ def test_to_8bit_adamw_with_injected_class():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP needs CUDA")
 def test_fsdp_strategy_lora_fit_and_adapter_checkpoint(tmp_path):
+    import torch.distributed as dist
+
     module = CausalLMFineTune(lora_r=4)
     trainer = quiet_trainer("cuda", strategy="fastft_fsdp", max_steps=2)
-    trainer.fit(module, _loader([_random_batch(2, 8, [0, 3]), _random_batch(2, 8, [1, 0])]))
-    path = tmp_path / "fsdp.ckpt"
-    trainer.save_checkpoint(path)
+    try:
+        trainer.fit(module, _loader([_random_batch(2, 8, [0, 3]), _random_batch(2, 8, [1, 0])]))
+        path = tmp_path / "fsdp.ckpt"
+        trainer.save_checkpoint(path)
+    finally:  # Lightning leaves the process group up; later tests start their own
+        if dist.is_initialized():
+            dist.destroy_process_group()
     state = torch.load(path, weights_only=False)["state_dict"]
     assert state and all("lora_" in key for key in state)
