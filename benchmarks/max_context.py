@@ -5,9 +5,11 @@
 One model is built (Llama-3-8B shape, random NF4 base, LoRA r16 on all linears) and reused:
 ``hf`` runs first (HF gradient checkpointing, HF loss), then the model is patched for the fastft
 variants (``fastft``: our recompute checkpointing; ``fastft_offload``: layer inputs in pinned host
-memory). Each variant bisects over multiples of ``--granularity`` in [low, high]; a probe is one
-forward+backward; out-of-memory means "does not fit". A per-variant time budget stops the search
-early, reporting the bracket found so far.
+memory). ``liger`` (HF gradient checkpointing plus Liger-Kernel's patches, which change
+transformers' module globals) must be searched alone, in its own process. Each variant bisects
+over multiples of ``--granularity`` in [low, high]; a probe is one forward+backward;
+out-of-memory means "does not fit". A per-variant time budget stops the search early,
+reporting the bracket found so far.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from offload import set_mode  # noqa: E402
-from train_bench import build_lora_model, model_config  # noqa: E402
+from train_bench import _apply_liger, build_lora_model, model_config  # noqa: E402
 
 from lightning_fastft.patching import patch_model  # noqa: E402
+from lightning_fastft.patching.varlen import find_hf_model  # noqa: E402
 
-CHECKPOINTING = {"hf": "hf", "fastft": "recompute", "fastft_offload": "offload"}
+CHECKPOINTING = {"hf": "hf", "liger": "hf", "fastft": "recompute", "fastft_offload": "offload"}
 
 
 def fits(model: torch.nn.Module, seq_len: int) -> bool:
@@ -74,14 +77,18 @@ def main() -> None:
     args = parser.parse_args()
     if "hf" in args.variants and args.variants[0] != "hf":
         parser.error("hf must come first: the fastft variants patch the shared model")
+    if "liger" in args.variants and len(args.variants) > 1:
+        parser.error("liger patches transformers' module globals: search it in its own process (--variants liger)")
 
     model = build_lora_model(model_config("llama8b"), "cuda", "nf4")
     model.train()
     results = {"command": " ".join(sys.argv), "gpu": torch.cuda.get_device_name(), "variants": {}}
     for variant in args.variants:
-        if variant != "hf":
+        if variant.startswith("fastft"):
             patch_model(model)
         set_mode(model, CHECKPOINTING[variant])
+        if variant == "liger":
+            _apply_liger(find_hf_model(model))
         results["variants"][variant] = search(model, args.low, args.high, args.granularity, args.budget_s)
         args.out.write_text(json.dumps(results, indent=1))
     lines = [f"`{results['command']}` on {results['gpu']}", "",
