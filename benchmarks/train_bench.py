@@ -20,7 +20,9 @@ bf16 weights built on the device from a config, SDPA attention, same seed and da
   (RoPE, RMSNorm, SwiGLU, fused linear cross entropy);
 * ``fastft``: ``strategy=FastFTStrategy(checkpointing="recompute")``;
 * ``fastft_offload``: the same with ``checkpointing="offload"``;
-* ``fastft_nockpt``: the same without activation checkpointing.
+* ``fastft_nockpt``: the same without activation checkpointing;
+* ``fastft_half``: ``checkpointing="recompute"`` on half of the decoder layers
+  (``checkpoint_fraction=0.5``); not in the ``--part`` presets.
 
 Metrics per variant: tokens/s of the median timed step (CUDA-synchronised timer around each
 training batch, after the warm-up steps), peak allocated memory over the fit (reset after the
@@ -48,8 +50,13 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional
 
-VARIANTS = ("hf", "liger", "fastft", "fastft_offload", "fastft_nockpt")
-FASTFT_CHECKPOINTING = {"fastft": "recompute", "fastft_offload": "offload", "fastft_nockpt": None}
+PRESET_VARIANTS = ("hf", "liger", "fastft", "fastft_offload", "fastft_nockpt")  # those of --part A, B, C
+VARIANTS = (*PRESET_VARIANTS, "fastft_half")
+# fastft variant -> checkpointing mode, and -> checkpoint_fraction where not 1.0
+FASTFT_CHECKPOINTING = {
+    "fastft": "recompute", "fastft_offload": "offload", "fastft_nockpt": None, "fastft_half": "recompute",
+}  # fmt: skip
+FASTFT_CHECKPOINT_FRACTION = {"fastft_half": 0.5}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LIGER_FUNCTIONS = {"llama": "apply_liger_kernel_to_llama", "qwen2": "apply_liger_kernel_to_qwen2"}
 
@@ -77,9 +84,9 @@ SHAPES: dict[str, dict[str, Any]] = {
 
 # one preset = the runs of one <10-minute device call
 PARTS: dict[str, list[dict[str, Any]]] = {
-    "A": [{"shape": "llama8b", "seq_len": 2048, "quant": None, "variants": VARIANTS}],
-    "B": [{"shape": "llama8b", "seq_len": 2048, "quant": "nf4", "variants": VARIANTS}],
-    "C": [{"shape": "llama8b", "seq_len": 8192, "quant": None, "variants": VARIANTS}],
+    "A": [{"shape": "llama8b", "seq_len": 2048, "quant": None, "variants": PRESET_VARIANTS}],
+    "B": [{"shape": "llama8b", "seq_len": 2048, "quant": "nf4", "variants": PRESET_VARIANTS}],
+    "C": [{"shape": "llama8b", "seq_len": 8192, "quant": None, "variants": PRESET_VARIANTS}],
     "D": [
         {"shape": "qwen7b", "seq_len": 2048, "quant": None, "variants": ("hf", "liger", "fastft")},
         {"shape": "llama1b", "seq_len": 2048, "quant": None, "variants": ("hf", "liger", "fastft")},
@@ -207,6 +214,7 @@ def run_variant(
 
     from lightning_fastft.callbacks.metrics import flops_coefficients, peak_flops_for
     from lightning_fastft.module import CausalLMFineTune
+    from lightning_fastft.patching.offload import checkpointed_layers
     from lightning_fastft.patching.varlen import find_hf_model
     from lightning_fastft.strategies import FastFTStrategy
 
@@ -231,7 +239,10 @@ def run_variant(
     module = CausalLMFineTune(model=config.to_dict(), lora_r=16, lora_alpha=16, target_modules=list(LORA_TARGETS))
     module.model = model  # built above; configure_model keeps it
     if variant in FASTFT_CHECKPOINTING:
-        strategy: Any = FastFTStrategy(checkpointing=FASTFT_CHECKPOINTING[variant])
+        strategy: Any = FastFTStrategy(
+            checkpointing=FASTFT_CHECKPOINTING[variant],
+            checkpoint_fraction=FASTFT_CHECKPOINT_FRACTION.get(variant, 1.0),
+        )
     else:
         strategy = "auto"
     timer = _step_timer_class()
@@ -256,6 +267,7 @@ def run_variant(
     result.update(status="ok", step_s=step_s, tokens_per_sec=seq_len / step_s, losses=timer.losses)
     if variant in FASTFT_CHECKPOINTING:
         result["patch_report"] = str(strategy.patch_report)
+        result["checkpointed_layers"] = len(checkpointed_layers(module))
     if on_cuda:
         result["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         peak_flops = peak_flops_for(result["gpu"])

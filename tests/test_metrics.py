@@ -4,6 +4,7 @@ import copy
 import csv
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,10 +13,10 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from torch.utils.data import DataLoader
 
 from lightning_fastft.callbacks import FastFTMetrics
-from lightning_fastft.callbacks.metrics import flops_coefficients, peak_flops_for
+from lightning_fastft.callbacks.metrics import _recomputes_activations, flops_coefficients, peak_flops_for
 from lightning_fastft.data.packing import PackedCollator
 from lightning_fastft.module import TINY_LLAMA_CONFIG, CausalLMFineTune, SyntheticCausalLMDataModule, build_causal_lm
-from lightning_fastft.strategies import FastFTStrategy
+from lightning_fastft.strategies import FastFTStrategy, PatchOptions
 
 PEAK = 1e12
 STEPS = 3
@@ -60,6 +61,30 @@ def test_flops_formula_full_lora_and_recompute():
     assert 0 < n_lora < n_total / 5
     assert flops_coefficients(lora) == (4.0 * n_total + 2.0 * n_lora, 12.0 * attention)
     assert flops_coefficients(torch.nn.Linear(2, 2)) is None
+
+
+def test_flops_count_the_recomputed_share_of_layers():
+    module = CausalLMFineTune(lora_r=4)
+    module.configure_model()
+    without, full = flops_coefficients(module, recompute=False), flops_coefficients(module, recompute=True)
+    assert flops_coefficients(module, recompute=1.0) == full and flops_coefficients(module, recompute=0.0) == without
+    half = flops_coefficients(module, recompute=0.5)
+    for low, middle, high in zip(without, half, full):
+        assert low < middle < high and middle == pytest.approx((low + high) / 2, rel=1e-12)
+    with pytest.raises(ValueError, match="recompute"):
+        flops_coefficients(module, recompute=1.5)
+
+
+def test_recomputed_share_read_from_the_patch_options():
+    def trainer_with(strategy_options=None, callback_options=None):
+        strategy = SimpleNamespace(patch_options=strategy_options)
+        return SimpleNamespace(strategy=strategy, callbacks=[SimpleNamespace(patch_options=callback_options)])
+
+    half = PatchOptions(checkpointing="recompute", checkpoint_fraction=0.5)
+    assert _recomputes_activations(trainer_with(half)) == 0.5
+    assert _recomputes_activations(trainer_with(callback_options=PatchOptions(checkpointing="offload"))) == 1.0
+    assert _recomputes_activations(trainer_with(PatchOptions(checkpoint_fraction=0.5))) == 0.0  # no checkpointing
+    assert _recomputes_activations(trainer_with()) == 0.0
 
 
 def test_flops_count_the_logical_weights_of_4bit_layers():
@@ -115,7 +140,7 @@ def test_metrics_in_wandb_offline_run(device, tmp_path, monkeypatch):
     assert summary["mfu"] > 0 and summary["tokens_per_sec"] > 0
     assert run_files.name.startswith("offline-run-") and list(run_files.glob("*.wandb"))
     metrics = next(c for c in trainer.callbacks if isinstance(c, FastFTMetrics))
-    assert metrics.recompute is True  # read from the strategy's checkpointing mode
+    assert metrics.recompute == 1.0  # read from the strategy's checkpointing options
 
 
 def test_packed_batches_count_real_tokens_without_logger(device):

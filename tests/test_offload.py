@@ -11,9 +11,12 @@ import pytest
 import torch
 from helpers import quiet_trainer
 
+from lightning_fastft.callbacks.offload import ActivationOffload
 from lightning_fastft.patching.offload import (
     HostOffloader,
     apply_activation_checkpointing,
+    checkpointed_layer_indices,
+    checkpointed_layers,
     find_decoder_layer_lists,
     hf_gradient_checkpointing_on,
     remove_activation_checkpointing,
@@ -99,12 +102,14 @@ def assert_same_training(reference, wrapped, device, steps=1, autocast_dtype=Non
             torch.testing.assert_close(grads[name], ref_grad, rtol=1e-6, atol=1e-6, msg=name)
 
 
-def checkpointed_copy(model, variant):
+def checkpointed_copy(model, variant, fraction=1.0):
     wrapped = copy.deepcopy(model)
     if variant == "offload_emulated":
-        apply_activation_checkpointing(wrapped, "offload", offloader=HostOffloader(emulate_on_cpu=True))
+        apply_activation_checkpointing(
+            wrapped, "offload", offloader=HostOffloader(emulate_on_cpu=True), fraction=fraction
+        )
     else:
-        apply_activation_checkpointing(wrapped, variant)
+        apply_activation_checkpointing(wrapped, variant, fraction=fraction)
     return wrapped
 
 
@@ -157,6 +162,53 @@ def test_grads_equal_under_ddp(variant, device, tmp_path):
                     torch.testing.assert_close(param.grad, ref_grads[name], rtol=1e-6, atol=1e-6, msg=name)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("variant", ["recompute", "offload_emulated"])
+def test_partial_checkpointing_grads_equal_no_checkpointing(variant, device):
+    """Half the layers checkpointed, the others saving their activations: same loss and grads."""
+    model = with_lora(tiny_llama(layers=4)).to(device).train()
+    wrapped = checkpointed_copy(model, variant, fraction=0.5)
+    assert len(checkpointed_layers(wrapped)) == 2
+    assert_same_training(model, wrapped, device, steps=2)
+
+
+@pytest.mark.parametrize(
+    "layers, fraction, indices",
+    [(3, 1 / 3, [2]), (3, 0.5, [1, 2]), (3, 1.0, [0, 1, 2]), (4, 0.5, [1, 3]), (4, 0.25, [3]), (5, 0.6, [1, 3, 4])],
+)
+def test_fraction_checkpoints_evenly_spread_layers(layers, fraction, indices):
+    model = tiny_gpt2(layers=layers)
+    stack = model.transformer.h
+    assert checkpointed_layer_indices(layers, fraction) == indices
+    wrapped = apply_activation_checkpointing(model, "recompute", fraction=fraction)
+    assert wrapped == [stack[i] for i in indices] == checkpointed_layers(model)
+    for i, layer in enumerate(stack):
+        assert ("forward" in layer.__dict__) == (i in indices), i
+
+
+@pytest.mark.parametrize("fraction", [0, 1.5, -0.5])
+def test_fraction_out_of_range_raises(fraction):
+    model = tiny_llama(layers=2)
+    with pytest.raises(ValueError, match="fraction must be in"):
+        apply_activation_checkpointing(model, "recompute", fraction=fraction)
+    assert checkpointed_layers(model) == []
+    with pytest.raises(ValueError, match="fraction must be in"):
+        ActivationOffload("recompute", fraction=fraction)
+
+
+def test_reapplying_a_smaller_fraction_unwraps_the_rest(device):
+    model = tiny_llama(layers=4).to(device)
+    layers = model.model.layers
+    apply_activation_checkpointing(model, "offload", offloader=HostOffloader(emulate_on_cpu=True))
+    assert checkpointed_layers(model) == list(layers)
+    apply_activation_checkpointing(model, "recompute", fraction=0.25)
+    assert checkpointed_layers(model) == [layers[3]]
+    assert all("forward" not in layer.__dict__ for layer in layers[:3])
+    callback = ActivationOffload("recompute", fraction=0.5)
+    callback.on_fit_start(None, model)
+    assert callback.wrapped_layers == 2 and checkpointed_layers(model) == [layers[1], layers[3]]
+    assert remove_activation_checkpointing(model) == 2
 
 
 def test_state_dict_keys_unchanged_and_removable(device):
@@ -243,6 +295,18 @@ def test_offload_prefetches_one_layer_ahead_and_reuses_buffers(device):
     assert offloader.offloads == 12
 
 
+def test_partial_offload_prefetches_across_plain_layers(device):
+    """Layers 1, 3, 4 of 5 offloaded: each fetch prefetches the previous offloaded input, skipping
+    the plain layers (0 and 2) whose activations stay in the graph."""
+    model = tiny_llama(layers=5).to(device)
+    offloader = RecordingOffloader()
+    apply_activation_checkpointing(model, "offload", offloader=offloader, fraction=0.6)
+    for _ in range(2):
+        model(**make_batch(device)).loss.backward()
+    assert offloader.fetched_prefetched == [False, True, True] * 2
+    assert offloader.host_buffers_allocated == 3 and offloader.offloads == 6
+
+
 def test_offload_two_forwards_before_backward(device):
     """Buffers are not handed out again before their backward ran; freed graphs return them."""
     model = tiny_llama(dropout=0.0).to(device)
@@ -297,8 +361,6 @@ def test_offload_keeps_no_hidden_states_per_layer(device):
 @pytest.mark.filterwarnings("ignore:lightning_fastft. activation offload needs CUDA")
 def test_lightning_fit_with_callback_and_accumulation(tmp_path, device):
     import lightning.pytorch as pl
-
-    from lightning_fastft.callbacks.offload import ActivationOffload
 
     class TinyLM(pl.LightningModule):
         def __init__(self, state):

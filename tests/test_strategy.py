@@ -15,6 +15,7 @@ from lightning_fastft import patching
 from lightning_fastft.callbacks import FastFT
 from lightning_fastft.module import TINY_LLAMA_CONFIG, CausalLMFineTune
 from lightning_fastft.optim import convert_optimizers, to_8bit_adamw
+from lightning_fastft.patching.offload import checkpointed_layers
 from lightning_fastft.strategies import FastFTDDPStrategy, FastFTFSDPStrategy, FastFTStrategy
 from lightning_fastft.strategies.token_exact import count_target_tokens
 
@@ -77,6 +78,11 @@ def test_strategy_names_registered_and_import_twice():
         FastFTStrategy(checkpointing="sometimes")
     with pytest.raises(ValueError):
         FastFTStrategy(optimizer="lion")
+    for fraction in (0, 1.5):
+        with pytest.raises(ValueError, match="checkpoint_fraction"):
+            FastFTStrategy(checkpointing="recompute", checkpoint_fraction=fraction)
+        with pytest.raises(ValueError, match="checkpoint_fraction"):
+            FastFT(checkpointing="recompute", checkpoint_fraction=fraction)
 
 
 def test_count_target_tokens():
@@ -99,9 +105,9 @@ def test_patches_applied_before_optimizers(device, monkeypatch):
         seen["switches"] = switches
         return real_patch_model(model, **switches)
 
-    def recording_checkpointing(model, mode):
+    def recording_checkpointing(model, mode, fraction):
         seen["optimizers_at_checkpointing_time"] = list(trainer.strategy.optimizers)
-        seen["checkpointed_layers"], seen["mode"] = real_checkpointing(model, mode), mode
+        seen["checkpointed_layers"], seen["mode"] = real_checkpointing(model, mode, fraction=fraction), mode
         return seen["checkpointed_layers"]
 
     monkeypatch.setattr(patching, "patch_model", recording_patch_model)
@@ -117,6 +123,20 @@ def test_patches_applied_before_optimizers(device, monkeypatch):
     assert seen["mode"] == "recompute" and seen["checkpointed_layers"] == list(module.model.model.layers)
     assert "forward" in module.model.model.norm.__dict__  # patched on the instance
     assert len(trainer.optimizers) == 1
+
+
+@pytest.mark.parametrize("patch_with", ["strategy", "callback"])
+def test_checkpoint_fraction_reaches_the_model(device, patch_with):
+    """``checkpoint_fraction=0.5`` on 4 layers: layers 1 and 3 checkpointed, 0 and 2 plain."""
+    module = CausalLMFineTune(model={**TINY_LLAMA_CONFIG, "num_hidden_layers": 4})
+    options = dict(checkpointing="recompute", checkpoint_fraction=0.5)
+    if patch_with == "strategy":
+        trainer = quiet_trainer(device, max_steps=1, strategy=FastFTStrategy(**NO_PATCHES, **options))
+    else:
+        trainer = quiet_trainer(device, max_steps=1, callbacks=[FastFT(**NO_PATCHES, **options)])
+    trainer.fit(module, _loader([_random_batch(2, 7, [0, 2])]))
+    layers = module.model.model.layers
+    assert checkpointed_layers(module) == [layers[1], layers[3]]
 
 
 def test_fastft_callback_patches_model_built_in_configure_model(device):

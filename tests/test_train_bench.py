@@ -35,7 +35,14 @@ def test_fastft_and_hf_variants_start_from_the_same_loss(device):
     assert hf["status"] == fastft["status"] == "ok"
     assert fastft["losses"][0] == pytest.approx(hf["losses"][0], rel=2e-2)
     assert math.isfinite(fastft["losses"][1])
-    assert "rms_norm" in fastft["patch_report"]
+    assert "rms_norm" in fastft["patch_report"] and fastft["checkpointed_layers"] == 2
+
+
+def test_fastft_half_checkpoints_half_the_layers(device):
+    half = train_bench.run_variant("fastft_half", device=device, layers=4, **TINY)
+    assert half["status"] == "ok" and half["checkpointed_layers"] == 2
+    assert all(math.isfinite(loss) for loss in half["losses"])
+    assert "fastft_half" not in {v for runs in train_bench.PARTS.values() for run in runs for v in run["variants"]}
 
 
 @pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is not None, reason="liger-kernel is installed")

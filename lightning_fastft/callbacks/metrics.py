@@ -2,7 +2,7 @@
 
 Model FLOPs per token (matmuls only, multiply-add = 2 FLOPs), for a sequence of length ``T``:
 
-    flops/token = 4 N + 2 N_trainable + 12 L d T  [+ 2 N + 4 L d T  when activations are recomputed]
+    flops/token = 4 N + 2 N_trainable + 12 L d T  [+ r (2 N + 4 L d T)  when activations are recomputed]
 
 * ``N``: parameters used in matmuls (all but the input embedding; a tied LM head counts),
   counting the logical weights of quantised layers (a bitsandbytes 4-bit tensor stores two per byte);
@@ -12,7 +12,8 @@ Model FLOPs per token (matmuls only, multiply-add = 2 FLOPs), for a sequence of 
 * ``12 L d T``: attention scores and values (``L`` layers, ``d`` = heads x head_dim),
   forward ``4 L d T`` plus backward ``8 L d T`` (PaLM's convention, causal masking not
   discounted). Packed sequences are counted at the full row length ``T``.
-* recomputation (activation checkpointing) repeats the forward: ``+2N + 4 L d T``.
+* recomputation (activation checkpointing) repeats the forward: ``+2N + 4 L d T``, times the share
+  ``r`` of recomputed layers (``checkpoint_fraction``; 1 when every layer is checkpointed).
 
 MFU = flops/token x tokens/s (all tokens, padding included: the matmuls run on it) / peak device
 FLOP/s. The peak is looked up from the GPU name (dense bf16 tensor-core numbers) or given as
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -82,11 +83,16 @@ def count_real_tokens(batch: Any) -> int:
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
-def flops_coefficients(module: nn.Module, recompute: bool = False) -> Optional[tuple[float, float]]:
+def flops_coefficients(module: nn.Module, recompute: Union[bool, float] = False) -> Optional[tuple[float, float]]:
     """``(a, b)`` with training FLOPs per token ``= a + b * seq_len`` for the HF causal LM inside ``module``.
 
-    Formula in the module docstring; ``None`` when ``module`` holds no HF model.
+    ``recompute``: the share in [0, 1] of the forward recomputed by activation checkpointing
+    (``True`` = 1, ``False`` = 0). Formula in the module docstring; ``None`` when ``module`` holds
+    no HF model.
     """
+    recomputed_share = float(recompute)
+    if not 0 <= recomputed_share <= 1:
+        raise ValueError(f"recompute must be a bool or a share in [0, 1], got {recompute!r}")
     model = _outermost_hf_model(module)
     if model is None:
         return None
@@ -106,16 +112,17 @@ def flops_coefficients(module: nn.Module, recompute: bool = False) -> Optional[t
     attention_per_position = config.num_hidden_layers * config.num_attention_heads * head_dim
     fixed = 4 * matmul_params + 2 * matmul_trainable
     per_position = 12 * attention_per_position
-    if recompute:
-        fixed += 2 * matmul_params
-        per_position += 4 * attention_per_position
+    fixed += recomputed_share * 2 * matmul_params
+    per_position += recomputed_share * 4 * attention_per_position
     return float(fixed), float(per_position)
 
 
-def _recomputes_activations(trainer: pl.Trainer) -> bool:
+def _recomputes_activations(trainer: pl.Trainer) -> float:
+    """Share of the layers the fastft strategy / ``FastFT`` callback checkpoints (0.0 without checkpointing)."""
     options = [getattr(trainer.strategy, "patch_options", None)]
     options += [getattr(callback, "patch_options", None) for callback in trainer.callbacks]
-    return any(o is not None and o.checkpointing is not None for o in options)
+    shares = [o.checkpoint_fraction for o in options if o is not None and o.checkpointing is not None]
+    return max(shares, default=0.0)
 
 
 class FastFTMetrics(Callback):
@@ -128,12 +135,15 @@ class FastFTMetrics(Callback):
     Args:
         peak_flops: peak FLOP/s of one device for MFU; default: looked up from the GPU name (no
             MFU when unknown, e.g. on CPU).
-        recompute: whether activations are recomputed (counts the extra forward in MFU); default:
-            read from the fastft strategy / ``FastFT`` callback.
+        recompute: whether activations are recomputed, or the recomputed share of the layers in
+            [0, 1] (counts that much extra forward in MFU); default: the ``checkpoint_fraction``
+            of the fastft strategy / ``FastFT`` callback when it checkpoints, else 0.
         window: number of recent batches the rates are averaged over.
     """
 
-    def __init__(self, peak_flops: Optional[float] = None, recompute: Optional[bool] = None, window: int = 10) -> None:
+    def __init__(
+        self, peak_flops: Optional[float] = None, recompute: Optional[Union[bool, float]] = None, window: int = 10
+    ) -> None:
         self.peak_flops = peak_flops
         self.recompute = recompute
         self._batches: deque[tuple[float, int, int, int]] = deque(maxlen=window)

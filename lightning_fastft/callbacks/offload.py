@@ -13,14 +13,18 @@ class ActivationOffload(Callback):
 
     It runs in ``on_fit_start``: after ``configure_model`` built the model and the strategy moved
     (and possibly DDP-wrapped) it, before the first training step. ``mode`` is ``"offload"`` (layer
-    inputs kept in pinned host memory; plain recompute without CUDA) or ``"recompute"``.
+    inputs kept in pinned host memory; plain recompute without CUDA) or ``"recompute"``;
+    ``fraction`` (in (0, 1]) is the share of each decoder stack's layers checkpointed, evenly spread.
     """
 
-    def __init__(self, mode: str = "offload"):
+    def __init__(self, mode: str = "offload", fraction: float = 1.0):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
         self.mode = mode
+        self.fraction = fraction
         self.wrapped_layers = 0
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.wrapped_layers = len(apply_activation_checkpointing(pl_module, self.mode))
+        self.wrapped_layers = len(apply_activation_checkpointing(pl_module, self.mode, fraction=self.fraction))

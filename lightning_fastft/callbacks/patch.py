@@ -18,7 +18,9 @@ class FastFT(Callback):
     has built the model; they replace forwards and never parameters, so the optimizers that
     the strategy has already built stay valid. Each module is patched once.
 
-    Args: the patch switches and ``checkpointing`` mode of :class:`~lightning_fastft.strategies.PatchOptions`.
+    Args: the patch switches, ``checkpointing`` mode and ``checkpoint_fraction`` (share in (0, 1]
+    of each decoder stack's layers checkpointed, evenly spread) of
+    :class:`~lightning_fastft.strategies.PatchOptions`.
     """
 
     def __init__(
@@ -29,8 +31,9 @@ class FastFT(Callback):
         cross_entropy: bool = True,
         lora: bool = True,
         checkpointing: Optional[CheckpointingMode] = None,
+        checkpoint_fraction: float = 1.0,
     ) -> None:
-        self.patch_options = PatchOptions(rms_norm, rope, mlp, cross_entropy, lora, checkpointing)
+        self.patch_options = PatchOptions(rms_norm, rope, mlp, cross_entropy, lora, checkpointing, checkpoint_fraction)
         self.patch_report: Any = None
         self._patched: weakref.WeakSet[pl.LightningModule] = weakref.WeakSet()
 

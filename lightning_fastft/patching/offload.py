@@ -13,13 +13,15 @@ during training a layer keeps only its input hidden state and recomputes everyth
   bookkeeping with synchronous copies, for tests).
 
 Under ``no_grad``/``inference_mode``, or when nothing in a layer needs a gradient, the layer runs
-its plain forward.
+its plain forward. ``fraction < 1`` checkpoints only part of each decoder stack (see
+:func:`checkpointed_layer_indices`): less recompute for more activation memory.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -53,17 +55,35 @@ def find_decoder_layer_lists(model: nn.Module) -> list[nn.ModuleList]:
     return stacks
 
 
+def checkpointed_layer_indices(num_layers: int, fraction: float = 1.0) -> list[int]:
+    """Indices of the layers checkpointed in a stack of ``num_layers`` for ``fraction`` of them.
+
+    ``k = floor(fraction * num_layers + 1/2)`` layers (``fraction * num_layers`` rounded, halves
+    up; 0 for a small fraction of a short stack), spread evenly: layer ``i`` is checkpointed when
+    ``floor((i + 1) k / n) > floor(i k / n)``, i.e. the last layer of each of ``k`` equal runs of
+    layers (k=2 of n=4: layers 1 and 3; k=1 of n=3: layer 2).
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    count = math.floor(fraction * num_layers + 0.5)
+    return [i for i in range(num_layers) if (i + 1) * count // num_layers > i * count // num_layers]
+
+
 def apply_activation_checkpointing(
-    model: nn.Module, mode: str = "offload", *, offloader: HostOffloader | None = None
+    model: nn.Module, mode: str = "offload", *, offloader: HostOffloader | None = None, fraction: float = 1.0
 ) -> list[nn.Module]:
-    """Checkpoint every decoder layer of every HF model inside ``model``; returns the wrapped layers.
+    """Checkpoint the decoder layers of every HF model inside ``model``; returns the wrapped layers.
 
     ``model`` may be a HF model, a PEFT model, or any module containing them (a LightningModule).
-    HF's own gradient checkpointing is switched off (with a warning) where it was on. Applying
-    again replaces the previous wrapping.
+    ``fraction`` (in (0, 1]) of the layers of each decoder stack are checkpointed, chosen by
+    :func:`checkpointed_layer_indices`; the others keep their plain forward and save their
+    activations as usual. HF's own gradient checkpointing is switched off (with a warning) where it
+    was on. Applying again replaces the previous wrapping (layers no longer selected are unwrapped).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
     stacks = find_decoder_layer_lists(model)
     if not stacks:
         raise ValueError(f"no decoder-layer ModuleList found inside {type(model).__name__}")
@@ -76,14 +96,22 @@ def apply_activation_checkpointing(
         disable_hf_gradient_checkpointing(model)
     if offloader is None:
         offloader = HostOffloader() if mode == "offload" else DeviceStore()
-    layers = [layer for stack in stacks for layer in stack]
+    layers = []
+    for stack in stacks:
+        for layer in stack:
+            _unwrap(layer)
+        layers += [stack[i] for i in checkpointed_layer_indices(len(stack), fraction)]
     for layer in layers:
-        _unwrap(layer)
         inner_forward = layer.__dict__.get("forward")  # another patch's instance forward, if any
         run_layer = layer.forward
         layer.forward = partial(_offload_forward, layer, run_layer, offloader, offloader.new_slot())
         layer.__dict__[_WRAPPED_ATTRIBUTE] = (mode, inner_forward)
     return layers
+
+
+def checkpointed_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers inside ``model`` currently wrapped by :func:`apply_activation_checkpointing`."""
+    return [module for module in model.modules() if _WRAPPED_ATTRIBUTE in module.__dict__]
 
 
 def remove_activation_checkpointing(model: nn.Module) -> int:

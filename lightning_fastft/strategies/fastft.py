@@ -41,12 +41,15 @@ class PatchOptions:
     cross_entropy: bool = True
     lora: bool = True
     checkpointing: Optional[CheckpointingMode] = None
+    checkpoint_fraction: float = 1.0  # share of each decoder stack's layers checkpointed
 
     def __post_init__(self) -> None:
         if self.checkpointing not in (None, *get_args(CheckpointingMode)):
             raise ValueError(
                 f"checkpointing must be None or one of {get_args(CheckpointingMode)}, got {self.checkpointing!r}"
             )
+        if not 0 < self.checkpoint_fraction <= 1:
+            raise ValueError(f"checkpoint_fraction must be in (0, 1], got {self.checkpoint_fraction!r}")
 
     def apply(self, module: nn.Module) -> Any:
         """Patch ``module`` in place (instances only, idempotent); returns the ``PatchReport``."""
@@ -54,11 +57,12 @@ class PatchOptions:
 
         switches = asdict(self)
         checkpointing = switches.pop("checkpointing")
+        fraction = switches.pop("checkpoint_fraction")
         report = patching.patch_model(module, **switches)
         if checkpointing is not None:
             from lightning_fastft.patching import offload
 
-            offload.apply_activation_checkpointing(module, mode=checkpointing)
+            offload.apply_activation_checkpointing(module, mode=checkpointing, fraction=fraction)
         return report
 
 
@@ -69,6 +73,9 @@ class FastFTStrategyMixin:
         rms_norm, rope, mlp, cross_entropy, lora: switches of the Triton/fused patches.
         checkpointing: ``None``, ``"recompute"`` (activation checkpointing of the decoder layers)
             or ``"offload"`` (checkpointed layer inputs kept in pinned CPU memory).
+        checkpoint_fraction: share in (0, 1] of each decoder stack's layers that ``checkpointing``
+            applies to (``round(fraction * n)`` of ``n`` layers, evenly spread; the others keep
+            their activations): trades memory for speed. Ignored when ``checkpointing`` is None.
         optimizer: ``None`` keeps the optimizers of ``configure_optimizers``; ``"adamw_8bit"``
             swaps torch AdamW for bitsandbytes' 8-bit AdamW.
         token_exact: with gradient accumulation and/or several ranks, make the gradient equal to
@@ -86,13 +93,14 @@ class FastFTStrategyMixin:
         cross_entropy: bool = True,
         lora: bool = True,
         checkpointing: Optional[CheckpointingMode] = None,
+        checkpoint_fraction: float = 1.0,
         optimizer: Optional[Literal["adamw_8bit"]] = None,
         token_exact: bool = True,
         adapter_only_checkpoint: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.patch_options = PatchOptions(rms_norm, rope, mlp, cross_entropy, lora, checkpointing)
+        self.patch_options = PatchOptions(rms_norm, rope, mlp, cross_entropy, lora, checkpointing, checkpoint_fraction)
         if optimizer not in (None, *OPTIMIZER_CHOICES):
             raise ValueError(f"optimizer must be None or one of {OPTIMIZER_CHOICES}, got {optimizer!r}")
         self.fastft_optimizer = optimizer
