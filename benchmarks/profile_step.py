@@ -5,11 +5,11 @@
 
 One model (random bf16 weights, LoRA r16 on all linears, bs 1) runs forward + backward + AdamW
 steps under each mode in turn: ``hf`` (HF gradient checkpointing, HF modules) first, then the
-model is patched in place and runs ``recompute``, ``offload`` and ``none`` (fastft
-checkpointing modes). Per mode: the median step time over ``--steps`` steps, then a
-``torch.profiler`` trace of two steps giving the summed GPU kernel time (``gpu_busy`` = kernel
-time / wall time; well below 1 means the step waits on the host) and the kernels with the most
-GPU time. ``--host`` adds a cProfile of one step (Python functions by own time) and every
+model is patched in place and runs ``recompute``, ``offload``, ``none`` and ``recompute_half``
+(fastft checkpointing modes; the last checkpoints every other layer). Per mode: the median step
+time over ``--steps`` steps, then a ``torch.profiler`` trace of two steps giving the summed GPU
+kernel time (``gpu_busy`` = kernel time / wall time; well below 1 means the step waits on the
+host) and the kernels with the most GPU time. ``--host`` adds a cProfile of one step (Python functions by own time) and every
 host-device synchronisation of one step, by the line that caused it.
 """
 
@@ -35,8 +35,9 @@ from offload import set_mode  # noqa: E402
 from train_bench import build_lora_model, model_config  # noqa: E402
 
 from lightning_fastft.patching import patch_model  # noqa: E402
+from lightning_fastft.patching.offload import apply_activation_checkpointing  # noqa: E402
 
-MODES = ("hf", "recompute", "offload", "none")
+MODES = ("hf", "recompute", "offload", "none", "recompute_half")
 
 
 def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, input_ids: torch.Tensor):
@@ -161,7 +162,11 @@ def main() -> None:
         if mode != "hf" and not patched:
             results["patch_report"] = str(patch_model(model))
             patched = True
-        set_mode(model, mode)
+        if mode == "recompute_half":  # every other decoder layer checkpointed
+            set_mode(model, "none")
+            apply_activation_checkpointing(model, "recompute", fraction=0.5)
+        else:
+            set_mode(model, mode)
         step = make_step(model, optimizer, input_ids)
         timed_steps(step, 2)  # warm-up (Triton autotune / compile)
         seconds = timed_steps(step, args.steps)
