@@ -95,3 +95,12 @@ def test_max_context_search_brackets_the_limit(tmp_path, monkeypatch, limit):
     assert fits % 1024 == 0 and fails - fits <= max(1024, fits // 16)
     assert len(probed) == len(set(probed)) == len(result["probes"])
     assert (result["status"] == "ok") == (fits > 0)
+
+
+def test_no_script_folder_shadows_hugging_face_kernels():
+    """Running ``python benchmarks/x.py`` (or examples/, tests/) puts that folder first on sys.path:
+    a ``kernels`` module there would shadow Hugging Face's ``kernels``, which transformers and
+    bitsandbytes import."""
+    root = Path(__file__).resolve().parents[1]
+    for folder in (root, root / "benchmarks", root / "examples", root / "tests"):
+        assert not (folder / "kernels.py").exists() and not (folder / "kernels").is_dir(), folder

@@ -1,6 +1,6 @@
 """Kernel micro-benchmarks (CUDA): every kernel vs PyTorch eager and Liger-Kernel, one table.
 
-    python benchmarks/kernels.py --out benchmarks/results/kernels_h100.json
+    python benchmarks/bench_kernels.py --out benchmarks/results/kernels_h100.json
 
 Writes the JSON rows and a Markdown table beside them (same stem, ``.md``).
 """
