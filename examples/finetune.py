@@ -47,6 +47,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--lora_alpha", type=int, default=16)
     parser.add_argument("--quant", choices=("nf4",), default=None, help="QLoRA: load the base in 4-bit NF4")
     parser.add_argument("--checkpointing", choices=("none", "recompute", "offload"), default="recompute")
+    parser.add_argument("--checkpoint_fraction", type=float, default=1.0,
+                        help="share of the decoder layers checkpointed; less recompute, more memory")  # fmt: skip
     parser.add_argument("--optimizer", choices=("adamw", "adamw_8bit"), default="adamw")
     parser.add_argument("--learning_rate", type=float, default=2e-4)
     parser.add_argument("--warmup_steps", type=int, default=10)
@@ -139,6 +141,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     loader = DataLoader(rows, batch_size=args.batch_size, shuffle=True, collate_fn=PackedCollator(pad_token_id=pad_id))
     strategy = FastFTStrategy(
         checkpointing=None if args.checkpointing == "none" else args.checkpointing,
+        checkpoint_fraction=args.checkpoint_fraction,
         optimizer="adamw_8bit" if args.optimizer == "adamw_8bit" else None,
     )
     trainer = pl.Trainer(

@@ -155,7 +155,7 @@ def test_qlora_text_column_saved_dataset_offload_accumulation(finetune, model_di
         "--model_name_or_path", str(model_dir), "--dataset", str(tmp_path / "texts"), "--quant", "nf4",
         "--max_seq_len", "40", "--batch_size", "1", "--accumulate_grad_batches", "2", "--lora_r", "4",
         "--learning_rate", "1e-2", "--warmup_steps", "1", "--checkpointing", "offload",
-        "--max_steps", "2", "--output_dir", str(output_dir),
+        "--checkpoint_fraction", "0.5", "--max_steps", "2", "--output_dir", str(output_dir),
     ])  # fmt: skip
     assert math.isfinite(metrics["train_loss"]) and metrics["train_loss"] > 0
     lora_b = _lora_b_weights(output_dir)
