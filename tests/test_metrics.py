@@ -4,7 +4,6 @@ import copy
 import csv
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,10 +12,10 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from torch.utils.data import DataLoader
 
 from lightning_fastft.callbacks import FastFTMetrics
-from lightning_fastft.callbacks.metrics import _recomputes_activations, flops_coefficients, peak_flops_for
+from lightning_fastft.callbacks.metrics import flops_coefficients, peak_flops_for, recomputed_share
 from lightning_fastft.data.packing import PackedCollator
 from lightning_fastft.module import TINY_LLAMA_CONFIG, CausalLMFineTune, SyntheticCausalLMDataModule, build_causal_lm
-from lightning_fastft.strategies import FastFTStrategy, PatchOptions
+from lightning_fastft.strategies import FastFTStrategy
 
 PEAK = 1e12
 STEPS = 3
@@ -75,16 +74,18 @@ def test_flops_count_the_recomputed_share_of_layers():
         flops_coefficients(module, recompute=1.5)
 
 
-def test_recomputed_share_read_from_the_patch_options():
-    def trainer_with(strategy_options=None, callback_options=None):
-        strategy = SimpleNamespace(patch_options=strategy_options)
-        return SimpleNamespace(strategy=strategy, callbacks=[SimpleNamespace(patch_options=callback_options)])
+def test_recomputed_share_read_from_the_model():
+    from lightning_fastft.patching.offload import apply_activation_checkpointing, remove_activation_checkpointing
 
-    half = PatchOptions(checkpointing="recompute", checkpoint_fraction=0.5)
-    assert _recomputes_activations(trainer_with(half)) == 0.5
-    assert _recomputes_activations(trainer_with(callback_options=PatchOptions(checkpointing="offload"))) == 1.0
-    assert _recomputes_activations(trainer_with(PatchOptions(checkpoint_fraction=0.5))) == 0.0  # no checkpointing
-    assert _recomputes_activations(trainer_with()) == 0.0
+    model = build_causal_lm({**TINY_LLAMA_CONFIG, "num_hidden_layers": 4})
+    assert recomputed_share(model) == 0.0
+    apply_activation_checkpointing(model, "recompute", fraction=0.5)
+    assert recomputed_share(model) == 0.5
+    apply_activation_checkpointing(model, "offload", fraction=1.0)
+    assert recomputed_share(model) == 1.0
+    remove_activation_checkpointing(model)
+    model.gradient_checkpointing_enable()  # HF's own checkpointing recomputes every layer
+    assert recomputed_share(model) == 1.0
 
 
 def test_flops_count_the_logical_weights_of_4bit_layers():
@@ -140,7 +141,7 @@ def test_metrics_in_wandb_offline_run(device, tmp_path, monkeypatch):
     assert summary["mfu"] > 0 and summary["tokens_per_sec"] > 0
     assert run_files.name.startswith("offline-run-") and list(run_files.glob("*.wandb"))
     metrics = next(c for c in trainer.callbacks if isinstance(c, FastFTMetrics))
-    assert metrics.recompute == 1.0  # read from the strategy's checkpointing options
+    assert metrics.recompute == 1.0  # read from the model the strategy checkpointed
 
 
 def test_packed_batches_count_real_tokens_without_logger(device):

@@ -117,12 +117,20 @@ def flops_coefficients(module: nn.Module, recompute: Union[bool, float] = False)
     return float(fixed), float(per_position)
 
 
-def _recomputes_activations(trainer: pl.Trainer) -> float:
-    """Share of the layers the fastft strategy / ``FastFT`` callback checkpoints (0.0 without checkpointing)."""
-    options = [getattr(trainer.strategy, "patch_options", None)]
-    options += [getattr(callback, "patch_options", None) for callback in trainer.callbacks]
-    shares = [o.checkpoint_fraction for o in options if o is not None and o.checkpointing is not None]
-    return max(shares, default=0.0)
+def recomputed_share(module: nn.Module) -> float:
+    """Share of the decoder layers inside ``module`` whose forward is recomputed in backward: those
+    wrapped by :func:`~lightning_fastft.patching.offload.apply_activation_checkpointing` (however it
+    was applied), or all of them under HF's own gradient checkpointing."""
+    from lightning_fastft.patching.offload import (
+        checkpointed_layers,
+        find_decoder_layer_lists,
+        hf_gradient_checkpointing_on,
+    )
+
+    if hf_gradient_checkpointing_on(module):
+        return 1.0
+    total = sum(len(stack) for stack in find_decoder_layer_lists(module))
+    return len(checkpointed_layers(module)) / total if total else 0.0
 
 
 class FastFTMetrics(Callback):
@@ -136,8 +144,8 @@ class FastFTMetrics(Callback):
         peak_flops: peak FLOP/s of one device for MFU; default: looked up from the GPU name (no
             MFU when unknown, e.g. on CPU).
         recompute: whether activations are recomputed, or the recomputed share of the layers in
-            [0, 1] (counts that much extra forward in MFU); default: the ``checkpoint_fraction``
-            of the fastft strategy / ``FastFT`` callback when it checkpoints, else 0.
+            [0, 1] (counts that much extra forward in MFU); default: :func:`recomputed_share` of
+            the model when training starts (after every strategy/callback set-up).
         window: number of recent batches the rates are averaged over.
     """
 
@@ -155,9 +163,9 @@ class FastFTMetrics(Callback):
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.recompute is None:
-            self.recompute = _recomputes_activations(trainer)
+            self.recompute = recomputed_share(pl_module)
         if self.peak_flops is None and pl_module.device.type == "cuda":
             self.peak_flops = peak_flops_for(torch.cuda.get_device_name(pl_module.device))
         self._flops_coefficients = flops_coefficients(pl_module, self.recompute)
