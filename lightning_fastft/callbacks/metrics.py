@@ -90,8 +90,8 @@ def flops_coefficients(module: nn.Module, recompute: Union[bool, float] = False)
     (``True`` = 1, ``False`` = 0). Formula in the module docstring; ``None`` when ``module`` holds
     no HF model.
     """
-    recomputed_share = float(recompute)
-    if not 0 <= recomputed_share <= 1:
+    share = float(recompute)
+    if not 0 <= share <= 1:
         raise ValueError(f"recompute must be a bool or a share in [0, 1], got {recompute!r}")
     model = _outermost_hf_model(module)
     if model is None:
@@ -112,8 +112,8 @@ def flops_coefficients(module: nn.Module, recompute: Union[bool, float] = False)
     attention_per_position = config.num_hidden_layers * config.num_attention_heads * head_dim
     fixed = 4 * matmul_params + 2 * matmul_trainable
     per_position = 12 * attention_per_position
-    fixed += recomputed_share * 2 * matmul_params
-    per_position += recomputed_share * 4 * attention_per_position
+    fixed += share * 2 * matmul_params
+    per_position += share * 4 * attention_per_position
     return float(fixed), float(per_position)
 
 
