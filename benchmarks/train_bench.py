@@ -52,11 +52,11 @@ from typing import Any, Optional
 
 PRESET_VARIANTS = ("hf", "liger", "fastft", "fastft_offload", "fastft_nockpt")  # those of --part A, B, C
 VARIANTS = (*PRESET_VARIANTS, "fastft_half")
-# fastft variant -> checkpointing mode, and -> checkpoint_fraction where not 1.0
+# fastft variant -> (checkpointing mode, checkpoint_fraction)
 FASTFT_CHECKPOINTING = {
-    "fastft": "recompute", "fastft_offload": "offload", "fastft_nockpt": None, "fastft_half": "recompute",
+    "fastft": ("recompute", 1.0), "fastft_offload": ("offload", 1.0), "fastft_nockpt": (None, 1.0),
+    "fastft_half": ("recompute", 0.5),
 }  # fmt: skip
-FASTFT_CHECKPOINT_FRACTION = {"fastft_half": 0.5}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LIGER_FUNCTIONS = {"llama": "apply_liger_kernel_to_llama", "qwen2": "apply_liger_kernel_to_qwen2"}
 
@@ -239,10 +239,8 @@ def run_variant(
     module = CausalLMFineTune(model=config.to_dict(), lora_r=16, lora_alpha=16, target_modules=list(LORA_TARGETS))
     module.model = model  # built above; configure_model keeps it
     if variant in FASTFT_CHECKPOINTING:
-        strategy: Any = FastFTStrategy(
-            checkpointing=FASTFT_CHECKPOINTING[variant],
-            checkpoint_fraction=FASTFT_CHECKPOINT_FRACTION.get(variant, 1.0),
-        )
+        mode, fraction = FASTFT_CHECKPOINTING[variant]
+        strategy: Any = FastFTStrategy(checkpointing=mode, checkpoint_fraction=fraction)
     else:
         strategy = "auto"
     timer = _step_timer_class()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from lightning_fastft.patching.offload import MODES, apply_activation_checkpointing
+from lightning_fastft.patching.offload import MODES, apply_activation_checkpointing, check_fraction
 
 
 class ActivationOffload(Callback):
@@ -20,8 +20,7 @@ class ActivationOffload(Callback):
     def __init__(self, mode: str = "offload", fraction: float = 1.0):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if not 0 < fraction <= 1:
-            raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+        check_fraction(fraction)
         self.mode = mode
         self.fraction = fraction
         self.wrapped_layers = 0

@@ -55,6 +55,12 @@ def find_decoder_layer_lists(model: nn.Module) -> list[nn.ModuleList]:
     return stacks
 
 
+def check_fraction(fraction: float) -> None:
+    """Raise ``ValueError`` unless ``fraction`` is a share of layers in (0, 1]."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+
+
 def checkpointed_layer_indices(num_layers: int, fraction: float = 1.0) -> list[int]:
     """Indices of the layers checkpointed in a stack of ``num_layers`` for ``fraction`` of them.
 
@@ -63,8 +69,7 @@ def checkpointed_layer_indices(num_layers: int, fraction: float = 1.0) -> list[i
     ``floor((i + 1) k / n) > floor(i k / n)``, i.e. the last layer of each of ``k`` equal runs of
     layers (k=2 of n=4: layers 1 and 3; k=1 of n=3: layer 2).
     """
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    check_fraction(fraction)
     count = math.floor(fraction * num_layers + 0.5)
     return [i for i in range(num_layers) if (i + 1) * count // num_layers > i * count // num_layers]
 
@@ -82,8 +87,7 @@ def apply_activation_checkpointing(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    check_fraction(fraction)
     stacks = find_decoder_layer_lists(model)
     if not stacks:
         raise ValueError(f"no decoder-layer ModuleList found inside {type(model).__name__}")
