@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from lightning_fastft.kernels import lora as lora_kernels  # noqa: E402
 from lightning_fastft.kernels.lora import LoRAWeights, lora_linear, lora_mlp  # noqa: E402
 from lightning_fastft.patching import lora as lora_patching  # noqa: E402
-from lightning_fastft.patching.lora import GLU_MLP, O_PROJ, QKV, lora_weights, projection_plans  # noqa: E402
+from lightning_fastft.patching.lora import GLU_MLP, O_PROJ, QKV, projection_plan, projection_plans  # noqa: E402
 from lightning_fastft.patching.model import patch_model  # noqa: E402
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
@@ -117,7 +117,8 @@ def test_partial_targets_fuse_plain_projections(device):
     """LoRA on q, v, gate, up only: k_proj and down_proj are plain frozen linears."""
     model, layer = _tiny_llama(device, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj"])
     attn, mlp = layer.self_attn, layer.mlp
-    assert lora_weights(attn.k_proj).lora_A is None and lora_weights(attn.q_proj).lora_A is not None
+    assert projection_plan(attn.k_proj).weights().lora_A is None
+    assert projection_plan(attn.q_proj).weights().lora_A is not None
     x = torch.randn(2, 9, HIDDEN, device=device)
     reference = lambda x: (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))  # noqa: E731
     _assert_matches(make_fused_qkv(attn), reference, attn, x, 1e-4)
@@ -220,7 +221,7 @@ def test_qlora_nf4_double_quant_base(device):
     model = get_peft_model(mlp, LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"],
                                            init_lora_weights=False))
     peft_mlp = model.base_model.model
-    weights = lora_weights(peft_mlp.gate_proj)
+    weights = projection_plan(peft_mlp.gate_proj).weights()
     assert weights.quant_state is not None and weights.quant_state.nested
     fused = make_fused_mlp(peft_mlp, "silu")
     x = torch.randn(3, 7, 40, device=device)
@@ -234,7 +235,7 @@ def test_qlora_nf4_double_quant_base(device):
 )
 def test_not_fusable_configs_give_none(lora_kwargs, device):
     model, layer = _tiny_llama(device, **lora_kwargs)
-    assert lora_weights(layer.mlp.gate_proj) is None
+    assert projection_plan(layer.mlp.gate_proj) is None
     assert make_fused_mlp(layer.mlp, "silu") is None
     assert make_fused_qkv(layer.self_attn) is None
     assert make_fused_o(layer.self_attn) is None
@@ -245,15 +246,15 @@ def test_two_active_adapters_merged_and_trainable_base_give_none(device):
     assert make_fused_qkv(layer.self_attn) is not None
     model.add_adapter("second", LoraConfig(r=4, target_modules="all-linear"))
     model.base_model.set_adapter(["default", "second"])
-    assert lora_weights(layer.self_attn.q_proj) is None and make_fused_qkv(layer.self_attn) is None
+    assert projection_plan(layer.self_attn.q_proj) is None and make_fused_qkv(layer.self_attn) is None
 
     model, layer = _tiny_llama(device)
     layer.mlp.down_proj.merge()
-    assert lora_weights(layer.mlp.down_proj) is None and make_fused_mlp(layer.mlp, "silu") is None
+    assert projection_plan(layer.mlp.down_proj) is None and make_fused_mlp(layer.mlp, "silu") is None
 
     layer.self_attn.o_proj.base_layer.weight.requires_grad_(True)
     assert make_fused_o(layer.self_attn) is None
-    assert lora_weights(nn.Conv1d(3, 3, 1)) is None
+    assert projection_plan(nn.Conv1d(3, 3, 1)) is None
 
 
 def test_plans_read_tensors_at_call_time(device):
@@ -279,7 +280,7 @@ def test_patched_modules_follow_adapter_changes(device):
     with torch.no_grad():
         assert _rel_error(mlp(x), hf_forward()) < 1e-5
         with model.disable_adapter():  # base projections only, like PEFT
-            assert lora_weights(mlp.up_proj).lora_A is None
+            assert projection_plan(mlp.up_proj).weights().lora_A is None
             assert _rel_error(mlp(x), hf_forward()) < 1e-5
         mlp.up_proj.merge()  # no longer fusable: PEFT's own forwards
         assert _rel_error(mlp(x), hf_forward()) < 1e-5

@@ -125,13 +125,6 @@ def projection_plan(module: nn.Module) -> ProjectionPlan | None:
     return ProjectionPlan(base, module, active[0]) if _is_plain_lora_adapter(module, active[0]) else None
 
 
-def lora_weights(module: nn.Module) -> LoRAWeights | None:
-    """The projection's :class:`LoRAWeights`, read now (current parameters and scaling), or
-    ``None`` when it is not fusable."""
-    plan = projection_plan(module)
-    return None if plan is None else plan.weights()
-
-
 def projection_plans(parent: nn.Module, names: tuple[str, ...]) -> tuple[ProjectionPlan, ...] | None:
     """Plans of ``parent``'s projections ``names`` (e.g. :data:`QKV`), or None unless all are fusable."""
     plans = []
