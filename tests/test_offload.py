@@ -142,13 +142,16 @@ def test_grads_equal_under_autocast(variant, device):
 @pytest.mark.parametrize("variant", ["recompute", "offload_emulated"])
 def test_grads_equal_under_ddp(variant, device, tmp_path):
     """DDP's reducer sees every LoRA grad (a missed one errors on the next step) and averages them."""
+    from datetime import timedelta
+
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     model = with_lora(tiny_llama()).to(device).train()
     dist.init_process_group(
-        "nccl" if device == "cuda" else "gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1
-    )
+        "nccl" if device == "cuda" else "gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1,
+        timeout=timedelta(seconds=120),  # a stuck collective fails the test instead of hanging CI
+    )  # fmt: skip
     try:
         wrapped = DistributedDataParallel(checkpointed_copy(model, variant))
         for step in range(2):  # step 2 fails if step 1 left a parameter unreduced
