@@ -1,8 +1,9 @@
 """GPU benchmark: peak memory and step time of activation checkpointing modes.
 
-Model: Llama-3-8B-shaped (hidden 4096, intermediate 14336, 32/8 heads, vocab 128256) truncated to a
-few layers, bf16 random weights, PEFT LoRA r16 on all linears. Modes: no checkpointing, HF gradient
-checkpointing, our ``"recompute"`` and our ``"offload"``; one fwd+bwd step at bs 1.
+Model: ``train_bench``'s Llama-3-8B shape (hidden 4096, intermediate 14336, 32/8 heads, vocab
+128256) truncated to a few layers, bf16 random weights, PEFT LoRA r16 on all linears. Modes: no
+checkpointing, HF gradient checkpointing, our ``"recompute"`` and our ``"offload"``; one fwd+bwd
+step at bs 1.
 
 ``run(results)`` fills ``results["activation_checkpointing"]``; ``set_mode`` is shared with
 ``benchmarks/max_context.py``.
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from train_bench import build_lora_model, model_config
 
 from lightning_fastft.patching.offload import (
     apply_activation_checkpointing,
@@ -27,30 +29,6 @@ from lightning_fastft.patching.offload import (
 
 MODES = ("none", "hf", "recompute", "offload")
 SEQ_LENS = (8192, 16384)
-
-
-def llama3_8b_lora(num_layers: int = 4, lora_rank: int = 16) -> torch.nn.Module:
-    """Llama-3-8B-shaped model with ``num_layers`` layers, bf16 random weights, LoRA on all linears, on CUDA."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=num_layers,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=131072,
-        rope_theta=500000.0,
-        tie_word_embeddings=False,
-        use_cache=False,
-    )
-    config._attn_implementation = "sdpa"
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    lora = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules="all-linear", lora_dropout=0.0)
-    return get_peft_model(model, lora).train()
 
 
 def set_mode(model: torch.nn.Module, mode: str) -> None:
@@ -106,7 +84,7 @@ def measure(model: torch.nn.Module, seq_len: int, steps: int = 3) -> dict:
 
 def run(results: dict, num_layers: int = 4, seq_lens: tuple[int, ...] = SEQ_LENS) -> dict:
     """Fill ``results["activation_checkpointing"]`` with one row per (seq_len, mode)."""
-    model = llama3_8b_lora(num_layers)
+    model = build_lora_model(model_config("llama8b", layers=num_layers), "cuda", quant=None).train()
     rows = []
     for seq_len in seq_lens:
         for mode in MODES:

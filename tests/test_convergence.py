@@ -117,7 +117,9 @@ def test_fastft_ddp_matches_single_process(tmp_path):
     out = tmp_path / "ddp_result.pt"
     script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), steps=steps, out=str(out)))
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    completed = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    completed = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+    )
     assert completed.returncode == 0, completed.stderr[-4000:]
     _, ddp_logits, ddp_weights = torch.load(out, weights_only=False)
 

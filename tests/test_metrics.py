@@ -129,7 +129,7 @@ def test_metrics_in_csv_logger_and_progress_bar(device, tmp_path):
 
 
 def test_metrics_in_wandb_offline_run(device, tmp_path, monkeypatch):
-    pytest.importorskip("wandb", reason="wandb is in the dev extra; the GPU image lacks it")
+    wandb = pytest.importorskip("wandb", reason="wandb is in the dev extra; the GPU image lacks it")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="fastft-test")
@@ -137,6 +137,7 @@ def test_metrics_in_wandb_offline_run(device, tmp_path, monkeypatch):
     run_files = Path(logger.experiment.dir).parent  # .../wandb/offline-run-*/
     summary = dict(logger.experiment.summary)
     logger.experiment.finish()
+    wandb.teardown()  # stop wandb's service and its threads: later tests share this process
     assert {"tokens_per_sec", "tokens_per_sec_total", "mfu", "train_loss"} <= summary.keys()
     assert summary["mfu"] > 0 and summary["tokens_per_sec"] > 0
     assert run_files.name.startswith("offline-run-") and list(run_files.glob("*.wandb"))

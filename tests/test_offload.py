@@ -6,6 +6,9 @@ offload variants take the real side-stream + pinned-memory path.
 """
 
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,9 +142,8 @@ def test_grads_equal_under_autocast(variant, device):
     assert_same_training(model, wrapped, device, autocast_dtype=torch.bfloat16)
 
 
-@pytest.mark.parametrize("variant", ["recompute", "offload_emulated"])
-def test_grads_equal_under_ddp(variant, device, tmp_path):
-    """DDP's reducer sees every LoRA grad (a missed one errors on the next step) and averages them."""
+def ddp_grads_match(variant: str, device: str, store: str) -> int:
+    """Two DDP steps of a checkpointed copy against the plain model; returns how many grads matched."""
     from datetime import timedelta
 
     import torch.distributed as dist
@@ -149,9 +151,10 @@ def test_grads_equal_under_ddp(variant, device, tmp_path):
 
     model = with_lora(tiny_llama()).to(device).train()
     dist.init_process_group(
-        "nccl" if device == "cuda" else "gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1,
-        timeout=timedelta(seconds=120),  # a stuck collective fails the test instead of hanging CI
+        "nccl" if device == "cuda" else "gloo", init_method=f"file://{store}", rank=0, world_size=1,
+        timeout=timedelta(seconds=120),
     )  # fmt: skip
+    matched = 0
     try:
         wrapped = DistributedDataParallel(checkpointed_copy(model, variant))
         for step in range(2):  # step 2 fails if step 1 left a parameter unreduced
@@ -163,8 +166,38 @@ def test_grads_equal_under_ddp(variant, device, tmp_path):
             for name, param in wrapped.module.named_parameters():
                 if param.requires_grad:
                     torch.testing.assert_close(param.grad, ref_grads[name], rtol=1e-6, atol=1e-6, msg=name)
+                    matched += 1
     finally:
         dist.destroy_process_group()
+    return matched
+
+
+DDP_SCRIPT = """
+import faulthandler, sys
+faulthandler.dump_traceback_later(300, exit=True)  # a hang prints every thread's stack and fails
+sys.path.insert(0, {tests!r})
+import torch
+from test_offload import ddp_grads_match
+torch.manual_seed({seed})
+print("matched", ddp_grads_match({variant!r}, {device!r}, {store!r}))
+"""
+
+
+@pytest.mark.parametrize("variant", ["recompute", "offload_emulated"])
+def test_grads_equal_under_ddp(variant, device, tmp_path):
+    """DDP's reducer sees every LoRA grad (a missed one errors on the next step) and averages them.
+
+    Runs in a fresh process: a process group is process-wide state, and the pytest process carries
+    threads left by earlier tests (wandb's service) that a gloo run should not share.
+    """
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    script = DDP_SCRIPT.format(
+        tests=str(Path(__file__).parent), seed=seed, variant=variant, device=device, store=str(tmp_path / "store")
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=420)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    trainable = sum(p.requires_grad for p in with_lora(tiny_llama()).parameters())
+    assert completed.stdout.split()[-2:] == ["matched", str(2 * trainable)]
 
 
 @pytest.mark.parametrize("variant", ["recompute", "offload_emulated"])
