@@ -132,6 +132,7 @@ def test_metrics_in_wandb_offline_run(device, tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb", reason="wandb is in the dev extra; the GPU image lacks it")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONSOLE", "off")  # no console capture: the test reads metrics, not output
     logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="fastft-test")
     _, _, trainer = _fit(device, logger, lora_r=2, checkpointing="recompute")
     run_files = Path(logger.experiment.dir).parent  # .../wandb/offline-run-*/
