@@ -10,6 +10,10 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+from lightning_fastft._versions import warn_untested_versions  # noqa: E402
+
+warn_untested_versions()
+
 from lightning_fastft.callbacks import FastFT, FastFTMetrics  # noqa: E402
 from lightning_fastft.strategies import (  # noqa: E402
     FastFTDDPStrategy,

@@ -12,6 +12,7 @@ every call. A patched model holds no closures: it deep-copies and pickles.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 import warnings
@@ -26,6 +27,8 @@ from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import can_return_tuple
+
+from lightning_fastft._versions import tested_window
 
 from lightning_fastft.kernels.cross_entropy import causal_lm_loss
 from lightning_fastft.kernels.glu import glu
@@ -46,6 +49,68 @@ GLU_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_p
 """HF ``hidden_act`` names the GLU kernel computes, mapped to the kernel's activation name."""
 
 PATCH_KINDS = ("rms_norm", "attention", "rope", "mlp", "lora_qkv", "lora_o", "lora_mlp", "cross_entropy")
+
+CACHE_ARGUMENT = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+"""The KV cache's argument and output-field name in the installed transformers (renamed from
+``past_key_values`` in 5.24). The patched forwards accept both names."""
+
+_CACHE = "<cache>"
+HF_FORWARD_PARAMETERS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "rms_norm": (("hidden_states",), ("x",)),
+    "attention": (("hidden_states", "position_embeddings", "attention_mask", _CACHE, "**kwargs"),),
+    "mlp": (("x",),),
+    "cross_entropy": (
+        (
+            "input_ids",
+            "attention_mask",
+            "position_ids",
+            _CACHE,
+            "inputs_embeds",
+            "labels",
+            "use_cache",
+            "logits_to_keep",
+            "**kwargs",
+        ),
+    ),
+}
+"""The parameters of each Hugging Face forward a patch replaces, as every transformers release of
+the tested window has them (``<cache>``: :data:`CACHE_ARGUMENT`). A class whose forward takes
+anything else keeps Hugging Face's forward, with a warning."""
+
+
+try:  # transformers >= 5.23: also position tensors per row and boolean masks
+    from transformers.modeling_utils import slice_logits_to_keep as _slice_logits_to_keep
+except ImportError:  # earlier releases of the window slice inline like this
+
+    def _slice_logits_to_keep(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+        indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        return hidden_states[:, indices, :]
+
+
+def hf_forward_parameters(cls: type) -> tuple[str, ...]:
+    """``cls.forward``'s parameter names after ``self`` (through decorators), ``**`` marking
+    keyword catch-alls and :data:`CACHE_ARGUMENT` written ``<cache>``."""
+    names = []
+    for parameter in list(inspect.signature(cls.forward).parameters.values())[1:]:
+        prefix = {parameter.VAR_KEYWORD: "**", parameter.VAR_POSITIONAL: "*"}.get(parameter.kind, "")
+        names.append(_CACHE if parameter.name == CACHE_ARGUMENT else prefix + parameter.name)
+    return tuple(names)
+
+
+@functools.cache
+def unknown_hf_forward(kind: str, cls: type) -> str | None:
+    """Why ``cls``'s forward cannot be replaced by the ``kind`` patch (warned once per class),
+    or None when its parameters are ones the patch was written for."""
+    parameters = hf_forward_parameters(cls)
+    if parameters in HF_FORWARD_PARAMETERS[kind]:
+        return None
+    window = ", ".join(f"{name}{req.specifier}" for name, req in tested_window().items()) or "see pyproject.toml"
+    reason = (
+        f"{kind}: {cls.__name__}.forward{parameters} is not a signature this version of lightning_fastft "
+        f"was written for (tested window: {window}); Hugging Face's forward is kept for these modules"
+    )
+    warnings.warn(f"lightning_fastft: {reason}", stacklevel=4)
+    return reason
 
 
 @dataclass
@@ -175,6 +240,7 @@ def _attention_forward(
     hidden_states: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     attention_mask: torch.Tensor | None = None,
+    cache=None,
     past_key_values=None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -182,7 +248,9 @@ def _attention_forward(
 
     Queries/keys stay (batch, seq, heads, head_dim) through the q/k norms and RoPE and are only
     transposed (a view) for the attention function HF picks from ``config._attn_implementation``.
+    The KV cache arrives as ``cache`` (transformers >= 5.24) or ``past_key_values`` (earlier).
     """
+    cache = cache if cache is not None else past_key_values
     plan: _AttentionPlan = self._fastft_attention
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
@@ -204,8 +272,8 @@ def _attention_forward(
         query, key = plan.hf_apply_rotary(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
     value = value.transpose(1, 2)
 
-    if past_key_values is not None:
-        key, value = past_key_values.update(key, value, self.layer_idx)
+    if cache is not None:
+        key, value = cache.update(key, value, self.layer_idx)
 
     attention_function = ALL_ATTENTION_FUNCTIONS.get_interface(
         self.config._attn_implementation, plan.hf_eager_attention
@@ -243,26 +311,31 @@ def _causal_lm_forward(
     input_ids: torch.LongTensor | None = None,
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.LongTensor | None = None,
-    past_key_values=None,
+    cache=None,
     inputs_embeds: torch.Tensor | None = None,
     labels: torch.LongTensor | None = None,
     use_cache: bool | None = None,
     logits_to_keep: int | torch.Tensor = 0,
+    past_key_values=None,
     **kwargs,
 ) -> CausalLMOutputWithPast:
     """HF's causal-LM forward; training with labels computes the loss by fused linear cross
-    entropy straight from the hidden states and returns ``logits=None``."""
+    entropy straight from the hidden states and returns ``logits=None``.
+
+    The KV cache is taken as ``cache`` or ``past_key_values`` and handed on (and returned) under
+    the name the installed transformers uses (:data:`CACHE_ARGUMENT`).
+    """
+    cache = cache if cache is not None else past_key_values
     outputs = getattr(self, self.base_model_prefix)(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        past_key_values=past_key_values,
         inputs_embeds=inputs_embeds,
         use_cache=use_cache,
+        **{CACHE_ARGUMENT: cache},
         **kwargs,
     )
-    slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-    hidden_states = outputs.last_hidden_state[:, slice_indices, :]
+    hidden_states = _slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
     spec: ArchitectureSpec = self._fastft_spec
     softcap = getattr(self.config, spec.final_softcap_attribute) if spec.final_softcap_attribute else None
 
@@ -287,9 +360,9 @@ def _causal_lm_forward(
     return CausalLMOutputWithPast(
         loss=loss,
         logits=logits,
-        past_key_values=outputs.past_key_values,
         hidden_states=outputs.hidden_states,
         attentions=outputs.attentions,
+        **{CACHE_ARGUMENT: getattr(outputs, CACHE_ARGUMENT)},
     )
 
 
@@ -307,6 +380,14 @@ def _install_forward(module: nn.Module, forward: Callable) -> None:
 
 def _is_causal_lm(module: nn.Module) -> bool:
     return isinstance(module, PreTrainedModel) and isinstance(module, GenerationMixin)
+
+
+def _replaceable(kind: str, module: nn.Module, entry: ModelPatchReport) -> bool:
+    """False (noted once in ``entry``) when ``module``'s class forward is not one ``kind`` replaces."""
+    reason = unknown_hf_forward(kind, type(module))
+    if reason is not None and reason not in entry.skipped:
+        entry.skipped.append(reason)
+    return reason is None
 
 
 def _has_lora(*modules: nn.Module) -> bool:
@@ -384,16 +465,19 @@ def _patch_causal_lm(path: str, model: PreTrainedModel, switches: dict[str, bool
     for module in model.modules():
         class_name = type(module).__name__
         if class_name == spec.norm_class and switches["rms_norm"]:
-            module._fastft_spec = spec
-            _install_forward(module, _rms_norm_forward)
-            entry.patched["rms_norm"] += 1
+            if _replaceable("rms_norm", module, entry):
+                module._fastft_spec = spec
+                _install_forward(module, _rms_norm_forward)
+                entry.patched["rms_norm"] += 1
         elif class_name == spec.attention_class:
-            _patch_attention(module, spec, switches["rope"], switches["lora"], entry, unfused, passes)
+            if _replaceable("attention", module, entry):
+                _patch_attention(module, spec, switches["rope"], switches["lora"], entry, unfused, passes)
         elif class_name == spec.mlp_class:
-            _patch_mlp(module, activation, switches["mlp"], switches["lora"], entry, unfused, passes)
+            if _replaceable("mlp", module, entry):
+                _patch_mlp(module, activation, switches["mlp"], switches["lora"], entry, unfused, passes)
     entry.skipped += [f"{kind}: {n} LoRA modules not fusable, PEFT's forward kept" for kind, n in unfused.items() if n]
 
-    if switches["cross_entropy"]:
+    if switches["cross_entropy"] and _replaceable("cross_entropy", model, entry):
         if _plain_lm_head(model) is None:
             entry.skipped.append(
                 f"cross_entropy: lm_head is {type(model.lm_head).__name__}, not a bias-free nn.Linear; "
