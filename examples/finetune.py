@@ -78,8 +78,34 @@ def load_rows(args: argparse.Namespace):
     return datasets.load_dataset(args.dataset, args.dataset_config, split=args.split)
 
 
+def check_model_path(name_or_path: str) -> None:
+    """Fail naming the path when ``--model_name_or_path`` is neither a local model directory nor a
+    hub model name (``from_pretrained`` would complain about a malformed hub repo id)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    path = Path(name_or_path)
+    if path.is_file():
+        raise SystemExit(f"--model_name_or_path {name_or_path}: a file, not a model directory")
+    if path.is_dir():
+        return
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        raise SystemExit(f"--model_name_or_path {name_or_path}: no such model directory") from None
+
+
 def tokenize_rows(dataset, tokenizer, args: argparse.Namespace) -> list[dict[str, list[int]]]:
     """Samples for the packing collator: ``input_ids`` ending with EOS, ``loss_mask`` 0 on prompts."""
+    if args.prompt_column:
+        wanted = {"--prompt_column": args.prompt_column, "--response_column": args.response_column}
+    else:
+        wanted = {"--text_column": args.text_column}
+    missing = [f"{flag} {column!r}" for flag, column in wanted.items() if column not in dataset.column_names]
+    if missing:
+        raise SystemExit(
+            f"dataset {args.dataset} (split {args.split!r}) has no column {', '.join(missing)}; "
+            f"its columns are {dataset.column_names}"
+        )
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     samples = []
     for row in dataset:
@@ -119,6 +145,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.prompt_column and not args.response_column:
         raise SystemExit("--prompt_column needs --response_column")
+    if args.response_column and not args.prompt_column:
+        raise SystemExit("--response_column needs --prompt_column")
+    check_model_path(args.model_name_or_path)
     from transformers import AutoTokenizer
 
     pl.seed_everything(args.seed, verbose=False)

@@ -28,20 +28,19 @@ SENTENCES = [
 ]
 
 
-def tiny_llama(vocab_size=301, **overrides) -> LlamaForCausalLM:
-    config = LlamaConfig(
+def tiny_llama(**overrides) -> LlamaForCausalLM:
+    settings = dict(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        vocab_size=vocab_size,
+        vocab_size=301,
         max_position_embeddings=256,
         rms_norm_eps=1e-5,
         rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
-        **overrides,
     )
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(LlamaConfig(**{**settings, **overrides})).eval()
 
 
 def randomize_norms(model):
@@ -118,6 +117,15 @@ def test_merge_and_save_qlora_is_dequantised_base_plus_lora(tmp_path, device):
     torch.testing.assert_close(loaded.model.layers[0].self_attn.q_proj.weight, expected.detach(), rtol=1e-5, atol=1e-6)
     assert relative_error(eval_logits(loaded, input_ids), peft_logits) < 1e-4
     torch.testing.assert_close(q_proj.base_layer.weight.data, qweight_before, rtol=0, atol=0)
+
+
+def test_merge_and_save_to_a_file_raises_and_keeps_it(tmp_path):
+    """save_pretrained only logs an error for a file path and saves nothing."""
+    target = tmp_path / "model.bin"
+    target.write_text("user data")
+    with pytest.raises(NotADirectoryError, match="model.bin.*is a file"):
+        merge_and_save(tiny_llama(), target)
+    assert target.read_text() == "user data"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="bitsandbytes repacks 4-bit weights only on CPU")
@@ -301,7 +309,10 @@ def test_export_gguf_qwen3_no_permutation_q_norm_and_biases(tmp_path):
         tie_word_embeddings=True,
     )
     model = randomize_norms(Qwen3ForCausalLM(config).eval())
-    reader, tensors = read_tensors(export_gguf(model, tmp_path / "qwen3.gguf", dtype="q8_0"))
+    # intermediate 80 is not a multiple of the Q8_0 block (32): down_proj falls back to F16, with a warning
+    fallback = r"1 of 8 weight matrices stay F16.*: blk\.0\.ffn_down\.weight \(rows of 80\)$"
+    with pytest.warns(UserWarning, match=fallback):
+        reader, tensors = read_tensors(export_gguf(model, tmp_path / "qwen3.gguf", dtype="q8_0"))
     state = model.state_dict()
     assert field(reader, "general.architecture") == "qwen3"
     assert "output.weight" not in tensors  # tied to token_embd
@@ -311,7 +322,6 @@ def test_export_gguf_qwen3_no_permutation_q_norm_and_biases(tmp_path):
     np.testing.assert_array_equal(tensors["blk.0.attn_k.bias"][1], k_bias)
     q_stored, q_source = tensors["blk.0.attn_q.weight"][1], state["model.layers.0.self_attn.q_proj.weight"].numpy()
     assert np.linalg.norm(q_stored - q_source) / np.linalg.norm(q_source) < 1e-2  # same row order
-    # intermediate 80 is not a multiple of the Q8_0 block (32): down_proj falls back to F16
     assert tensors["blk.0.ffn_down.weight"][0] == gguf.GGMLQuantizationType.F16
     assert tensors["blk.0.ffn_up.weight"][0] == gguf.GGMLQuantizationType.Q8_0
 
@@ -376,3 +386,29 @@ def test_export_gguf_rejects_unknown_dtype_and_arch(tmp_path):
     model.config.model_type = "gpt2"
     with pytest.raises(NotImplementedError, match="model_type"):
         export_gguf(model, tmp_path / "x.gguf")
+
+
+def test_export_gguf_keeps_an_existing_file_unless_overwrite(tmp_path):
+    target = tmp_path / "model.gguf"
+    target.write_bytes(b"an earlier export")
+    with pytest.raises(FileExistsError, match="model.gguf.*overwrite=True"):
+        export_gguf(tiny_llama(), target)
+    assert target.read_bytes() == b"an earlier export"
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        export_gguf(tiny_llama(), tmp_path, overwrite=True)
+
+    export_gguf(tiny_llama(), target, overwrite=True)
+    _, tensors = read_tensors(target)
+    assert "token_embd.weight" in tensors
+
+
+def test_export_gguf_q8_0_warns_which_matrices_stay_f16(tmp_path):
+    """Hidden size 48 and intermediate 80: no row is a multiple of the 32-wide Q8_0 block."""
+    model = tiny_llama(hidden_size=48, intermediate_size=80, num_hidden_layers=1)
+    with pytest.warns(UserWarning, match="none of the 9 weight matrices is Q8_0") as caught:
+        _, tensors = read_tensors(export_gguf(model, tmp_path / "q8.gguf", dtype="q8_0"))
+    f16 = {name for name, (qtype, _) in tensors.items() if qtype == gguf.GGMLQuantizationType.F16}
+    assert len(f16) == 9
+    message = str(caught[0].message)
+    assert all(name in message for name in f16)
+    assert "blk.0.ffn_down.weight (rows of 80)" in message

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,30 @@ def test_tokenize_rows_masks_prompts_and_ends_with_eos(finetune, model_dir):
     for sample in finetune.tokenize_rows(dataset, tokenizer, text_args):
         assert sample["loss_mask"] == [1] * len(sample["input_ids"])
         assert sample["input_ids"][-1] == tokenizer.eos_token_id
+
+
+def test_missing_dataset_column_names_it_and_the_columns(finetune, model_dir, tmp_path):
+    data_file = tmp_path / "pairs.json"
+    rows = _rows(1)
+    data_file.write_text(json.dumps([dict(zip(rows, values)) for values in zip(*rows.values())]))
+    common = ["--model_name_or_path", str(model_dir), "--dataset", str(data_file)]
+    columns = r"; its columns are \['prompt', 'response', 'text'\]"
+    with pytest.raises(SystemExit, match=r"no column --response_column 'answer'" + columns):
+        finetune.main([*common, "--prompt_column", "prompt", "--response_column", "answer"])
+    with pytest.raises(SystemExit, match=r"no column --text_column 'body'" + columns):
+        finetune.main([*common, "--text_column", "body"])
+    with pytest.raises(SystemExit, match="--response_column needs --prompt_column"):  # not silently ignored
+        finetune.main([*common, "--response_column", "response"])
+
+
+def test_missing_model_directory_names_the_path(finetune, tmp_path):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(SystemExit, match=re.escape(f"--model_name_or_path {missing}: no such model directory")):
+        finetune.main(["--model_name_or_path", str(missing), "--dataset", "unused"])
+    weights_file = tmp_path / "model.safetensors"
+    weights_file.write_bytes(b"")
+    with pytest.raises(SystemExit, match="a file, not a model directory"):
+        finetune.main(["--model_name_or_path", str(weights_file), "--dataset", "unused"])
 
 
 def test_model_trains_in_training_mode(finetune, model_dir):

@@ -10,13 +10,14 @@ Follows the conventions of llama.cpp's ``convert_hf_to_gguf.py`` for the support
 * gemma / gemma2 RMSNorm scales by ``1 + w``; llama.cpp uses plain ``w``, so ``1`` is added to
   every ``*norm.weight``. Their ``lm_head`` is tied to the embeddings and not written.
 * 1-D tensors (norms, biases) are stored as F32; 2-D tensors in the requested type, with
-  Q8_0 falling back to F16 for rows not a multiple of the 32-wide block.
+  Q8_0 falling back to F16 (with a warning naming them) for rows not a multiple of the 32-wide block.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,8 @@ _OUTPUT_TYPES = {
     "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
     "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
+
+_Q8_0_BLOCK = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]  # Q8_0 quantises rows in blocks this wide
 
 # tokenizer.ggml.pre for byte-level BPE vocabularies (llama.cpp picks the pre-tokenizer regex by it)
 _BPE_PRE_TOKENIZERS = {"llama": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2"}
@@ -191,15 +194,22 @@ def export_gguf(
     *,
     dtype: str = "f16",
     tokenizer=None,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``model_or_dir`` as a GGUF file (``dtype`` in ``"f16"``, ``"bf16"``, ``"q8_0"``).
 
     ``model_or_dir`` is a transformers causal LM (a PEFT LoRA / QLoRA model is merged on the
     fly, without modifying it) or a directory saved by ``save_pretrained`` (its tokenizer is
-    picked up when present). Returns the output path.
+    picked up when present). An existing ``out_path`` is replaced only with ``overwrite=True``.
+    Returns the output path.
     """
     if dtype not in _OUTPUT_TYPES:
         raise ValueError(f"dtype must be one of {sorted(_OUTPUT_TYPES)}, got {dtype!r}")
+    out_path = Path(out_path)
+    if out_path.is_dir():
+        raise IsADirectoryError(f"export_gguf: out_path {str(out_path)!r} is a directory, not a file")
+    if out_path.exists() and not overwrite:
+        raise FileExistsError(f"export_gguf: {str(out_path)!r} already exists; pass overwrite=True to replace it")
     model, tokenizer = _load(model_or_dir, tokenizer)
     config = unwrap_peft(model).config
     if config.model_type not in _ARCHITECTURES:
@@ -213,7 +223,6 @@ def export_gguf(
     n_kv_heads = getattr(config, "num_key_value_heads", None) or n_heads
     names = gguf.get_tensor_name_map(spec.arch, config.num_hidden_layers)
 
-    out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(out_path, gguf.MODEL_ARCH_NAMES[spec.arch], use_temp_file=True)
     _write_hyperparameters(writer, config, spec, file_type)
@@ -223,6 +232,7 @@ def export_gguf(
     if _rope_scaling(config).get("rope_type") == "llama3":
         rope_freqs_name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
         writer.add_tensor(rope_freqs_name, _llama3_rope_factors(config).numpy())
+    q8_0_count, f16_fallbacks = 0, []
     for hf_name, tensor in merged_state_dict(model).items():
         if hf_name == "lm_head.weight" and tied:
             continue
@@ -240,12 +250,24 @@ def export_gguf(
         qtype = tensor_type
         if array.ndim <= 1 or gguf_name.endswith("_norm.weight"):
             qtype = gguf.GGMLQuantizationType.F32
-        elif qtype == gguf.GGMLQuantizationType.Q8_0 and array.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+        elif qtype == gguf.GGMLQuantizationType.Q8_0 and array.shape[-1] % _Q8_0_BLOCK:
             qtype = gguf.GGMLQuantizationType.F16
+            f16_fallbacks.append(f"{gguf_name} (rows of {array.shape[-1]})")
+        q8_0_count += qtype == gguf.GGMLQuantizationType.Q8_0
         writer.add_tensor(gguf_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    if f16_fallbacks:
+        if q8_0_count == 0:
+            stay = f"none of the {len(f16_fallbacks)} weight matrices is Q8_0, the file is effectively f16"
+        else:
+            stay = f"{len(f16_fallbacks)} of {len(f16_fallbacks) + q8_0_count} weight matrices stay F16"
+        warnings.warn(
+            f"export_gguf(dtype='q8_0'): {stay}, their rows not being a multiple of the {_Q8_0_BLOCK}-wide "
+            f"Q8_0 block: {', '.join(f16_fallbacks)}",
+            stacklevel=2,
+        )
     return out_path

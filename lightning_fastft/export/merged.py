@@ -154,6 +154,8 @@ def merge_and_save(
     that ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads the merged model. The
     caller's model is not modified. Returns the merged model.
     """
+    if Path(out_dir).is_file():  # save_pretrained would log an error and save nothing
+        raise NotADirectoryError(f"merge_and_save: out_dir {str(out_dir)!r} is a file, not a directory")
     plain = merged_model(model, dtype)
     save_kwargs = {}
     if "safe_serialization" in inspect.signature(plain.save_pretrained).parameters:
