@@ -2,7 +2,7 @@
 
 The kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter
 (``TRITON_INTERPRET=1`` set before ``triton`` is imported, as the tests do). Anywhere
-else every public op falls back to its PyTorch reference and warns once per op.
+else every public op falls back to its PyTorch reference, with one warning per process.
 """
 
 from __future__ import annotations
@@ -28,12 +28,13 @@ def triton_enabled(*tensors: torch.Tensor) -> bool:
 
 
 def warn_fallback(op: str) -> None:
-    """Warn once per op that it runs the PyTorch reference instead of its Triton kernel."""
-    if op in _warned:
-        return
+    """Warn once per process, at the first op that runs its PyTorch reference instead of its
+    Triton kernel (every op does so for the same reason); ``_warned`` records the ops."""
+    first = not _warned
     _warned.add(op)
-    warnings.warn(
-        f"lightning_fastft: {op} runs its PyTorch reference (no CUDA device and "
-        "TRITON_INTERPRET is not set); results are identical, only slower.",
-        stacklevel=3,
-    )
+    if first:
+        warnings.warn(
+            f"lightning_fastft: {op} runs its PyTorch reference, as every kernel will in this process "
+            "(no CUDA device and TRITON_INTERPRET is not set); results are identical, only slower.",
+            stacklevel=3,
+        )
