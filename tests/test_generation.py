@@ -6,14 +6,11 @@ holds the prompt after prefill.
 """
 
 import copy
-import warnings
-
 import pytest
 import torch
 from test_patching import ARCHITECTURES, VOCAB, add_lora, assert_close, tiny_causal_lm
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from lightning_fastft import _versions
 from lightning_fastft.export.merged import merge_and_save
 from lightning_fastft.patching import model as patching
 from lightning_fastft.patching import patch_model
@@ -134,18 +131,3 @@ def test_unknown_hf_forward_keeps_hf_code_with_a_warning(device):
     assert any("LlamaAttention.forward" in reason for reason in report.models[0].skipped)
     assert all("forward" not in layer.self_attn.__dict__ for layer in model.model.layers)
     assert_same_generation(model, reference, prompts(device), do_sample=False)
-
-
-def test_versions_outside_the_tested_window_warn(monkeypatch):
-    window = _versions.tested_window()
-    assert set(window) == {"transformers", "peft"}
-    for name, requirement in window.items():  # a window with both ends, the installed versions inside
-        assert {spec.operator for spec in requirement.specifier} == {">=", "<"}
-    assert _versions.untested_versions() == []
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        _versions.warn_untested_versions()
-
-    monkeypatch.setattr(_versions.metadata, "version", lambda name: "99.0.0")
-    with pytest.warns(UserWarning, match=r"transformers 99\.0\.0 is outside the tested window transformers"):
-        _versions.warn_untested_versions()
