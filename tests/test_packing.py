@@ -5,11 +5,15 @@ import warnings
 
 import pytest
 import torch
+from helpers import NO_PATCHES, RecordLosses, quiet_trainer
+from torch.utils.data import DataLoader
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
     GemmaConfig,
     GemmaForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -28,6 +32,7 @@ from lightning_fastft.data import (
     pack_sequences,
     token_utilisation,
 )
+from lightning_fastft.module import CausalLMFineTune
 from lightning_fastft.patching import patch_model
 from lightning_fastft.patching.varlen import (
     ATTN_IMPLEMENTATION,
@@ -166,6 +171,21 @@ def test_packed_collator_tensors_are_consistent():
         assert batch["labels"][r, :used].tolist() == row["labels"]
         assert (batch["input_ids"][r, used:] == 1).all() and (batch["labels"][r, used:] == IGNORE_INDEX).all()
     assert token_utilisation([batch]) == pytest.approx(real_tokens / (batch_size * row_len))
+
+
+def test_packed_collator_rejects_a_batch_of_only_empty_samples():
+    """Empty samples among others are dropped; a batch with no tokens at all is a clear error."""
+    samples = random_samples([0, 5, 0, 3])
+    rows = pack_sequences(samples, 8)
+    assert [row["seq_lens"] for row in rows] == [[5, 3]]
+    assert torch.equal(PackedCollator(8)(samples)["input_ids"], PackedCollator()(rows)["input_ids"])
+
+    empty = random_samples([0, 0])
+    assert pack_sequences(empty, 8) == []
+    empty_row = {"input_ids": [], "labels": [], "position_ids": [], "seq_lens": []}
+    for collate, features in ((PackedCollator(8), empty), (PackedCollator(), [empty_row]), (PackedCollator(), [])):
+        with pytest.raises(ValueError, match="no tokens"):
+            collate(features)
 
 
 def test_padded_collator_and_utilisation():
@@ -400,6 +420,65 @@ def test_use_varlen_attention_switches_only_that_instance():
     assert config._attn_implementation == "sdpa"
     batch = PackedCollator(16)(random_samples([5, 9]))
     assert torch.isfinite(wrapped(**batch).loss)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_trainer_packed_batch_equals_samples_run_alone(arch, device):
+    """``Trainer(strategy="fastft")`` on PackedCollator batches, with no ``use_varlen_attention`` call,
+    gives the mean token loss of the samples run alone (HF's sdpa would let them see each other)."""
+    model = build(arch, num_hidden_layers=1).to(device)  # one layer: the kernels are slow on CPU
+    samples = random_samples(SAMPLE_LENGTHS)
+    summed_loss, _ = per_sample_loss_and_grads(copy.deepcopy(model), samples, device)
+    targets = sum(label != IGNORE_INDEX for sample in samples for label in expected_labels(sample)[1:])
+    module = CausalLMFineTune()
+    module.model = model
+    losses = RecordLosses()
+    trainer = quiet_trainer(device, strategy="fastft", max_steps=1, callbacks=[losses])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # one-time kernel fallback notices, Lightning's dataloader hints
+        trainer.fit(module, DataLoader(samples, batch_size=len(samples), collate_fn=PackedCollator(16)))
+    assert losses.losses[0] == pytest.approx(summed_loss / targets, rel=1e-4)
+
+
+def test_patched_model_switches_attention_per_batch(device):
+    """Packed batches run fastft_varlen; unpacked ones (padded, generation) the model's own attention;
+    an explicit ``use_varlen_attention`` stays in force."""
+    model = build("mistral").to(device)
+    patch_model(model, **NO_PATCHES)
+    seen = []  # the attention implementation the first attention layer runs, one entry per forward
+    model.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda attention, args: seen.append(attention.config._attn_implementation)
+    )
+    samples = random_samples([5, 9, 3])
+    packed = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in PackedCollator(16)(samples).items()}
+    padded = {k: v.to(device) for k, v in PaddedCollator()(samples).items()}
+    left_ids, left_mask = (
+        torch.stack([row.roll(int(row.eq(0).sum())) for row in padded[key]]) for key in ("input_ids", "attention_mask")
+    )
+    with torch.no_grad():
+        model(**packed)
+        model(**padded, position_ids=(padded["attention_mask"].cumsum(1) - 1).clamp(min=0))
+        model(**{k: packed[k] for k in ("input_ids", "labels", "position_ids")})  # boundaries from positions only
+        model.generate(input_ids=left_ids, attention_mask=left_mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        use_varlen_attention(model)
+        model(**padded)
+    assert seen == [ATTN_IMPLEMENTATION, "sdpa", ATTN_IMPLEMENTATION, "sdpa", "sdpa", ATTN_IMPLEMENTATION]
+
+
+def test_packed_batch_that_varlen_attention_cannot_serve_raises():
+    """A patched model of an architecture without a varlen route, or with a non-empty KV cache, refuses packed rows."""
+    batch = PackedCollator(16)(random_samples([5, 9]))
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4, bos_token_id=1, eos_token_id=2))
+    with pytest.warns(UserWarning, match="left unpatched"):
+        patch_model(gpt2)
+    with pytest.raises(ValueError, match=r"model_type 'gpt2'\) got a packed batch .* only for llama, mistral"):
+        gpt2(**batch)
+
+    llama = build("llama")
+    patch_model(llama, **NO_PATCHES)
+    prefix = llama(input_ids=batch["input_ids"][:, :3], use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="packed batch .* non-empty KV cache"):
+        llama(**batch, past_key_values=prefix)
 
 
 def test_dense_path_gradients_match_per_segment_reference(device):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from lightning_fastft.patching import patch_model
+from lightning_fastft.patching import patch_model, use_varlen_attention
 
 ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"]
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -227,6 +227,7 @@ def test_no_causal_lm_warns():
 def test_position_ids_restarting_inside_a_row(device):
     reference = tiny_causal_lm("llama").to(device)
     patched = copy.deepcopy(reference)
+    use_varlen_attention(reference)  # HF's own attention lets packed samples see each other
     patch_model(patched)
     position_ids = torch.tensor([[0, 1, 2, 0, 1, 2, 3], [0, 1, 2, 3, 4, 0, 1]])
     check_patched_matches(reference, patched, random_batch(device, position_ids))

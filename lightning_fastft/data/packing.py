@@ -145,6 +145,12 @@ class PackedCollator:
     ``max_length_q`` = ``max_length_k`` (int); ``num_real_tokens`` (int, non-padding tokens).
     ``model(**batch)`` passes the varlen keys on to the attention function. There is deliberately no
     ``attention_mask``: with one, HF's own attention would stop treating the rows as packed.
+
+    Samples stay apart only in a model that runs varlen attention for packed batches: one patched by
+    ``patch_model`` (``strategy="fastft"``, the ``FastFT`` callback) or switched with
+    ``use_varlen_attention``. An unpatched model's own attention may let packed samples see each
+    other (HF's sdpa does whenever the forward builds a KV cache, as training with the default
+    ``use_cache=True`` does). Empty samples are dropped; a batch without any token raises ``ValueError``.
     """
 
     def __init__(
@@ -167,6 +173,11 @@ class PackedCollator:
             raise ValueError("PackedCollator needs max_seq_len to pack raw samples (features without seq_lens)")
         else:
             rows = pack_sequences(features, self.max_seq_len, split_long=self.split_long)
+        if not any(_as_list(row["input_ids"]) for row in rows):
+            raise ValueError(
+                f"PackedCollator: no tokens to collate: the batch's {len(features)} sample(s)/row(s) are all "
+                "empty (empty samples are dropped when packing); filter empty samples out of the dataset"
+            )
 
         row_len = _round_up(max(len(_as_list(row["input_ids"])) for row in rows), self.pad_to_multiple_of)
         input_ids = torch.full((len(rows), row_len), self.pad_token_id, dtype=torch.long)

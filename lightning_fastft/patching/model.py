@@ -44,6 +44,7 @@ from lightning_fastft.patching.lora import (
     fused_qkv,
     projection_plans,
 )
+from lightning_fastft.patching.varlen import route_packed_batches
 
 GLU_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
 """HF ``hidden_act`` names the GLU kernel computes, mapped to the kernel's activation name."""
@@ -511,6 +512,7 @@ def patch_model(
     for path, module in model.named_modules():
         if _is_causal_lm(module):
             report.models.append(_patch_causal_lm(path or type(model).__name__, module, switches))
+            route_packed_batches(module)
     unpatched = [entry for entry in report.models if entry.model_type not in ARCHITECTURES]
     if not report.models or unpatched:
         warnings.warn(

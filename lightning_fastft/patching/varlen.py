@@ -20,7 +20,8 @@ Backends, first applicable wins:
   end-aligned as with a dynamic cache).
 
 Registering adds names to transformers' ``AttentionInterface``/``AttentionMaskInterface`` registries
-(their extension point); only models switched with :func:`use_varlen_attention` use them.
+(their extension point); only models switched with :func:`use_varlen_attention` use them, and models
+given :func:`route_packed_batches` (every causal LM that ``patch_model`` finds) for their packed batches.
 """
 
 from __future__ import annotations
@@ -29,12 +30,16 @@ import copy
 import functools
 import inspect
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, PreTrainedConfig, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
+
+from lightning_fastft.patching.architectures import ARCHITECTURES
 
 ATTN_IMPLEMENTATION = "fastft_varlen"
 
@@ -384,4 +389,76 @@ def use_varlen_attention(model: torch.nn.Module) -> PreTrainedModel:
     hf_model.set_attn_implementation(ATTN_IMPLEMENTATION)
     if hf_model.config._attn_implementation != ATTN_IMPLEMENTATION:
         raise TypeError(f"{type(hf_model).__name__} cannot switch its attention implementation at run time")
+    hf_model.__dict__.pop("_fastft_unpacked_attention", None)  # an explicit switch is permanent
     return hf_model
+
+
+def is_packed_batch(inputs: Mapping[str, Any]) -> bool:
+    """Whether a causal LM's forward inputs pack several samples into a row.
+
+    Packed: ``cu_seq_lens_q``/``cu_seq_lens_k`` are given, or ``position_ids`` fail to count up by one
+    between neighbouring tokens of a row. With a 2D ``attention_mask`` only pairs of real tokens count,
+    so left/right padding (generation, :class:`~lightning_fastft.data.PaddedCollator`) is not packing.
+    A 4D mask (or BlockMask) is the caller's own: such a batch is never treated as packed.
+    """
+    attention_mask = inputs.get("attention_mask")
+    if attention_mask is not None and len(attention_mask.shape) != 2:
+        return False
+    if inputs.get("cu_seq_lens_q") is not None or inputs.get("cu_seq_lens_k") is not None:
+        return True
+    position_ids = inputs.get("position_ids")
+    if position_ids is None or position_ids.shape[-1] < 2:
+        return False
+    restarts = position_ids[..., 1:] != position_ids[..., :-1] + 1
+    if attention_mask is not None:
+        real = attention_mask[:, -position_ids.shape[-1] :].bool()
+        restarts = restarts & real[:, 1:] & real[:, :-1]
+    return bool(restarts.any())
+
+
+def _route_packed_batch(model: PreTrainedModel, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of :func:`route_packed_batches`: picks this forward's attention implementation.
+
+    The choice stays in place until the next forward, so activation-checkpoint recomputation in the
+    backward runs the same attention as the forward did.
+    """
+    inputs = {**dict(zip(inspect.signature(model.forward).parameters, args)), **kwargs} if args else kwargs
+    if not is_packed_batch(inputs):
+        unpacked_attention = model.__dict__.pop("_fastft_unpacked_attention", None)
+        if unpacked_attention is not None and model.config._attn_implementation == ATTN_IMPLEMENTATION:
+            model.set_attn_implementation(unpacked_attention)
+        return
+    name = f"{type(model).__name__} (model_type {getattr(model.config, 'model_type', None)!r})"
+    cache = inputs.get("cache", inputs.get("past_key_values"))
+    if cache is not None and cache.get_seq_length() > 0:
+        raise ValueError(
+            f"{name} got a packed batch (cu_seq_lens_* or position_ids restarting inside a row) together with "
+            "a non-empty KV cache (e.g. prefix tuning): varlen attention cannot keep packed samples apart "
+            "while they all attend to the cached keys. Pass unpacked batches."
+        )
+    implementation = model.config._attn_implementation
+    if implementation == ATTN_IMPLEMENTATION:
+        return
+    if model.config.model_type not in ARCHITECTURES:
+        raise ValueError(
+            f"{name} got a packed batch (cu_seq_lens_* or position_ids restarting inside a row), and its "
+            f"{implementation!r} attention may let the packed samples attend to each other. lightning_fastft "
+            f"switches packed batches to its varlen attention only for {', '.join(ARCHITECTURES)}. Pass unpacked "
+            "batches (e.g. PaddedCollator), or call lightning_fastft.patching.use_varlen_attention(model) "
+            "once you have checked that this architecture hands position_ids/cu_seq_lens_q to its attention function."
+        )
+    use_varlen_attention(model)
+    model._fastft_unpacked_attention = implementation
+
+
+def route_packed_batches(model: PreTrainedModel) -> None:
+    """Give this causal LM instance a forward pre-hook (once) that keeps packed samples apart.
+
+    A packed batch (see :func:`is_packed_batch`) runs ``fastft_varlen`` attention (the model gets its
+    own config copy, as with :func:`use_varlen_attention`); the next unpacked batch switches back to
+    the model's own attention, so unpacked training, evaluation and generation run unchanged.
+    A packed batch raises ``ValueError`` where varlen attention cannot serve it: an architecture
+    outside ``ARCHITECTURES`` not switched explicitly, or a non-empty KV cache.
+    """
+    if _route_packed_batch not in model._forward_pre_hooks.values():
+        model.register_forward_pre_hook(_route_packed_batch, with_kwargs=True)
