@@ -1,7 +1,12 @@
 """Fused linear cross-entropy against the materialised-logits reference and HF's ForCausalLMLoss."""
 
+import re
+
 import pytest
 import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
 from helpers import assert_max_relative_close
 
 from lightning_fastft import _runtime
@@ -174,3 +179,114 @@ def test_causal_lm_loss_matches_hugging_face(device, num_items_in_batch, pre_shi
     assert_max_relative_close(loss, hf_loss, torch.float32)
     for grad, hf_grad in zip(grads, hf_grads):
         assert_max_relative_close(grad, hf_grad, torch.float32)
+
+
+@triton.jit
+def _tanh_kernel(x_ptr, t_ptr, dt_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    t, dt = ce_module._tanh_and_derivative(tl.load(x_ptr + offsets, mask=mask, other=1.0))
+    tl.store(t_ptr + offsets, t, mask=mask)
+    tl.store(dt_ptr + offsets, dt, mask=mask)
+
+
+def test_softcap_tanh_is_accurate(device):
+    """The kernel's tanh on every 61st fp32 in +-[2^-13, 10] (both branches, the switch at 0.625
+    and saturation) against fp64: within 3 ulp (1.9 measured; 2 sigmoid(2x) - 1: over 10^4), and
+    1 - tanh^2 within 2e-6 relative (1.1e-6 measured on GPU, 3.6e-7 in the interpreter)."""
+    low, high = torch.tensor([2.0**-13, 10.0]).view(torch.int32).tolist()
+    x = torch.arange(low, high, 61, dtype=torch.int32, device=device).view(torch.float32)
+    x = torch.cat([x, -x])
+    t, dt = torch.empty_like(x), torch.empty_like(x)
+    _tanh_kernel[(triton.cdiv(x.numel(), 2**16),)](x, t, dt, x.numel(), BLOCK=2**16)
+    reference = torch.tanh(x.double())
+    ulp = torch.nextafter(reference.abs().float(), torch.tensor(2.0, device=device)) - reference.abs().float()
+    assert ((t.double() - reference).abs() / ulp.double()).max() <= 3.0
+    reference_dt = torch.cosh(x.double()) ** -2
+    assert ((dt.double() - reference_dt).abs() / reference_dt).max() <= 2e-6
+
+
+def dyadic(shape, bits, device):
+    """Random nonzero multiples of 2^-bits in (-1, 1): short dot products of them are exact in fp32."""
+    signs = torch.randint(0, 2, shape, device=device) * 2 - 1
+    return (torch.randint(1, 2**bits, shape, device=device) * signs).float() / 2**bits
+
+
+def test_softcap_matches_fp64_tanh(device):
+    """Cap 30 against fp64 ``torch.tanh`` on exact fp32 logits (dyadic inputs, |z| < 3.5). The bias
+    gradient is the column sum of d loss / d z, positive off the targets, so its elementwise error
+    is the kernel's: 4e-7 here, 2e-6 to 5e-6 with tanh = 2 sigmoid(2x) - 1. Hidden and weight
+    gradients are dominated by the fp32 matmuls' own rounding."""
+    n_tokens, hidden_size, vocab = 7, 33, 32003
+    hidden = dyadic((n_tokens, hidden_size), 6, device).requires_grad_()
+    weight = (dyadic((vocab, hidden_size), 10, device) / 4).requires_grad_()
+    bias = dyadic((vocab,), 10, device).requires_grad_()
+    target = torch.randint(0, vocab, (n_tokens,), device=device)
+    loss = fused_linear_cross_entropy(hidden, weight, target, bias=bias, softcap=30.0, chunk_size=3)
+    grads = torch.autograd.grad(loss, (hidden, weight, bias))
+
+    leaves = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
+    logits = torch.addmm(leaves[2], leaves[0], leaves[1].t())
+    assert torch.equal(torch.addmm(bias, hidden, weight.t()).double(), logits)  # fp32 logits are exact
+    reference = F.cross_entropy(30.0 * torch.tanh(logits / 30.0), target)
+    reference_grads = torch.autograd.grad(reference, leaves)
+
+    assert abs(loss.item() - reference.item()) <= 3e-7 * reference.item()
+    grad_bias_error = ((grads[2].double() - reference_grads[2]).abs() / reference_grads[2].abs()).max()
+    assert grad_bias_error <= 1e-6, f"bias gradient elementwise relative error {grad_bias_error:.3g}"
+    for grad, reference_grad in zip(grads[:2], reference_grads[:2]):
+        assert_max_relative_close(grad, reference_grad.float(), torch.float32)
+
+
+@pytest.mark.parametrize("use_triton", [True, False])
+@pytest.mark.parametrize("bad", [1001, 5000, -1, -7])
+def test_out_of_range_target_raises(device, monkeypatch, use_triton, bad):
+    if not use_triton:
+        monkeypatch.setattr(ce_module, "triton_enabled", lambda *tensors: False)
+    hidden, weight, _, target = make_inputs(device, 13, 32, 1001, torch.float32, ignored=(2,))
+    target[9] = bad
+    target[11] = 1001 - bad  # also bad for bad >= 1001, valid for bad < 0; only the first is named
+    message = re.escape(f"target[9] = {bad} is not a class index") + r".* 1001 .*ignore_index=-100"
+    with pytest.raises(ValueError, match=message):
+        fused_linear_cross_entropy(hidden, weight, target, chunk_size=4)
+    with torch.no_grad(), pytest.raises(ValueError, match=message):
+        fused_linear_cross_entropy(hidden, weight, target, chunk_size=4)
+
+
+def test_other_ignore_index_is_checked(device):
+    hidden, weight, _, target = make_inputs(device, 9, 32, 100, torch.float32)
+    target[3] = -1
+    check_against_reference(hidden, weight, None, target, torch.float32, ignore_index=-1, chunk_size=4)
+    target[6] = -100
+    with pytest.raises(ValueError, match=re.escape("target[6] = -100") + ".*ignore_index=-1"):
+        fused_linear_cross_entropy(hidden, weight, target, ignore_index=-1)
+
+
+def test_kernel_masks_out_of_range_target(device):
+    """Even unchecked, the kernel never reads outside a row: such a row's loss is NaN."""
+    logits = torch.randn(4, 37, device=device)
+    target = torch.tensor([3, 37, -5, 36], device=device)
+    loss = torch.empty(4, device=device)
+    scale = torch.ones((), device=device)
+    ce_module._rows_loss_and_grad_triton(logits, target, loss, scale, -100, None, False)
+    assert loss[[1, 2]].isnan().all() and loss[[0, 3]].isfinite().all()
+
+
+@pytest.mark.parametrize("use_triton", [True, False])
+@pytest.mark.parametrize("pre_shifted", [False, True])
+@pytest.mark.parametrize("bad", [1001, -3])
+def test_causal_lm_loss_rejects_out_of_range_labels(device, monkeypatch, use_triton, pre_shifted, bad):
+    if not use_triton:
+        monkeypatch.setattr(ce_module, "triton_enabled", lambda *tensors: False)
+    hidden = torch.randn(2, 9, 32, device=device, requires_grad=True)
+    weight = torch.randn(1001, 32, device=device, requires_grad=True)
+    labels = torch.randint(0, 1001, (2, 9), device=device)
+    labels[0, 0] = bad  # never a target (nothing predicts the first token): not an error
+    labels[1, 5] = bad
+    if pre_shifted:
+        kwargs, named = {"shift_labels": shift_labels(labels)}, f"shift_labels[1, 4] = {bad}"
+        labels = None
+    else:
+        kwargs, named = {}, f"labels[1, 5] = {bad}"
+    with pytest.raises(ValueError, match=re.escape(named) + r".* 1001 .*ignore_index=-100"):
+        causal_lm_loss(hidden, weight, labels, chunk_size=4, **kwargs)

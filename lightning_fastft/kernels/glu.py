@@ -4,8 +4,16 @@ Activations are named as Hugging Face's ``hidden_act``:
 
 * ``"silu"``: ``silu(g) = g * s`` with ``s = sigmoid(g)``;
   ``silu'(g) = s * (1 + g * (1 - s))``.
-* ``"gelu_pytorch_tanh"``: ``gelu(g) = g/2 * (1 + t)`` with ``t = tanh(k * (g + 0.044715 g^3))``,
-  ``k = sqrt(2/pi)``; ``gelu'(g) = (1 + t)/2 + g/2 * (1 - t^2) * k * (1 + 3 * 0.044715 g^2)``.
+* ``"gelu_pytorch_tanh"``: ``gelu(g) = g/2 * (1 + t)`` with ``t = tanh(y)``,
+  ``y = k * (g + 0.044715 g^3)``, ``k = sqrt(2/pi)``;
+  ``gelu'(g) = (1 + t)/2 + g/2 * (1 - t^2) * k * (1 + 3 * 0.044715 g^2)``.
+  ``t`` itself is never formed: with ``e = exp(-2|y|)``, ``(1 + t)/2 = sigmoid(2y)`` is
+  ``1 / (1 + e)`` for ``y >= 0`` and ``e / (1 + e)`` below, and ``(1 - t^2)/2 = 2e / (1 + e)^2``.
+  Both are products and quotients of positive terms, accurate to a few ulp relative given
+  ``y`` (whose own rounding, as in any fp32 evaluation, is amplified by ``|2y|``: 2.2e-6
+  relative at worst for ``|g| <= 4.5``). Forming ``t`` first (``2 sigmoid(2y) - 1``, then
+  ``1 + t``) cancelled catastrophically for ``g << 0``, where ``1 + t`` is tiny: ``gelu(-5)``
+  was 30% off and ``gelu(-6)`` exactly 0.
 * ``"gelu"`` (exact): ``gelu(g) = g/2 * (1 + erf(g/sqrt(2)))``;
   ``gelu'(g) = (1 + erf(g/sqrt(2)))/2 + g * exp(-g^2/2) / sqrt(2 pi)``.
 
@@ -59,14 +67,15 @@ def _activation_and_derivative(g, ACTIVATION: tl.constexpr, NEED_DERIVATIVE: tl.
         s = tl.sigmoid(g)
         a = g * s
         da = s * (1.0 + g * (1.0 - s)) if NEED_DERIVATIVE else a
-    elif ACTIVATION == 1:  # gelu, tanh approximation; tanh(x) = 2 sigmoid(2x) - 1
-        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        t = 2.0 * tl.sigmoid(2.0 * inner) - 1.0
-        a = 0.5 * g * (1.0 + t)
+    elif ACTIVATION == 1:  # gelu, tanh approximation, through e = exp(-2|y|) (module docstring)
+        y = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        e = tl.exp(-2.0 * tl.abs(y))
+        r = 1.0 / (1.0 + e)
+        half_one_plus_t = tl.where(y >= 0.0, r, e * r)  # sigmoid(2y)
+        a = g * half_one_plus_t
         if NEED_DERIVATIVE:
-            da = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (
-                1.0 + 3.0 * 0.044715 * g * g
-            )
+            half_one_minus_t2 = 2.0 * e * r * r
+            da = half_one_plus_t + g * half_one_minus_t2 * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * g * g)
         else:
             da = a
     else:  # gelu, exact erf
