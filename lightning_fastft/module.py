@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_fastft.data.packing import IGNORE_INDEX
+from lightning_fastft.strategies.adapter_checkpoint import check_adapter_state_dict
 
 TINY_LLAMA_CONFIG: dict[str, Any] = {
     "model_type": "llama",
@@ -41,7 +42,10 @@ class CausalLMFineTune(pl.LightningModule):
     """Fine-tune a HF causal LM, fully or with LoRA.
 
     The model is built in ``configure_model`` (so sharded/on-device init contexts apply); it is
-    ``None`` before the Trainer runs.
+    ``None`` before the Trainer runs. Its random weights (the whole model from a config, the
+    initial LoRA adapters) are drawn from ``init_seed``, which the checkpoints store, so
+    ``CausalLMFineTune.load_from_checkpoint(path)`` rebuilds the same frozen base and loads
+    adapter-only checkpoints (see :mod:`lightning_fastft.strategies.adapter_checkpoint`).
 
     Args:
         model: a HF config dict (``{"model_type": "llama", ...}``), a ``PretrainedConfig`` or a
@@ -50,9 +54,16 @@ class CausalLMFineTune(pl.LightningModule):
         lora_alpha, lora_dropout, target_modules: LoRA settings (peft's ``"all-linear"`` by default).
         learning_rate, weight_decay, betas: AdamW settings (no decay on 1-D parameters).
         warmup_steps: linear learning-rate warm-up over this many optimizer steps, then constant.
+        init_seed: seed of the random weights ``configure_model`` draws; ``None`` draws one from
+            torch's random generator at construction (recorded in ``hparams``).
+        max_new_tokens: how many tokens ``predict_step`` generates per row.
 
     Batches are dicts of ``input_ids``, ``labels`` and ``attention_mask`` or ``position_ids``
     (plus anything else the model's forward takes, e.g. ``shift_labels``).
+
+    ``trainer.predict`` (and ``lightning-fastft predict``) returns, per batch, the greedy
+    continuation of each row: a ``(batch, <= max_new_tokens)`` tensor of the generated token ids
+    only (rows that end early are padded with the pad/eos id); see :meth:`predict_step`.
     """
 
     def __init__(
@@ -66,14 +77,24 @@ class CausalLMFineTune(pl.LightningModule):
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 0,
+        init_seed: Optional[int] = None,
+        max_new_tokens: int = 32,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if init_seed is None:  # recorded in the checkpoints, so a reload draws the same weights
+            self.hparams.init_seed = int(torch.randint(2**31 - 1, ()))
         self.model: Optional[torch.nn.Module] = None
 
     def configure_model(self) -> None:
         if self.model is not None:
             return
+        devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.hparams.init_seed)
+            self.model = self._build_model()
+
+    def _build_model(self) -> torch.nn.Module:
         model = build_causal_lm(self.hparams.model)
         if self.hparams.lora_r > 0:
             from peft import LoraConfig, get_peft_model
@@ -86,7 +107,14 @@ class CausalLMFineTune(pl.LightningModule):
                 task_type="CAUSAL_LM",
             )
             model = get_peft_model(model, lora)
-        self.model = model
+        return model
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """``strict`` accepts adapter-only checkpoints: frozen weights may be missing (``configure_model``
+        has rebuilt them), every trainable weight must be there and no key may be unknown."""
+        if strict:
+            check_adapter_state_dict(self, state_dict)
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
 
     def forward(self, **batch: Any) -> Any:
         return self.model(**batch)
@@ -101,6 +129,24 @@ class CausalLMFineTune(pl.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._logged_loss(batch, "val_loss")
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Greedy generation of ``max_new_tokens`` after each row of ``input_ids`` (``labels`` are ignored).
+
+        Rows may be padded on either side (``attention_mask``); they are left-aligned for generation.
+        Packed rows (``position_ids`` without ``attention_mask``) hold several sequences and are refused.
+        """
+        input_ids, mask = batch["input_ids"], batch.get("attention_mask")
+        if mask is None:
+            if "position_ids" in batch:
+                raise ValueError("predict_step generates from padded rows; got a packed batch (position_ids).")
+            mask = torch.ones_like(input_ids)
+        order = mask.argsort(dim=1, stable=True)  # padding first, tokens in order: continue after the last one
+        input_ids, mask = input_ids.gather(1, order), mask.gather(1, order)
+        generated = self.model.generate(
+            input_ids=input_ids, attention_mask=mask, max_new_tokens=self.hparams.max_new_tokens, do_sample=False
+        )
+        return generated[:, input_ids.shape[1] :]
 
     def configure_optimizers(self) -> Any:
         trainable = [p for p in self.parameters() if p.requires_grad]
@@ -161,3 +207,7 @@ class SyntheticCausalLMDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.hparams.batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The validation rows (their ``labels`` are ignored by ``predict_step``)."""
+        return self.val_dataloader()

@@ -60,3 +60,49 @@ def test_loading_reports_missing_trainable_weights(device, tmp_path):
     torch.save(checkpoint, broken)
     with pytest.raises(RuntimeError, match="missing trainable weights"):
         _fit(device, tmp_path, epochs=2, ckpt_path=broken, name="broken")
+
+
+def _weights(module):
+    return {name: p.detach().cpu() for name, p in module.named_parameters()}
+
+
+def test_load_from_checkpoint_rebuilds_the_random_base_of_an_adapter_checkpoint(device, tmp_path):
+    trained, _, checkpoints = _fit(device, tmp_path, epochs=1, name="reload")
+    assert all("lora_" in key for key in torch.load(checkpoints[-1], weights_only=False)["state_dict"])
+
+    torch.manual_seed(12345)  # the base comes from the stored init_seed, not from the current random state
+    reloaded = CausalLMFineTune.load_from_checkpoint(checkpoints[-1])
+    expected, got = _weights(trained), _weights(reloaded)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+class _FreezeLoRAAAfterFirstEpoch(pl.Callback):
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            for name, param in pl_module.named_parameters():
+                if "lora_A" in name:
+                    param.requires_grad_(False)
+
+
+def test_weights_trained_then_frozen_stay_in_adapter_checkpoints(device, tmp_path):
+    pl.seed_everything(7)
+    module = CausalLMFineTune(lora_r=2, lora_alpha=4, learning_rate=1e-2)
+    module.configure_model()
+    initial_lora_a = {n: p.detach().clone() for n, p in module.named_parameters() if "lora_A" in n}
+    data = SyntheticCausalLMDataModule(batch_size=2, seq_len=12, num_samples=2 * STEPS_PER_EPOCH, seed=3)
+    trainer = quiet_trainer(
+        device, strategy=FastFTStrategy(**NO_PATCHES), max_epochs=2, callbacks=[_FreezeLoRAAAfterFirstEpoch()]
+    )
+    trainer.fit(module, data)
+    path = tmp_path / "frozen_later.ckpt"
+    trainer.save_checkpoint(path)
+
+    saved = torch.load(path, weights_only=False)["state_dict"]
+    assert initial_lora_a.keys() <= saved.keys()  # frozen now, but trained in the first epoch
+    assert all("lora_" in key for key in saved)
+    reloaded = _weights(CausalLMFineTune.load_from_checkpoint(path))
+    for name, initial in initial_lora_a.items():
+        assert not torch.equal(reloaded[name], initial.cpu()), name
+        torch.testing.assert_close(reloaded[name], _weights(module)[name], rtol=0, atol=0)

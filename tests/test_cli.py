@@ -4,6 +4,7 @@ import csv
 from pathlib import Path
 
 import pytest
+import torch
 
 from lightning_fastft.cli import build_cli
 from lightning_fastft.strategies import FastFTStrategy
@@ -42,3 +43,45 @@ def test_cli_fit_with_example_config(device, tmp_path, config):
         assert isinstance(cli.trainer.optimizers[0], bnb.optim.AdamW8bit)
     else:
         assert cli.model.model.peft_config["default"].r == 8
+
+
+def test_cli_help_lists_the_fastft_strategy_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli(["fit", "--help"])
+    assert exit_info.value.code == 0
+    usage = " ".join(capsys.readouterr().out.split())
+    assert "--trainer.strategy.NAME VALUE" in usage
+    for option in ("checkpointing: Optional[Literal['recompute', 'offload']] = None", "token_exact: bool = True"):
+        assert option in usage
+
+
+def test_cli_strategy_name_in_yaml_takes_options_from_the_command_line():
+    args = [
+        f"--config={CONFIGS / 'tiny_llama_lora.yaml'}",
+        "--trainer.strategy.checkpointing",
+        "offload",
+        "--trainer.strategy.token_exact=false",
+    ]
+    strategy = build_cli(args, run=False).trainer.strategy
+    assert isinstance(strategy, FastFTStrategy)
+    assert strategy.patch_options.checkpointing == "offload" and strategy.token_exact is False
+    with pytest.raises(SystemExit):
+        build_cli([*args, "--trainer.strategy.lora=maybe"], run=False)
+
+
+def test_cli_predict_generates_token_ids(device, tmp_path):
+    args = [
+        "predict",
+        f"--config={CONFIGS / 'tiny_llama_lora.yaml'}",
+        "--model.max_new_tokens=3",
+        f"--trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.limit_predict_batches=1",
+        "--data.init_args.seq_len=8",
+        "--data.init_args.batch_size=2",
+    ]
+    cli = build_cli(args)
+    (generated,) = cli.trainer.predict_loop.predictions
+    assert generated.shape == (2, 3) and generated.dtype == torch.long

@@ -52,7 +52,9 @@ def run_fit(config, lora_r, strategy, steps, device, devices=1, batch_size=1, nu
     Runs on ``devices`` x ``device``; ``sampler`` (an index order) replaces the data module's sequential order.
     """
     pl.seed_everything(0)
-    module = CausalLMFineTune(model=config, lora_r=lora_r, lora_alpha=2 * max(lora_r, 1), learning_rate=5e-3)
+    module = CausalLMFineTune(
+        model=config, lora_r=lora_r, lora_alpha=2 * max(lora_r, 1), learning_rate=5e-3, init_seed=0
+    )
     data = SyntheticCausalLMDataModule(
         vocab_size=VOCAB, seq_len=8, batch_size=batch_size, num_samples=num_samples or batch_size * steps, seed=1
     )

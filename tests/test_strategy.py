@@ -228,7 +228,8 @@ def test_to_8bit_adamw_with_injected_class():
 
     scheduler_config = SimpleNamespace(scheduler=scheduler)  # stands for Lightning's LRSchedulerConfig
     sgd = torch.optim.SGD([weight], lr=0.1)
-    converted = convert_optimizers([adamw, sgd], [scheduler_config], "adamw_8bit", optimizer_class=torch.optim.Adam)
+    with pytest.warns(UserWarning, match="keeps the torch.optim.sgd.SGD"):
+        converted = convert_optimizers([adamw, sgd], [scheduler_config], "adamw_8bit", optimizer_class=torch.optim.Adam)
     assert type(converted[0]) is torch.optim.Adam and converted[1] is sgd
     assert [g["weight_decay"] for g in converted[0].param_groups] == [0.01, 0.0]
     assert converted[0].defaults["eps"] == 1e-6
@@ -253,3 +254,79 @@ def test_fsdp_strategy_lora_fit_and_adapter_checkpoint(tmp_path):
             dist.destroy_process_group()
     state = torch.load(path, weights_only=False)["state_dict"]
     assert state and all("lora_" in key for key in state)
+
+
+class _Classifier(pl.LightningModule):
+    """Sequence classification: one label per row (shape ``(batch,)``), not token labels."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(4, 3)
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self.head(batch["features"]), batch["labels"])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1.0)
+
+
+def test_token_exact_falls_back_to_averaging_for_classification_labels(device):
+    """Labels of shape (B,) with B=1 used to count 0 target tokens: zero gradient, nothing learnt."""
+    batches = [{"features": torch.randn(1, 4), "labels": torch.tensor([label])} for label in (0, 2)]
+
+    def gradient(token_exact):
+        torch.manual_seed(5)
+        module = _Classifier()
+        trainer = quiet_trainer(
+            device,
+            max_steps=1,
+            accumulate_grad_batches=2,
+            strategy=FastFTStrategy(token_exact=token_exact, **NO_PATCHES),
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(module, _loader(batches))
+        return module.head.weight.grad, [str(w.message) for w in caught if "token_exact" in str(w.message)]
+
+    exact_grad, exact_warnings = gradient(token_exact=True)
+    averaged_grad, averaged_warnings = gradient(token_exact=False)
+    assert exact_grad.abs().max() > 0
+    torch.testing.assert_close(exact_grad, averaged_grad)
+    assert len(exact_warnings) == 1 and "token-level" in exact_warnings[0] and not averaged_warnings
+    assert count_target_tokens({"input_ids": torch.ones(2, 5, dtype=torch.long), "labels": torch.tensor([1, 0])}) is None
+
+
+def test_options_of_wrong_type_are_rejected_by_name():
+    for option in ("token_exact", "adapter_only_checkpoint", "rms_norm", "lora"):
+        with pytest.raises(TypeError, match=f"{option} must be True or False, got 'false'"):
+            FastFTStrategy(**{option: "false"})
+    with pytest.raises(TypeError, match="cross_entropy must be True or False, got 0"):
+        FastFT(cross_entropy=0)
+    with pytest.raises(ValueError, match="checkpoint_fraction"):
+        FastFT(checkpointing="recompute", checkpoint_fraction="0.5")
+
+
+class _AdamFineTune(CausalLMFineTune):
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate)
+
+
+def test_adamw_8bit_converts_adam_and_warns_about_other_optimizers(device):
+    import bitsandbytes as bnb
+
+    def fit_and_optimizer(module):
+        trainer = quiet_trainer(device, strategy=FastFTStrategy(optimizer="adamw_8bit", **NO_PATCHES), max_steps=1)
+        trainer.fit(module, _loader([_random_batch(2, 6, [0, 1])]))
+        return trainer.optimizers[0]
+
+    assert isinstance(fit_and_optimizer(_AdamFineTune()), bnb.optim.AdamW8bit)  # Adam without decay == AdamW
+    with pytest.warns(UserWarning, match="keeps the torch.optim.sgd.SGD"):
+        assert type(fit_and_optimizer(_SGDFineTune())) is torch.optim.SGD
+
+    weight = torch.nn.Parameter(torch.randn(3, 2))
+    coupled = torch.optim.Adam([weight], weight_decay=0.1)  # L2 decay: not AdamW's update rule
+    decoupled = torch.optim.Adam([weight], weight_decay=0.1, decoupled_weight_decay=True)
+    with pytest.warns(UserWarning, match="keeps the torch.optim.adam.Adam"):
+        converted = convert_optimizers([coupled, decoupled], [], "adamw_8bit", optimizer_class=torch.optim.AdamW)
+    assert converted[0] is coupled
+    assert type(converted[1]) is torch.optim.AdamW and converted[1].defaults["weight_decay"] == 0.1

@@ -23,12 +23,20 @@ from torch.optim import Optimizer
 from lightning_fastft.optim import OPTIMIZER_CHOICES, convert_optimizers
 from lightning_fastft.strategies.adapter_checkpoint import (
     adapter_state_dict,
+    adapter_state_keys,
     check_adapter_state_dict,
     trainable_state_keys,
 )
 from lightning_fastft.strategies.token_exact import TokenExactAccumulator, scale_gradients_
 
 CheckpointingMode = Literal["recompute", "offload"]
+
+
+def check_bool_options(**options: Any) -> None:
+    """Raise a ``TypeError`` naming the first option whose value is not a ``bool`` (e.g. the string ``"false"``)."""
+    for name, value in options.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
 
 
 @dataclass(frozen=True)
@@ -44,12 +52,16 @@ class PatchOptions:
     checkpoint_fraction: float = 1.0  # share of each decoder stack's layers checkpointed
 
     def __post_init__(self) -> None:
+        check_bool_options(
+            rms_norm=self.rms_norm, rope=self.rope, mlp=self.mlp, cross_entropy=self.cross_entropy, lora=self.lora
+        )
         if self.checkpointing not in (None, *get_args(CheckpointingMode)):
             raise ValueError(
                 f"checkpointing must be None or one of {get_args(CheckpointingMode)}, got {self.checkpointing!r}"
             )
-        if not 0 < self.checkpoint_fraction <= 1:
-            raise ValueError(f"checkpoint_fraction must be in (0, 1], got {self.checkpoint_fraction!r}")
+        fraction = self.checkpoint_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+            raise ValueError(f"checkpoint_fraction must be a number in (0, 1], got {fraction!r}")
 
     def apply(self, module: nn.Module) -> Any:
         """Patch ``module`` in place (instances only, idempotent); returns the ``PatchReport``."""
@@ -77,11 +89,15 @@ class FastFTStrategyMixin:
             applies to (``round(fraction * n)`` of ``n`` layers, evenly spread; the others keep
             their activations): trades memory for speed. Ignored when ``checkpointing`` is None.
         optimizer: ``None`` keeps the optimizers of ``configure_optimizers``; ``"adamw_8bit"``
-            swaps torch AdamW for bitsandbytes' 8-bit AdamW.
+            swaps torch AdamW (and torch Adam without coupled weight decay) for bitsandbytes'
+            8-bit AdamW; other optimizers stay as configured, with a warning.
         token_exact: with gradient accumulation and/or several ranks, make the gradient equal to
-            the one of a single batch holding all tokens of the accumulation window.
+            the one of a single batch holding all tokens of the accumulation window. Needs
+            token-level labels (see :func:`.token_exact.count_target_tokens`); batches without
+            them (e.g. classification labels) get Lightning's averaging, with one warning.
         adapter_only_checkpoint: when some parameters are frozen, checkpoints hold only the
-            trainable weights, and loading accepts the frozen ones missing.
+            weights that train, trained earlier in this run or came from the resumed checkpoint;
+            loading accepts the other frozen weights missing.
     """
 
     def __init__(
@@ -103,11 +119,13 @@ class FastFTStrategyMixin:
         self.patch_options = PatchOptions(rms_norm, rope, mlp, cross_entropy, lora, checkpointing, checkpoint_fraction)
         if optimizer not in (None, *OPTIMIZER_CHOICES):
             raise ValueError(f"optimizer must be None or one of {OPTIMIZER_CHOICES}, got {optimizer!r}")
+        check_bool_options(token_exact=token_exact, adapter_only_checkpoint=adapter_only_checkpoint)
         self.fastft_optimizer = optimizer
         self.token_exact = token_exact
         self.adapter_only_checkpoint = adapter_only_checkpoint
         self.patch_report: Any = None
         self._token_accumulator = TokenExactAccumulator()
+        self._trained_keys: set[str] = set()  # weights that trained at some point, for adapter-only checkpoints
 
     # ---- patches and optimizers -------------------------------------------------------------
     def setup(self, trainer: Any) -> None:
@@ -145,6 +163,7 @@ class FastFTStrategyMixin:
     def optimizer_step(
         self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None, **kwargs: Any
     ) -> Any:
+        self._trained_keys |= trainable_state_keys(self.lightning_module)
         if self._token_exact_active():
             closure = functools.partial(self._closure_then_token_rescale, optimizer, closure)
         return super().optimizer_step(optimizer, closure, model, **kwargs)
@@ -166,15 +185,16 @@ class FastFTStrategyMixin:
 
     # ---- adapter-only checkpoints -----------------------------------------------------------
     def _saves_adapter_only(self) -> bool:
-        return self.adapter_only_checkpoint and trainable_state_keys(self.lightning_module) is not None
+        return self.adapter_only_checkpoint and adapter_state_keys(self.lightning_module) is not None
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         state = super().lightning_module_state_dict()
-        if self._saves_adapter_only():
-            state = adapter_state_dict(self.lightning_module, state)
+        if self.adapter_only_checkpoint:
+            state = adapter_state_dict(self.lightning_module, state, self._trained_keys)
         return state
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        self._trained_keys |= checkpoint["state_dict"].keys()  # what the checkpoint holds stays in later ones
         if not self._saves_adapter_only():
             return super().load_model_state_dict(checkpoint, strict=strict)
         if strict:

@@ -19,21 +19,31 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_warn
 
 from lightning_fastft.data.packing import IGNORE_INDEX
+
+
+def _token_level(labels: Any, batch: Mapping[str, Any]) -> bool:
+    """Integer labels with a sequence dimension, shaped like ``input_ids`` when the batch has them."""
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.ndim < 2:
+        return False
+    input_ids = batch.get("input_ids")
+    return not isinstance(input_ids, torch.Tensor) or input_ids.shape == labels.shape
 
 
 def count_target_tokens(batch: Any) -> torch.Tensor | None:
     """Number of tokens that contribute to the loss of a ``{"labels" | "shift_labels": ...}`` batch.
 
     ``shift_labels`` (already aligned with the logits) is counted as is; ``labels`` are shifted
-    by one like HF's causal-LM loss does. ``None`` when the batch carries no labels.
+    by one like HF's causal-LM loss does. ``None`` when the batch carries no token-level labels
+    (integer, ``(batch, sequence)``-shaped like ``input_ids``), e.g. classification labels ``(batch,)``.
     """
     if not isinstance(batch, Mapping):
         return None
-    if batch.get("shift_labels") is not None:
+    if _token_level(batch.get("shift_labels"), batch):
         return (batch["shift_labels"] != IGNORE_INDEX).sum()
-    if batch.get("labels") is not None:
+    if _token_level(batch.get("labels"), batch):
         return (batch["labels"][..., 1:] != IGNORE_INDEX).sum()
     return None
 
@@ -55,16 +65,25 @@ class TokenExactAccumulator:
         self.micro_batch_tokens: torch.Tensor | None = None
         self.window_tokens: torch.Tensor | None = None
         self.window_has_unlabelled = False
+        self.warned_unlabelled = False
 
     def observe_batch(self, batch: Any) -> None:
         self.micro_batch_tokens = count_target_tokens(batch)
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        """``loss * n_i`` (mean -> sum) and add ``n_i`` to the window; unlabelled batches pass as is."""
+        """``loss * n_i`` (mean -> sum) and add ``n_i`` to the window; unlabelled batches pass as is
+        (Lightning's averaging of the micro-batch losses), with one warning."""
         tokens = self.micro_batch_tokens
         self.micro_batch_tokens = None
         if tokens is None:
             self.window_has_unlabelled = True
+            if not self.warned_unlabelled:
+                self.warned_unlabelled = True
+                rank_zero_warn(
+                    "token_exact: a training batch has no token-level 'labels'/'shift_labels' (integer, shaped "
+                    "like input_ids) to count target tokens from, so its loss is averaged over micro-batches and "
+                    "ranks as Lightning does. Set token_exact=False to silence this."
+                )
             return loss
         tokens = tokens.to(loss.device)
         self.window_tokens = tokens if self.window_tokens is None else self.window_tokens + tokens
