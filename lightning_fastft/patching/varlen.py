@@ -399,10 +399,11 @@ def is_packed_batch(inputs: Mapping[str, Any]) -> bool:
     Packed: ``cu_seq_lens_q``/``cu_seq_lens_k`` are given, or ``position_ids`` fail to count up by one
     between neighbouring tokens of a row. With a 2D ``attention_mask`` only pairs of real tokens count,
     so left/right padding (generation, :class:`~lightning_fastft.data.PaddedCollator`) is not packing.
-    A 4D mask (or BlockMask) is the caller's own: such a batch is never treated as packed.
+    A mask of any other form (4D, a BlockMask, the per-layer-type dict that generation with a
+    static cache passes in transformers 5.17) is the caller's own: such a batch is never packed.
     """
     attention_mask = inputs.get("attention_mask")
-    if attention_mask is not None and len(attention_mask.shape) != 2:
+    if attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):
         return False
     if inputs.get("cu_seq_lens_q") is not None or inputs.get("cu_seq_lens_k") is not None:
         return True
