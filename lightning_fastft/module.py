@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_fastft.data.packing import IGNORE_INDEX
+from lightning_fastft.constants import IGNORE_INDEX
 from lightning_fastft.strategies.adapter_checkpoint import check_adapter_state_dict
 
 TINY_LLAMA_CONFIG: dict[str, Any] = {

@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100
+from lightning_fastft.constants import IGNORE_INDEX
+
 
 
 def _as_list(values: Any) -> list[int]:

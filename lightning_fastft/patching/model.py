@@ -29,6 +29,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import can_return_tuple
 
 from lightning_fastft._versions import tested_window
+from lightning_fastft.constants import IGNORE_INDEX
 
 from lightning_fastft.kernels.cross_entropy import causal_lm_loss
 from lightning_fastft.kernels.glu import glu
@@ -348,7 +349,7 @@ def _causal_lm_forward(
             labels,
             shift_labels=kwargs.get("shift_labels"),
             softcap=softcap,
-            ignore_index=kwargs.get("ignore_index", -100),
+            ignore_index=kwargs.get("ignore_index", IGNORE_INDEX),
             num_items_in_batch=kwargs.get("num_items_in_batch"),
         )
     else:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_warn
 
-from lightning_fastft.data.packing import IGNORE_INDEX
+from lightning_fastft.constants import IGNORE_INDEX
 
 
 def _token_level(labels: Any, batch: Mapping[str, Any]) -> bool:
