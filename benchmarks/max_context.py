@@ -28,7 +28,7 @@ from offload import set_mode  # noqa: E402
 from train_bench import _apply_liger, build_lora_model, model_config  # noqa: E402
 
 from lightning_fastft.patching import patch_model  # noqa: E402
-from lightning_fastft.patching.varlen import find_hf_model  # noqa: E402
+from lightning_fastft._hf import find_hf_model  # noqa: E402
 
 CHECKPOINTING = {"hf": "hf", "liger": "hf", "fastft": "recompute", "fastft_offload": "offload"}
 

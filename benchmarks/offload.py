@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from train_bench import build_lora_model, model_config
 
-from lightning_fastft.patching.offload import (
+from lightning_fastft.training.checkpointing import (
     apply_activation_checkpointing,
     disable_hf_gradient_checkpointing,
     hf_gradient_checkpointing_on,

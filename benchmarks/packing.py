@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from lightning_fastft.data import PackedCollator, PaddedCollator, pack_sequences, token_utilisation
-from lightning_fastft.patching.varlen import pick_backend, use_varlen_attention
+from lightning_fastft.attention import pick_backend, use_varlen_attention
 
 MAX_SEQ_LEN = 2048
 

@@ -35,7 +35,7 @@ from offload import set_mode  # noqa: E402
 from train_bench import build_lora_model, model_config  # noqa: E402
 
 from lightning_fastft.patching import patch_model  # noqa: E402
-from lightning_fastft.patching.offload import apply_activation_checkpointing  # noqa: E402
+from lightning_fastft.training.checkpointing import apply_activation_checkpointing  # noqa: E402
 
 MODES = ("hf", "recompute", "offload", "none", "recompute_half")
 
@@ -164,7 +164,7 @@ def main() -> None:
             patched = True
         if mode == "recompute_half":  # every other decoder layer checkpointed
             set_mode(model, "none")
-            apply_activation_checkpointing(model, "recompute", fraction=0.5)
+            apply_activation_checkpointing(model, "recompute", checkpoint_fraction=0.5)
         else:
             set_mode(model, mode)
         step = make_step(model, optimizer, input_ids)

@@ -214,8 +214,8 @@ def run_variant(
 
     from lightning_fastft.callbacks.metrics import flops_coefficients, peak_flops_for
     from lightning_fastft.module import CausalLMFineTune
-    from lightning_fastft.patching.offload import checkpointed_layers
-    from lightning_fastft.patching.varlen import find_hf_model
+    from lightning_fastft.training.checkpointing import checkpointed_layers
+    from lightning_fastft._hf import find_hf_model
     from lightning_fastft.strategies import FastFTStrategy
 
     on_cuda = device.startswith("cuda")

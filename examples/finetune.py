@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 import lightning_fastft
 from lightning_fastft.data import PackedCollator, pack_sequences
 from lightning_fastft.module import CausalLMFineTune
-from lightning_fastft.patching.varlen import use_varlen_attention
+from lightning_fastft.patching.options import CHECKPOINTING
 from lightning_fastft.strategies import FastFTStrategy
 
 
@@ -46,7 +46,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--lora_r", type=int, default=16)
     parser.add_argument("--lora_alpha", type=int, default=16)
     parser.add_argument("--quant", choices=("nf4",), default=None, help="QLoRA: load the base in 4-bit NF4")
-    parser.add_argument("--checkpointing", choices=("none", "recompute", "offload"), default="recompute")
+    parser.add_argument("--checkpointing", choices=CHECKPOINTING, default=None,
+                        help="activation checkpointing of the decoder layers (default: none)")  # fmt: skip
     parser.add_argument("--checkpoint_fraction", type=float, default=1.0,
                         help="share of the decoder layers checkpointed; less recompute, more memory")  # fmt: skip
     parser.add_argument("--optimizer", choices=("adamw", "adamw_8bit"), default="adamw")
@@ -137,7 +138,6 @@ def load_trainable_model(args: argparse.Namespace) -> torch.nn.Module:
     would turn off dropout and the fused cross-entropy patch)."""
     model = load_lora_model(args)
     model.config.use_cache = False
-    use_varlen_attention(model)
     return model.train()
 
 
@@ -169,7 +169,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     print(f"{len(samples)} samples packed into {len(rows)} rows of at most {args.max_seq_len} tokens")
     loader = DataLoader(rows, batch_size=args.batch_size, shuffle=True, collate_fn=PackedCollator(pad_token_id=pad_id))
     strategy = FastFTStrategy(
-        checkpointing=None if args.checkpointing == "none" else args.checkpointing,
+        checkpointing=args.checkpointing,
         checkpoint_fraction=args.checkpoint_fraction,
         optimizer="adamw_8bit" if args.optimizer == "adamw_8bit" else None,
     )

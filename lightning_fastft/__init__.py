@@ -25,12 +25,14 @@ from lightning_fastft.strategies import (  # noqa: E402
 register_strategies()
 
 _LAZY = {
+    "ActivationCheckpointing": "lightning_fastft.callbacks.offload",
     "ActivationOffload": "lightning_fastft.callbacks.offload",
+    "PatchOptions": "lightning_fastft.patching.options",
     "CausalLMFineTune": "lightning_fastft.module",
     "PackedCollator": "lightning_fastft.data.packing",
     "PaddedCollator": "lightning_fastft.data.packing",
     "PatchReport": "lightning_fastft.patching.model",
-    "apply_activation_checkpointing": "lightning_fastft.patching.offload",
+    "apply_activation_checkpointing": "lightning_fastft.training.checkpointing",
     "export_gguf": "lightning_fastft.export.gguf",
     "load_qlora": "lightning_fastft.qlora",
     "merge_and_save": "lightning_fastft.export.merged",
@@ -39,7 +41,7 @@ _LAZY = {
     "patch_model": "lightning_fastft.patching.model",
     "prepare_qlora": "lightning_fastft.qlora",
     "token_utilisation": "lightning_fastft.data.packing",
-    "use_varlen_attention": "lightning_fastft.patching.varlen",
+    "use_varlen_attention": "lightning_fastft.attention",
 }
 
 

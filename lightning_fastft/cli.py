@@ -26,6 +26,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 
 import lightning_fastft  # noqa: F401  (registers the fastft strategy names)
 from lightning_fastft.module import CausalLMFineTune
+from lightning_fastft.patching.options import PatchOptions
 from lightning_fastft.strategies import FastFTStrategy, FastFTStrategyMixin
 from lightning_fastft.strategies.fastft import STRATEGY_NAMES
 
@@ -39,7 +40,7 @@ def _type_name(hint: Any) -> str:
 
 def fastft_options_help() -> str:
     """The ``--help`` text of the fastft strategy options (``name: type = default`` each, from the signature)."""
-    hints = typing.get_type_hints(FastFTStrategyMixin.__init__)
+    hints = {**typing.get_type_hints(PatchOptions), **typing.get_type_hints(FastFTStrategyMixin.__init__)}
     options = [
         f"{name}: {_type_name(hints[name])} = {parameter.default!r}"
         for name, parameter in inspect.signature(FastFTStrategyMixin.__init__).parameters.items()

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_fastft.constants import IGNORE_INDEX
-from lightning_fastft.strategies.adapter_checkpoint import check_adapter_state_dict
+from lightning_fastft.training.adapter_checkpoint import check_adapter_state_dict
 
 TINY_LLAMA_CONFIG: dict[str, Any] = {
     "model_type": "llama",
@@ -45,7 +45,7 @@ class CausalLMFineTune(pl.LightningModule):
     ``None`` before the Trainer runs. Its random weights (the whole model from a config, the
     initial LoRA adapters) are drawn from ``init_seed``, which the checkpoints store, so
     ``CausalLMFineTune.load_from_checkpoint(path)`` rebuilds the same frozen base and loads
-    adapter-only checkpoints (see :mod:`lightning_fastft.strategies.adapter_checkpoint`).
+    adapter-only checkpoints (see :mod:`lightning_fastft.training.adapter_checkpoint`).
 
     Args:
         model: a HF config dict (``{"model_type": "llama", ...}``), a ``PretrainedConfig`` or a

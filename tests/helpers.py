@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 # FastFTStrategy keyword arguments that switch every kernel patch off.
-NO_PATCHES = dict(rms_norm=False, rope=False, mlp=False, cross_entropy=False, lora=False)
+NO_PATCHES = dict(rms_norm=False, rope=False, mlp=False, cross_entropy=False, fused_lora=False)
 
 # Relative tolerance of a kernel against its fp32 reference, by input dtype.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2}

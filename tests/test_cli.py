@@ -66,7 +66,7 @@ def test_cli_strategy_name_in_yaml_takes_options_from_the_command_line():
     assert isinstance(strategy, FastFTStrategy)
     assert strategy.patch_options.checkpointing == "offload" and strategy.token_exact is False
     with pytest.raises(SystemExit):
-        build_cli([*args, "--trainer.strategy.lora=maybe"], run=False)
+        build_cli([*args, "--trainer.strategy.fused_lora=maybe"], run=False)
 
 
 def test_cli_predict_generates_token_ids(device, tmp_path):

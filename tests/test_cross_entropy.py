@@ -14,7 +14,7 @@ from lightning_fastft.kernels import cross_entropy as ce_module
 from lightning_fastft.kernels.cross_entropy import (
     causal_lm_loss,
     fused_linear_cross_entropy,
-    linear_cross_entropy_reference,
+    fused_linear_cross_entropy_reference,
     shift_labels,
 )
 
@@ -33,7 +33,7 @@ def check_against_reference(hidden, weight, bias, target, dtype, grad_output=1.7
     loss = fused_linear_cross_entropy(hidden, weight, target, bias=bias, **kwargs)
     grads = torch.autograd.grad(loss * grad_output, leaves)
     reference_kwargs = {k: v for k, v in kwargs.items() if k != "chunk_size"}
-    reference = linear_cross_entropy_reference(hidden, weight, target, bias=bias, **reference_kwargs)
+    reference = fused_linear_cross_entropy_reference(hidden, weight, target, bias=bias, **reference_kwargs)
     reference_grads = torch.autograd.grad(reference * grad_output, leaves)
     assert loss.dtype == torch.float32 and loss.shape == ()
     assert_max_relative_close(loss, reference, dtype)
@@ -92,15 +92,15 @@ def test_default_chunking_uses_several_chunks(device, monkeypatch):
 
 
 def spy_on_requested_grads(monkeypatch) -> list:
-    """The (hidden, weight, bias) gradient flags of every later ``_chunked_loss_and_grads`` call."""
+    """The (hidden, weight, bias) gradient flags of every later ``fused_linear_cross_entropy_forward`` call."""
     requested = []
-    chunked = ce_module._chunked_loss_and_grads
+    chunked = ce_module.fused_linear_cross_entropy_forward
 
     def spy(*args):
         requested.append(args[8:11])
         return chunked(*args)
 
-    monkeypatch.setattr(ce_module, "_chunked_loss_and_grads", spy)
+    monkeypatch.setattr(ce_module, "fused_linear_cross_entropy_forward", spy)
     return requested
 
 
@@ -119,7 +119,8 @@ def test_no_grad_computes_loss_only(device, monkeypatch):
     with torch.no_grad():
         loss = fused_linear_cross_entropy(hidden, weight, target, chunk_size=4)
     assert requested == [(False, False, False)] and not loss.requires_grad
-    assert_max_relative_close(loss, linear_cross_entropy_reference(hidden, weight, target).detach(), torch.float32)
+    reference = fused_linear_cross_entropy_reference(hidden, weight, target)
+    assert_max_relative_close(loss, reference.detach(), torch.float32)
 
 
 def test_second_backward_is_refused(device):
@@ -144,7 +145,7 @@ def test_autocast_runs_matmuls_in_autocast_dtype(device):
     with torch.autocast(device, dtype=torch.bfloat16):
         loss = fused_linear_cross_entropy(hidden, weight, target, chunk_size=5)
     loss.backward()
-    reference = linear_cross_entropy_reference(hidden.bfloat16(), weight.bfloat16(), target)
+    reference = fused_linear_cross_entropy_reference(hidden.bfloat16(), weight.bfloat16(), target)
     assert_max_relative_close(loss, reference.detach(), torch.bfloat16)
     assert hidden.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
 

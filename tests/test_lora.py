@@ -290,7 +290,7 @@ def test_fusability_decided_once_per_forward_pass(monkeypatch, device):
     """One decision per (module, projection group) per pass, reused by the checkpoint
     recomputation in backward; a change between passes (disabling adapters) is honoured."""
     from lightning_fastft.patching import model as patching_model
-    from lightning_fastft.patching.offload import apply_activation_checkpointing
+    from lightning_fastft.training.checkpointing import apply_activation_checkpointing
 
     model, _ = _tiny_llama(device)
     reference = copy.deepcopy(model)

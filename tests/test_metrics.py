@@ -75,13 +75,13 @@ def test_flops_count_the_recomputed_share_of_layers():
 
 
 def test_recomputed_share_read_from_the_model():
-    from lightning_fastft.patching.offload import apply_activation_checkpointing, remove_activation_checkpointing
+    from lightning_fastft.training.checkpointing import apply_activation_checkpointing, remove_activation_checkpointing
 
     model = build_causal_lm({**TINY_LLAMA_CONFIG, "num_hidden_layers": 4})
     assert recomputed_share(model) == 0.0
-    apply_activation_checkpointing(model, "recompute", fraction=0.5)
+    apply_activation_checkpointing(model, "recompute", checkpoint_fraction=0.5)
     assert recomputed_share(model) == 0.5
-    apply_activation_checkpointing(model, "offload", fraction=1.0)
+    apply_activation_checkpointing(model, "offload", checkpoint_fraction=1.0)
     assert recomputed_share(model) == 1.0
     remove_activation_checkpointing(model)
     model.gradient_checkpointing_enable()  # HF's own checkpointing recomputes every layer

@@ -34,7 +34,7 @@ from lightning_fastft.data import (
 )
 from lightning_fastft.module import CausalLMFineTune
 from lightning_fastft.patching import patch_model
-from lightning_fastft.patching.varlen import (
+from lightning_fastft.attention import (
     ATTN_IMPLEMENTATION,
     find_segments,
     packed_attention,

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from lightning_fastft.patching import patch_model, use_varlen_attention
+from lightning_fastft.attention import use_varlen_attention
+from lightning_fastft.patching import patch_model
 
 ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"]
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -129,7 +130,7 @@ def test_patched_model_matches_hf(model_type, device):
 def test_patched_peft_lora_matches_hf(model_type, fused_lora, device):
     reference = add_lora(tiny_causal_lm(model_type, attn_implementation="eager")).to(device)
     patched = copy.deepcopy(reference)
-    counts = patch_model(patched, lora=fused_lora).models[0].patched
+    counts = patch_model(patched, fused_lora=fused_lora).models[0].patched
     fused = 2 if fused_lora else 0  # plain fp32 LoRA without dropout is fusable on every projection
     assert (counts["lora_qkv"], counts["lora_o"], counts["lora_mlp"], counts["mlp"]) == (fused, fused, fused, 2 - fused)
     check_patched_matches(reference, patched, random_batch(device))
@@ -139,7 +140,7 @@ def test_patched_peft_lora_matches_hf(model_type, fused_lora, device):
 def test_each_switch_turns_its_part_off(switch, device):
     reference = tiny_causal_lm("qwen3").to(device)
     model = copy.deepcopy(reference)
-    report = patch_model(model, **{switch: False}, lora=False)
+    report = patch_model(model, **{switch: False}, fused_lora=False)
     replaced = {
         "rms_norm": replaced_forwards(model, "RMSNorm"),
         "rope": replaced_forwards(model, "Attention"),

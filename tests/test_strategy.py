@@ -14,10 +14,10 @@ import lightning_fastft
 from lightning_fastft import patching
 from lightning_fastft.callbacks import FastFT
 from lightning_fastft.module import TINY_LLAMA_CONFIG, CausalLMFineTune
-from lightning_fastft.optim import convert_optimizers, to_8bit_adamw
-from lightning_fastft.patching.offload import checkpointed_layers
+from lightning_fastft.training.optim import convert_optimizers, to_8bit_adamw
+from lightning_fastft.training.checkpointing import checkpointed_layers
 from lightning_fastft.strategies import FastFTDDPStrategy, FastFTFSDPStrategy, FastFTStrategy
-from lightning_fastft.strategies.token_exact import count_target_tokens
+from lightning_fastft.training.token_exact import count_target_tokens
 
 class _Batches(Dataset):
     """A dataset whose items are ready-made batches (use with ``batch_size=None``)."""
@@ -95,32 +95,36 @@ def test_count_target_tokens():
 
 def test_patches_applied_before_optimizers(device, monkeypatch):
     """setup() patches and checkpoints the model before Lightning builds optimizers."""
-    from lightning_fastft.patching import offload
+    from lightning_fastft.patching import model as patching_model
 
     seen = {}
-    real_patch_model, real_checkpointing = patching.patch_model, offload.apply_activation_checkpointing
+    real_patch_model, real_checkpointing = patching.patch_model, patching_model.apply_activation_checkpointing
 
     def recording_patch_model(model, **switches):
         seen["optimizers_at_patch_time"] = list(trainer.strategy.optimizers)
         seen["switches"] = switches
         return real_patch_model(model, **switches)
 
-    def recording_checkpointing(model, mode, fraction):
+    def recording_checkpointing(model, checkpointing, checkpoint_fraction):
         seen["optimizers_at_checkpointing_time"] = list(trainer.strategy.optimizers)
-        seen["checkpointed_layers"], seen["mode"] = real_checkpointing(model, mode, fraction=fraction), mode
+        seen["checkpointed_layers"] = real_checkpointing(model, checkpointing, checkpoint_fraction=checkpoint_fraction)
+        seen["checkpointing"] = checkpointing
         return seen["checkpointed_layers"]
 
     monkeypatch.setattr(patching, "patch_model", recording_patch_model)
-    monkeypatch.setattr(offload, "apply_activation_checkpointing", recording_checkpointing)
+    monkeypatch.setattr(patching_model, "apply_activation_checkpointing", recording_checkpointing)
     module = CausalLMFineTune()
     trainer = quiet_trainer(device, max_steps=1, strategy=FastFTStrategy(rope=False, checkpointing="recompute"))
     trainer.fit(module, _loader([_random_batch(2, 7, [0, 2])]))
 
     assert seen["optimizers_at_patch_time"] == [] and seen["optimizers_at_checkpointing_time"] == []
-    assert seen["switches"] == dict(rms_norm=True, rope=False, mlp=True, cross_entropy=True, lora=True)
+    assert seen["switches"] == dict(
+        rms_norm=True, rope=False, mlp=True, cross_entropy=True, fused_lora=True,
+        checkpointing="recompute", checkpoint_fraction=1.0,
+    )  # fmt: skip
     report = trainer.strategy.patch_report.models[0]
     assert report.patched["rms_norm"] > 0 and report.patched["cross_entropy"] == 1
-    assert seen["mode"] == "recompute" and seen["checkpointed_layers"] == list(module.model.model.layers)
+    assert seen["checkpointing"] == "recompute" and seen["checkpointed_layers"] == list(module.model.model.layers)
     assert "forward" in module.model.model.norm.__dict__  # patched on the instance
     assert len(trainer.optimizers) == 1
 
@@ -297,7 +301,7 @@ def test_token_exact_falls_back_to_averaging_for_classification_labels(device):
 
 
 def test_options_of_wrong_type_are_rejected_by_name():
-    for option in ("token_exact", "adapter_only_checkpoint", "rms_norm", "lora"):
+    for option in ("token_exact", "adapter_only_checkpoint", "rms_norm", "fused_lora"):
         with pytest.raises(TypeError, match=f"{option} must be True or False, got 'false'"):
             FastFTStrategy(**{option: "false"})
     with pytest.raises(TypeError, match="cross_entropy must be True or False, got 0"):

@@ -1,17 +1,17 @@
-"""Lightning callbacks: the fastft patches with any strategy, activation offload, and metrics."""
+"""Lightning callbacks: the fastft patches with any strategy, activation checkpointing, and metrics."""
 
 from typing import Any
 
 from lightning_fastft.callbacks.metrics import FastFTMetrics
 from lightning_fastft.callbacks.patch import FastFT
 
-__all__ = ["ActivationOffload", "FastFT", "FastFTMetrics"]
+__all__ = ["ActivationCheckpointing", "ActivationOffload", "FastFT", "FastFTMetrics"]
 
 
 def __getattr__(name: str) -> Any:
-    # ActivationOffload imports transformers; loaded on first use to keep `import lightning_fastft` cheap
-    if name == "ActivationOffload":
-        from lightning_fastft.callbacks.offload import ActivationOffload
+    # these import transformers; loaded on first use to keep `import lightning_fastft` cheap
+    if name in ("ActivationCheckpointing", "ActivationOffload"):
+        from lightning_fastft.callbacks import offload
 
-        return ActivationOffload
+        return getattr(offload, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -119,9 +119,9 @@ def flops_coefficients(module: nn.Module, recompute: Union[bool, float] = False)
 
 def recomputed_share(module: nn.Module) -> float:
     """Share of the decoder layers inside ``module`` whose forward is recomputed in backward: those
-    wrapped by :func:`~lightning_fastft.patching.offload.apply_activation_checkpointing` (however it
+    wrapped by :func:`~lightning_fastft.training.checkpointing.apply_activation_checkpointing` (however it
     was applied), or all of them under HF's own gradient checkpointing."""
-    from lightning_fastft.patching.offload import (
+    from lightning_fastft.training.checkpointing import (
         checkpointed_layers,
         find_decoder_layer_lists,
         hf_gradient_checkpointing_on,

@@ -1,29 +1,47 @@
-"""Lightning callback that checkpoints (and by default host-offloads) the decoder layers' activations."""
+"""Lightning callback that checkpoints the decoder layers' activations (on the device or in host memory)."""
 
 from __future__ import annotations
+
+import warnings
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from lightning_fastft.patching.offload import MODES, apply_activation_checkpointing, check_fraction
+from lightning_fastft.patching.options import Checkpointing, check_checkpoint_fraction, check_checkpointing
+from lightning_fastft.training.checkpointing import apply_activation_checkpointing
 
 
-class ActivationOffload(Callback):
-    """Apply :func:`~lightning_fastft.patching.offload.apply_activation_checkpointing` before training.
+class ActivationCheckpointing(Callback):
+    """Apply :func:`~lightning_fastft.training.checkpointing.apply_activation_checkpointing` before training.
 
     It runs in ``on_fit_start``: after ``configure_model`` built the model and the strategy moved
-    (and possibly DDP-wrapped) it, before the first training step. ``mode`` is ``"offload"`` (layer
-    inputs kept in pinned host memory; plain recompute without CUDA) or ``"recompute"``;
-    ``fraction`` (in (0, 1]) is the share of each decoder stack's layers checkpointed, evenly spread.
+    (and possibly DDP-wrapped) it, before the first training step. ``checkpointing`` and
+    ``checkpoint_fraction`` are those of :class:`~lightning_fastft.patching.options.PatchOptions`.
     """
 
-    def __init__(self, mode: str = "offload", fraction: float = 1.0):
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        check_fraction(fraction)
-        self.mode = mode
-        self.fraction = fraction
+    def __init__(self, checkpointing: Checkpointing, checkpoint_fraction: float = 1.0):
+        check_checkpointing(checkpointing, optional=False)
+        check_checkpoint_fraction(checkpoint_fraction)
+        self.checkpointing = checkpointing
+        self.checkpoint_fraction = checkpoint_fraction
         self.wrapped_layers = 0
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.wrapped_layers = len(apply_activation_checkpointing(pl_module, self.mode, fraction=self.fraction))
+        layers = apply_activation_checkpointing(
+            pl_module, self.checkpointing, checkpoint_fraction=self.checkpoint_fraction
+        )
+        self.wrapped_layers = len(layers)
+
+
+class ActivationOffload(ActivationCheckpointing):
+    """Deprecated name of :class:`ActivationCheckpointing` (``mode``/``fraction`` are now
+    ``checkpointing``/``checkpoint_fraction``); kept for one release."""
+
+    def __init__(self, mode: Checkpointing = "offload", fraction: float = 1.0):
+        warnings.warn(
+            "lightning_fastft: ActivationOffload(mode=, fraction=) is deprecated; use "
+            "ActivationCheckpointing(checkpointing=, checkpoint_fraction=)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        super().__init__(mode, fraction)

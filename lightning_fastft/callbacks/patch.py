@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
-from typing import Any, Optional
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from lightning_fastft.strategies.fastft import CheckpointingMode, PatchOptions
+from lightning_fastft.patching.options import PatchOptions, takes_patch_options
 
 
 class FastFT(Callback):
@@ -18,28 +19,20 @@ class FastFT(Callback):
     has built the model; they replace forwards and never parameters, so the optimizers that
     the strategy has already built stay valid. Each module is patched once.
 
-    Args: the patch switches, ``checkpointing`` mode and ``checkpoint_fraction`` (share in (0, 1]
-    of each decoder stack's layers checkpointed, evenly spread) of
-    :class:`~lightning_fastft.strategies.PatchOptions`.
+    Args: the :class:`~lightning_fastft.patching.options.PatchOptions`, as keywords.
     """
 
-    def __init__(
-        self,
-        rms_norm: bool = True,
-        rope: bool = True,
-        mlp: bool = True,
-        cross_entropy: bool = True,
-        lora: bool = True,
-        checkpointing: Optional[CheckpointingMode] = None,
-        checkpoint_fraction: float = 1.0,
-    ) -> None:
-        self.patch_options = PatchOptions(rms_norm, rope, mlp, cross_entropy, lora, checkpointing, checkpoint_fraction)
+    @takes_patch_options
+    def __init__(self, **options: Any) -> None:
+        self.patch_options = PatchOptions(**options)
         self.patch_report: Any = None
         self._patched: weakref.WeakSet[pl.LightningModule] = weakref.WeakSet()
 
     def _patch(self, pl_module: pl.LightningModule) -> None:
         if pl_module not in self._patched:
-            self.patch_report = self.patch_options.apply(pl_module)
+            from lightning_fastft import patching
+
+            self.patch_report = patching.patch_model(pl_module, **dataclasses.asdict(self.patch_options))
             self._patched.add(pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -3,7 +3,7 @@
 A packed row concatenates whole samples. Three things keep the samples apart:
 
 * ``position_ids`` restart at 0 for every sample, so RoPE restarts and the attention function
-  (``lightning_fastft.patching.varlen``, or HF's own packed-sequence detection) can find the
+  (``lightning_fastft.attention``, or HF's own packed-sequence detection) can find the
   sample boundaries;
 * ``cu_seq_lens_q/k`` + ``max_length_q/k`` (HF's ``FlashAttentionKwargs`` names) give the same
   boundaries over the flattened batch, so varlen kernels need no host sync to find them;

@@ -18,32 +18,16 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
 import torch
 from torch import nn
 
-from lightning_fastft.export.merged import merged_state_dict, unwrap_peft
+from lightning_fastft._hf import unwrap_peft
+from lightning_fastft.architectures import ARCHITECTURES, ArchitectureSpec, head_dim
+from lightning_fastft.export.merged import merged_state_dict
 
-
-@dataclass(frozen=True)
-class _ArchSpec:
-    arch: gguf.MODEL_ARCH
-    permute_qk: bool  # HF rotate-half q/k rows -> llama.cpp interleaved pairs
-    norm_shift: float  # added to every ``*norm.weight`` (Gemma's ``1 + w`` RMSNorm)
-    always_tied: bool  # lm_head is never written
-
-
-_ARCHITECTURES = {
-    "llama": _ArchSpec(gguf.MODEL_ARCH.LLAMA, permute_qk=True, norm_shift=0.0, always_tied=False),
-    "mistral": _ArchSpec(gguf.MODEL_ARCH.LLAMA, permute_qk=True, norm_shift=0.0, always_tied=False),
-    "qwen2": _ArchSpec(gguf.MODEL_ARCH.QWEN2, permute_qk=False, norm_shift=0.0, always_tied=False),
-    "qwen3": _ArchSpec(gguf.MODEL_ARCH.QWEN3, permute_qk=False, norm_shift=0.0, always_tied=False),
-    "gemma": _ArchSpec(gguf.MODEL_ARCH.GEMMA, permute_qk=False, norm_shift=1.0, always_tied=True),
-    "gemma2": _ArchSpec(gguf.MODEL_ARCH.GEMMA2, permute_qk=False, norm_shift=1.0, always_tied=True),
-}
 
 _OUTPUT_TYPES = {
     "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
@@ -79,22 +63,18 @@ def _rope_scaling(config) -> dict:
     return dict(params)
 
 
-def _head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
 def _llama3_rope_factors(config) -> torch.Tensor:
     """Per-frequency divisors llama.cpp applies for llama3 rope scaling (``rope_freqs.weight``)."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    head_dim = _head_dim(config)
-    base_inv_freq = 1.0 / (_rope_theta(config) ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    width = head_dim(config)
+    base_inv_freq = 1.0 / (_rope_theta(config) ** (torch.arange(0, width, 2, dtype=torch.float32) / width))
     scaled_inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
     return base_inv_freq / scaled_inv_freq.float()
 
 
-def _write_hyperparameters(writer: gguf.GGUFWriter, config, spec: _ArchSpec, file_type) -> None:
-    head_dim = _head_dim(config)
+def _write_hyperparameters(writer: gguf.GGUFWriter, config, spec: ArchitectureSpec, file_type) -> None:
+    head_width = head_dim(config)
     writer.add_name(Path(getattr(config, "name_or_path", "") or "model").name or "model")
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -104,9 +84,9 @@ def _write_hyperparameters(writer: gguf.GGUFWriter, config, spec: _ArchSpec, fil
     writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
     writer.add_rope_freq_base(_rope_theta(config))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_width)
+    writer.add_key_length(head_width)
+    writer.add_value_length(head_width)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(file_type)
     scaling = _rope_scaling(config)
@@ -116,7 +96,7 @@ def _write_hyperparameters(writer: gguf.GGUFWriter, config, spec: _ArchSpec, fil
         writer.add_rope_scaling_factor(scaling["factor"])
     elif rope_type not in ("default", "llama3"):  # llama3 is carried by the rope_freqs tensor
         raise NotImplementedError(f"GGUF export does not handle rope scaling {rope_type!r}")
-    if spec.arch == gguf.MODEL_ARCH.GEMMA2:
+    if spec.gguf_arch == "GEMMA2":
         writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
         writer.add_final_logit_softcapping(config.final_logit_softcapping)
         writer.add_sliding_window(config.sliding_window)
@@ -212,19 +192,18 @@ def export_gguf(
         raise FileExistsError(f"export_gguf: {str(out_path)!r} already exists; pass overwrite=True to replace it")
     model, tokenizer = _load(model_or_dir, tokenizer)
     config = unwrap_peft(model).config
-    if config.model_type not in _ARCHITECTURES:
-        raise NotImplementedError(
-            f"GGUF export supports {sorted(_ARCHITECTURES)}, not model_type={config.model_type!r}"
-        )
-    spec = _ARCHITECTURES[config.model_type]
+    if config.model_type not in ARCHITECTURES:
+        raise NotImplementedError(f"GGUF export supports {sorted(ARCHITECTURES)}, not model_type={config.model_type!r}")
+    spec = ARCHITECTURES[config.model_type]
+    arch = gguf.MODEL_ARCH[spec.gguf_arch]
     tensor_type, file_type = _OUTPUT_TYPES[dtype]
-    tied = spec.always_tied or bool(getattr(config, "tie_word_embeddings", False))
+    tied = spec.tied_lm_head or bool(getattr(config, "tie_word_embeddings", False))
     n_heads = config.num_attention_heads
     n_kv_heads = getattr(config, "num_key_value_heads", None) or n_heads
-    names = gguf.get_tensor_name_map(spec.arch, config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(out_path, gguf.MODEL_ARCH_NAMES[spec.arch], use_temp_file=True)
+    writer = gguf.GGUFWriter(out_path, gguf.MODEL_ARCH_NAMES[arch], use_temp_file=True)
     _write_hyperparameters(writer, config, spec, file_type)
     if tokenizer is not None:
         _write_tokenizer(writer, tokenizer, config)
@@ -240,12 +219,12 @@ def export_gguf(
         if gguf_name is None:
             raise NotImplementedError(f"no GGUF name for tensor {hf_name!r} of {config.model_type}")
         data = tensor.detach().float().cpu()
-        if spec.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+        if spec.gguf_permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             data = permute_rotary_halves(data, n_heads)
-        elif spec.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+        elif spec.gguf_permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             data = permute_rotary_halves(data, n_kv_heads)
-        if spec.norm_shift and hf_name.endswith("norm.weight"):
-            data = data + spec.norm_shift
+        if spec.norm_offset and hf_name.endswith("norm.weight"):
+            data = data + spec.norm_offset
         array = data.numpy()
         qtype = tensor_type
         if array.ndim <= 1 or gguf_name.endswith("_norm.weight"):

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lightning_fastft._hf import unwrap_peft
+
 try:
     import bitsandbytes as bnb
 except ImportError:  # pragma: no cover - bitsandbytes is a dependency, but export works without it
@@ -91,11 +93,6 @@ def _collect(module: nn.Module, prefix: str, out: dict[str, torch.Tensor]) -> No
     for name, child in module._modules.items():
         if child is not None:
             _collect(child, f"{prefix}{name}.", out)
-
-
-def unwrap_peft(model: nn.Module) -> nn.Module:
-    """The underlying transformers model of a ``PeftModel`` (the model itself otherwise)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

@@ -1,4 +1,9 @@
-"""Triton kernels with hand-derived backward passes, each beside its PyTorch reference."""
+"""Triton kernels with hand-derived backward passes, each beside its PyTorch reference.
+
+One module per op, laid out alike: the public op, its ``<op>_reference``, the Triton kernels
+``_<op>_*_kernel``, the ``<op>_forward``/``<op>_backward`` launchers and the autograd Function.
+Launch settings come from one policy, :class:`lightning_fastft.kernels._launch.LaunchPolicy`.
+"""
 
 from lightning_fastft.kernels.cross_entropy import causal_lm_loss, fused_linear_cross_entropy, shift_labels
 from lightning_fastft.kernels.glu import geglu, glu, swiglu

@@ -41,20 +41,22 @@ import triton
 import triton.language as tl
 
 from .._runtime import triton_enabled, warn_fallback
+from ..constants import IGNORE_INDEX
+from ._launch import MAX_BLOCK, LaunchPolicy
 
 LOGITS_CHUNK_BYTES = 256 * 2**20
 """Upper bound on one chunk's logits buffer (chunk rows x vocab x element size)."""
 
-_MAX_BLOCK_V = 4096
+_LAUNCH = LaunchPolicy(max_block=MAX_BLOCK)
 
 
-def linear_cross_entropy_reference(
+def fused_linear_cross_entropy_reference(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     target: torch.Tensor,
     *,
     bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     softcap: float | None = None,
     reduction: str = "mean",
 ) -> torch.Tensor:
@@ -65,6 +67,133 @@ def linear_cross_entropy_reference(
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     return F.cross_entropy(logits, target.long(), ignore_index=ignore_index, reduction=reduction)
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    softcap: float | None = None,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of ``softcap(hidden @ weight.T + bias)`` against ``target``, never holding
+    more than one chunk of logits.
+
+    hidden (N, H), weight (V, H), target (N,) int, bias (V,). Returns an fp32 scalar: the sum
+    over non-ignored tokens, divided by their count for ``reduction="mean"`` (NaN when every
+    token is ignored, as ``F.cross_entropy``; the gradients are then zero). ``chunk_size``
+    overrides the rows per chunk (default: what fits ``LOGITS_CHUNK_BYTES``). No gradient is
+    computed for a frozen weight (``requires_grad=False``) or a hidden state without grad.
+    Under autocast the matmuls run in the autocast dtype; otherwise hidden is cast to
+    weight's dtype. A target outside ``[0, V)`` other than ``ignore_index`` raises
+    ``ValueError`` naming it (this costs one host read per call).
+    """
+    target = target.reshape(-1)
+    _check_targets(target, weight.shape[0], ignore_index, "target")
+    return _linear_cross_entropy(hidden, weight, target, bias, ignore_index, softcap, reduction, chunk_size)
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Causal-LM targets: ``labels`` shifted left by one along the last dim, ``ignore_index``
+    appended (token t predicts label t + 1)."""
+    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:].contiguous()
+
+
+_shift_labels = shift_labels  # causal_lm_loss's keyword argument of the same name shadows it
+
+
+def causal_lm_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor | None,
+    *,
+    bias: torch.Tensor | None = None,
+    shift_labels: torch.Tensor | None = None,
+    softcap: float | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Hugging Face ``ForCausalLMLoss`` on ``lm_head(hidden)`` without materialising the logits.
+
+    hidden (B, S, H), labels (B, S). ``shift_labels`` (already shifted targets) is used as given
+    instead of shifting ``labels``. Mean over non-ignored tokens, or, when
+    ``num_items_in_batch`` is given, the sum divided by it (token-exact gradient accumulation).
+    A label used as a target that is outside ``[0, V)`` and not ``ignore_index`` raises
+    ``ValueError`` naming its position in ``labels`` (or ``shift_labels``).
+    """
+    if shift_labels is None:
+        target = _shift_labels(labels, ignore_index).to(hidden.device)
+        _check_targets(target, weight.shape[0], ignore_index, "labels", shift=1)
+    else:
+        target = shift_labels.to(hidden.device)
+        _check_targets(target, weight.shape[0], ignore_index, "shift_labels")
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = _linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]), weight, target.reshape(-1),
+        bias, ignore_index, softcap, reduction, chunk_size,
+    )
+    if num_items_in_batch is not None:
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    return loss
+
+
+def _check_targets(target: torch.Tensor, n_vocab: int, ignore_index: int, name: str, shift: int = 0) -> None:
+    """Raise ``ValueError`` naming the first entry of ``target`` that is neither a class in
+    ``[0, n_vocab)`` nor ``ignore_index`` (the kernel would otherwise read outside the row).
+
+    One vectorised pass on the target's device and one host read of (found, value, position)
+    for the whole call. ``shift`` is added to the reported last index (a shifted target's
+    entry ``[..., i]`` is the caller's ``labels[..., i + shift]``)."""
+    if target.numel() == 0:
+        return
+    bad = ((target < 0) | (target >= n_vocab)) & (target != ignore_index)
+    first = bad.reshape(-1).to(torch.uint8).argmax()  # the first True, or 0 when there is none
+    found, value, *position = torch.stack(
+        (bad.reshape(-1)[first].long(), target.reshape(-1)[first].long(), *torch.unravel_index(first, target.shape))
+    ).tolist()
+    if found:
+        position[-1] += shift
+        raise ValueError(
+            f"{name}[{', '.join(map(str, position))}] = {value} is not a class index: expected "
+            f"0 <= {name} < {n_vocab} (the vocab size) or ignore_index={ignore_index}"
+        )
+
+
+def _linear_cross_entropy(hidden, weight, target, bias, ignore_index, softcap, reduction, chunk_size):
+    """:func:`fused_linear_cross_entropy` on a flat target already checked by :func:`_check_targets`."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"expected hidden (N, H) and weight (V, H), got {tuple(hidden.shape)}, {tuple(weight.shape)}")
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    else:
+        hidden = hidden.to(weight.dtype)
+    target = target.to(torch.long).contiguous()
+    use_triton = triton_enabled(hidden, weight, target)
+    if not use_triton:
+        warn_fallback("fused_linear_cross_entropy")
+    grad_wanted = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias)
+    )
+    if not grad_wanted:
+        return fused_linear_cross_entropy_forward(
+            hidden, weight, bias, target, ignore_index, softcap, reduction, chunk_size,
+            False, False, False, use_triton,
+        )[0]
+    return _FusedLinearCrossEntropyFunction.apply(
+        hidden, weight, bias, target, ignore_index, softcap, reduction, chunk_size, use_triton
+    )
 
 
 @triton.jit
@@ -94,7 +223,7 @@ def _softcapped(z, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _cross_entropy_rows_kernel(
+def _fused_linear_cross_entropy_rows_kernel(
     logits_ptr, stride_row,
     target_ptr, loss_ptr, scale_ptr,
     n_vocab, ignore_index, softcap,
@@ -147,15 +276,15 @@ def _cross_entropy_rows_kernel(
 def _rows_loss_and_grad_triton(logits, target, loss, scale, ignore_index, softcap, compute_grad):
     """Triton: per-row loss into ``loss``; with ``compute_grad`` logits become d loss / d logits."""
     n_rows, n_vocab = logits.shape
-    block_v = min(_MAX_BLOCK_V, triton.next_power_of_2(n_vocab))
-    _cross_entropy_rows_kernel[(n_rows,)](
+    block_v, num_warps = _LAUNCH.settings(n_vocab)
+    _fused_linear_cross_entropy_rows_kernel[(n_rows,)](
         logits, logits.stride(0),
         target, loss, scale,
         n_vocab, ignore_index, 1.0 if softcap is None else float(softcap),
         HAS_SOFTCAP=softcap is not None,
         COMPUTE_GRAD=compute_grad,
         BLOCK_V=block_v,
-        num_warps=8 if block_v >= 2048 else 4,
+        num_warps=num_warps,
     )
 
 
@@ -185,11 +314,13 @@ def _chunk_rows(n_tokens: int, n_vocab: int, itemsize: int, chunk_size: int | No
     return triton.cdiv(n_tokens, max(n_chunks, 1))
 
 
-def _chunked_loss_and_grads(
+def fused_linear_cross_entropy_forward(
     hidden, weight, bias, target, ignore_index, softcap, reduction, chunk_size,
     need_grad_hidden, need_grad_weight, need_grad_bias, use_triton,
 ):
-    """Loss (fp32 scalar) and, as asked, the gradients of hidden, weight and bias (or None)."""
+    """Launcher, chunk by chunk: the loss (fp32 scalar) and, as asked, the gradients of hidden,
+    weight and bias (or None) for ``grad_output = 1``; the rows run the Triton kernel when
+    ``use_triton``, else :func:`_rows_loss_and_grad_torch`."""
     n_tokens = hidden.shape[0]
     n_vocab = weight.shape[0]
     valid_count = (target != ignore_index).sum()
@@ -230,7 +361,16 @@ def _chunked_loss_and_grads(
     return loss, grad_hidden, grad_weight, grad_bias
 
 
-class FusedLinearCrossEntropyFunction(torch.autograd.Function):
+def fused_linear_cross_entropy_backward(grad_output: torch.Tensor, grads: tuple) -> tuple:
+    """The forward's ``(grad_hidden, grad_weight, grad_bias)`` (entries may be None) multiplied by
+    ``grad_output``, in place."""
+    for grad in grads:
+        if grad is not None:
+            grad.mul_(grad_output.to(grad.dtype))
+    return grads
+
+
+class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
     """loss = CE(softcap(h W^T + b), y). Gradients are computed chunk by chunk in the forward
     (d loss/dz = (softmax - onehot) * softcap' * scale; grad_h = dz W; grad_W = dz^T h;
     grad_b = sum_rows dz) and the backward only multiplies them by grad_output, in place: a
@@ -240,7 +380,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, target, ignore_index, softcap, reduction, chunk_size, use_triton):
         need_bias = bias is not None and ctx.needs_input_grad[2]
         with torch.autocast(hidden.device.type, enabled=False):
-            loss, *grads = _chunked_loss_and_grads(
+            loss, *grads = fused_linear_cross_entropy_forward(
                 hidden, weight, bias, target, ignore_index, softcap, reduction, chunk_size,
                 ctx.needs_input_grad[0], ctx.needs_input_grad[1], need_bias, use_triton,
             )
@@ -252,135 +392,5 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         if ctx.grads is None:
             raise RuntimeError("fused_linear_cross_entropy supports a single backward per forward")
         grads, ctx.grads = ctx.grads, None
-        for grad in grads:
-            if grad is not None:
-                grad.mul_(grad_output.to(grad.dtype))
-        grad_hidden, grad_weight, grad_bias = grads
+        grad_hidden, grad_weight, grad_bias = fused_linear_cross_entropy_backward(grad_output, grads)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
-
-
-def _check_targets(target: torch.Tensor, n_vocab: int, ignore_index: int, name: str, shift: int = 0) -> None:
-    """Raise ``ValueError`` naming the first entry of ``target`` that is neither a class in
-    ``[0, n_vocab)`` nor ``ignore_index`` (the kernel would otherwise read outside the row).
-
-    One vectorised pass on the target's device and one host read of (found, value, position)
-    for the whole call. ``shift`` is added to the reported last index (a shifted target's
-    entry ``[..., i]`` is the caller's ``labels[..., i + shift]``)."""
-    if target.numel() == 0:
-        return
-    bad = ((target < 0) | (target >= n_vocab)) & (target != ignore_index)
-    first = bad.reshape(-1).to(torch.uint8).argmax()  # the first True, or 0 when there is none
-    found, value, *position = torch.stack(
-        (bad.reshape(-1)[first].long(), target.reshape(-1)[first].long(), *torch.unravel_index(first, target.shape))
-    ).tolist()
-    if found:
-        position[-1] += shift
-        raise ValueError(
-            f"{name}[{', '.join(map(str, position))}] = {value} is not a class index: expected "
-            f"0 <= {name} < {n_vocab} (the vocab size) or ignore_index={ignore_index}"
-        )
-
-
-def _linear_cross_entropy(hidden, weight, target, bias, ignore_index, softcap, reduction, chunk_size):
-    """:func:`fused_linear_cross_entropy` on a flat target already checked by :func:`_check_targets`."""
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"expected hidden (N, H) and weight (V, H), got {tuple(hidden.shape)}, {tuple(weight.shape)}")
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    else:
-        hidden = hidden.to(weight.dtype)
-    target = target.to(torch.long).contiguous()
-    use_triton = triton_enabled(hidden, weight, target)
-    if not use_triton:
-        warn_fallback("fused_linear_cross_entropy")
-    grad_wanted = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias)
-    )
-    if not grad_wanted:
-        return _chunked_loss_and_grads(
-            hidden, weight, bias, target, ignore_index, softcap, reduction, chunk_size,
-            False, False, False, use_triton,
-        )[0]
-    return FusedLinearCrossEntropyFunction.apply(
-        hidden, weight, bias, target, ignore_index, softcap, reduction, chunk_size, use_triton
-    )
-
-
-def fused_linear_cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    target: torch.Tensor,
-    *,
-    bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    softcap: float | None = None,
-    reduction: str = "mean",
-    chunk_size: int | None = None,
-) -> torch.Tensor:
-    """Cross-entropy of ``softcap(hidden @ weight.T + bias)`` against ``target``, never holding
-    more than one chunk of logits.
-
-    hidden (N, H), weight (V, H), target (N,) int, bias (V,). Returns an fp32 scalar: the sum
-    over non-ignored tokens, divided by their count for ``reduction="mean"`` (NaN when every
-    token is ignored, as ``F.cross_entropy``; the gradients are then zero). ``chunk_size``
-    overrides the rows per chunk (default: what fits ``LOGITS_CHUNK_BYTES``). No gradient is
-    computed for a frozen weight (``requires_grad=False``) or a hidden state without grad.
-    Under autocast the matmuls run in the autocast dtype; otherwise hidden is cast to
-    weight's dtype. A target outside ``[0, V)`` other than ``ignore_index`` raises
-    ``ValueError`` naming it (this costs one host read per call).
-    """
-    target = target.reshape(-1)
-    _check_targets(target, weight.shape[0], ignore_index, "target")
-    return _linear_cross_entropy(hidden, weight, target, bias, ignore_index, softcap, reduction, chunk_size)
-
-
-def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Causal-LM targets: ``labels`` shifted left by one along the last dim, ``ignore_index``
-    appended (token t predicts label t + 1)."""
-    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:].contiguous()
-
-
-_shift_labels = shift_labels  # causal_lm_loss's keyword argument of the same name shadows it
-
-
-def causal_lm_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor | None,
-    *,
-    bias: torch.Tensor | None = None,
-    shift_labels: torch.Tensor | None = None,
-    softcap: float | None = None,
-    ignore_index: int = -100,
-    num_items_in_batch: torch.Tensor | int | None = None,
-    chunk_size: int | None = None,
-) -> torch.Tensor:
-    """Hugging Face ``ForCausalLMLoss`` on ``lm_head(hidden)`` without materialising the logits.
-
-    hidden (B, S, H), labels (B, S). ``shift_labels`` (already shifted targets) is used as given
-    instead of shifting ``labels``. Mean over non-ignored tokens, or, when
-    ``num_items_in_batch`` is given, the sum divided by it (token-exact gradient accumulation).
-    A label used as a target that is outside ``[0, V)`` and not ``ignore_index`` raises
-    ``ValueError`` naming its position in ``labels`` (or ``shift_labels``).
-    """
-    if shift_labels is None:
-        target = _shift_labels(labels, ignore_index).to(hidden.device)
-        _check_targets(target, weight.shape[0], ignore_index, "labels", shift=1)
-    else:
-        target = shift_labels.to(hidden.device)
-        _check_targets(target, weight.shape[0], ignore_index, "shift_labels")
-    reduction = "mean" if num_items_in_batch is None else "sum"
-    loss = _linear_cross_entropy(
-        hidden.reshape(-1, hidden.shape[-1]), weight, target.reshape(-1),
-        bias, ignore_index, softcap, reduction, chunk_size,
-    )
-    if num_items_in_batch is not None:
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        loss = loss / num_items_in_batch
-    return loss

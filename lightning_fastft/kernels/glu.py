@@ -34,17 +34,12 @@ import triton
 import triton.language as tl
 
 from .._runtime import triton_enabled, warn_fallback
+from ._launch import MAX_BLOCK, LaunchPolicy
 
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
 _ACTIVATION_IDS = {name: i for i, name in enumerate(ACTIVATIONS)}
 
-_MAX_BLOCK = 4096
-
-
-def _check_activation(activation: str) -> int:
-    if activation not in _ACTIVATION_IDS:
-        raise ValueError(f"unsupported GLU activation {activation!r}; expected one of {ACTIVATIONS}")
-    return _ACTIVATION_IDS[activation]
+_LAUNCH = LaunchPolicy(max_block=MAX_BLOCK)
 
 
 def glu_reference(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
@@ -58,6 +53,34 @@ def glu_reference(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu"
     else:
         a = F.gelu(g)
     return (a * up.float()).to(gate.dtype)
+
+
+def glu(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    """``act(gate) * up`` with autograd; Triton when possible, else :func:`glu_reference`."""
+    _check_activation(activation)
+    if not triton_enabled(gate, up):
+        warn_fallback("glu")
+        return glu_reference(gate, up, activation)
+    return _GLUFunction.apply(gate, up, activation)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU ``silu(gate) * up``; ``silu'(g) = s (1 + g (1 - s))``, ``s = sigmoid(g)``."""
+    return glu(gate, up, "silu")
+
+
+def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
+    """GeGLU ``gelu(gate) * up``: ``approximate="tanh"`` (HF ``gelu_pytorch_tanh``) or ``"none"``
+    (exact erf, HF ``gelu``). Derivatives are given in the module docstring."""
+    if approximate not in ("tanh", "none"):
+        raise ValueError(f"approximate must be 'tanh' or 'none', got {approximate!r}")
+    return glu(gate, up, "gelu_pytorch_tanh" if approximate == "tanh" else "gelu")
+
+
+def _check_activation(activation: str) -> int:
+    if activation not in _ACTIVATION_IDS:
+        raise ValueError(f"unsupported GLU activation {activation!r}; expected one of {ACTIVATIONS}")
+    return _ACTIVATION_IDS[activation]
 
 
 @triton.jit
@@ -132,10 +155,10 @@ def _glu_backward_kernel(
         tl.store(h_ptr + row * stride_h + cols, (a * u).to(h_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_shape(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], int, int, int]:
-    """2-D (rows, cols) views of same-shaped tensors with unit last stride, plus the column
-    count, the launch grid size and block. All contiguous (and int32-indexable): one flat row
-    (long, fully vectorised blocks); otherwise one view per row with its own row stride."""
+def _launch_shape(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], int, int, int, int]:
+    """2-D (rows, cols) views of same-shaped, non-empty tensors with unit last stride, plus the
+    column count, the launch grid size, block and num_warps. All contiguous (and int32-indexable):
+    one flat row (long, fully vectorised blocks); otherwise one view per row with its own row stride."""
     shape = tensors[0].shape
     for t in tensors:
         if t.shape != shape:
@@ -148,13 +171,9 @@ def _launch_shape(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], int,
     else:
         n_cols = shape[-1]
         views = [t.view(-1, n_cols) for t in tensors]  # raises when rows are not one stride apart
-    block = min(_MAX_BLOCK, triton.next_power_of_2(max(n_cols, 1)))
+    block, num_warps = _LAUNCH.settings(n_cols)
     grid = views[0].shape[0] * triton.cdiv(n_cols, block)
-    return views, n_cols, grid, block
-
-
-def _num_warps(block: int) -> int:
-    return 8 if block >= 2048 else 4
+    return views, n_cols, grid, block, num_warps
 
 
 def glu_forward(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
@@ -163,12 +182,12 @@ def glu_forward(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") 
     h = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     if h.numel() == 0:
         return h
-    (gate2, up2, h2), n_cols, grid, block = _launch_shape([gate, up, h])
+    (gate2, up2, h2), n_cols, grid, block, num_warps = _launch_shape([gate, up, h])
     _glu_forward_kernel[(grid,)](
         gate2, up2, h2,
         gate2.stride(0), up2.stride(0), h2.stride(0),
         n_cols,
-        ACTIVATION=act_id, BLOCK=block, num_warps=_num_warps(block),
+        ACTIVATION=act_id, BLOCK=block, num_warps=num_warps,
     )
     return h
 
@@ -202,19 +221,19 @@ def glu_backward(
         h = torch.empty_like(dh) if return_h else None
     if gate.numel():
         operands = [dh, gate, up, dgate, dup] + ([h] if return_h else [])
-        views, n_cols, grid, block = _launch_shape(operands)
+        views, n_cols, grid, block, num_warps = _launch_shape(operands)
         dh2, gate2, up2, dgate2, dup2 = views[:5]
         h2 = views[5] if return_h else dh2
         _glu_backward_kernel[(grid,)](
             dh2, gate2, up2, dgate2, dup2, h2,
             dh2.stride(0), gate2.stride(0), up2.stride(0), dgate2.stride(0), dup2.stride(0), h2.stride(0),
             n_cols,
-            ACTIVATION=act_id, STORE_H=return_h, BLOCK=block, num_warps=_num_warps(block),
+            ACTIVATION=act_id, STORE_H=return_h, BLOCK=block, num_warps=num_warps,
         )
     return (h, dgate, dup) if return_h else (dgate, dup)
 
 
-class GLUFunction(torch.autograd.Function):
+class _GLUFunction(torch.autograd.Function):
     """``h = act(gate) * up``; backward ``dgate = dh * up * act'(gate)``, ``dup = dh * act(gate)``
     with ``act(gate)`` recomputed (only gate and up are saved)."""
 
@@ -231,25 +250,3 @@ class GLUFunction(torch.autograd.Function):
             dh = dh.contiguous()
         dgate, dup = glu_backward(dh, gate, up, ctx.activation)
         return dgate, dup, None
-
-
-def glu(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
-    """``act(gate) * up`` with autograd; Triton when possible, else :func:`glu_reference`."""
-    _check_activation(activation)
-    if not triton_enabled(gate, up):
-        warn_fallback("glu")
-        return glu_reference(gate, up, activation)
-    return GLUFunction.apply(gate, up, activation)
-
-
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """SwiGLU ``silu(gate) * up``; ``silu'(g) = s (1 + g (1 - s))``, ``s = sigmoid(g)``."""
-    return glu(gate, up, "silu")
-
-
-def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
-    """GeGLU ``gelu(gate) * up``: ``approximate="tanh"`` (HF ``gelu_pytorch_tanh``) or ``"none"``
-    (exact erf, HF ``gelu``). Derivatives are given in the module docstring."""
-    if approximate not in ("tanh", "none"):
-        raise ValueError(f"approximate must be 'tanh' or 'none', got {approximate!r}")
-    return glu(gate, up, "gelu_pytorch_tanh" if approximate == "tanh" else "gelu")

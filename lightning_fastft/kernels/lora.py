@@ -41,10 +41,31 @@ class LoRAWeights(NamedTuple):
     scaling: float
 
 
+def lora_linear(x: torch.Tensor, w: LoRAWeights) -> torch.Tensor:
+    """``x W^T + b + s (x A^T) B^T`` over the last dim of ``x`` (see :class:`_LoRALinearFunction`)."""
+    return _LoRALinearFunction.apply(x, *w)
+
+
+def lora_qkv(x: torch.Tensor, q: LoRAWeights, k: LoRAWeights, v: LoRAWeights):
+    """``(q_out, k_out, v_out)``: three LoRA projections of one ``x`` in one autograd node."""
+    outputs = _LoRAQKVFunction.apply(x, *q, *k, *v)
+    return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outputs)
+
+
+def lora_mlp(x: torch.Tensor, gate: LoRAWeights, up: LoRAWeights, down: LoRAWeights, activation: str) -> torch.Tensor:
+    """``down(act(gate(x)) * up(x))`` with LoRA projections and ``activation`` a GLU activation
+    name (HF ``hidden_act``: "silu", "gelu_pytorch_tanh", "gelu"). One autograd node when the
+    Triton GLU kernels can run; otherwise three :func:`lora_linear` around the reference GLU."""
+    _check_activation(activation)
+    if not triton_enabled(x):
+        return lora_linear(glu(lora_linear(x, gate), lora_linear(x, up), activation), down)
+    return _LoRAMLPFunction.apply(x, activation, *gate, *up, *down)
+
+
 _FIELDS = len(LoRAWeights._fields)
 
 
-def dense_weight(w: LoRAWeights, dtype: torch.dtype) -> torch.Tensor:
+def _dense_weight(w: LoRAWeights, dtype: torch.dtype) -> torch.Tensor:
     """The (out, in) base weight in ``dtype``, dequantised when it is 4-bit."""
     if w.quant_state is not None:
         return dequantize_4bit(w.base, w.quant_state, dtype)
@@ -59,7 +80,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 def _project(x2: torch.Tensor, w: LoRAWeights, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(y, xa)``: ``y = x W^T + b + s xa B^T`` and ``xa = x A^T`` (``None`` without LoRA)."""
-    weight = dense_weight(w, dtype)
+    weight = _dense_weight(w, dtype)
     bias = None if w.bias is None else w.bias.to(dtype)
     y = F.linear(x2, weight, bias)
     del weight
@@ -93,7 +114,7 @@ def _lora_grads(dy: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor | None, w: 
 
 def _add_input_grad(dx: torch.Tensor | None, dy: torch.Tensor, dxa: torch.Tensor | None, w: LoRAWeights):
     """``dx + dy W + dxa A`` (``dx`` may be ``None``: then it starts at zero)."""
-    weight = dense_weight(w, dy.dtype)
+    weight = _dense_weight(w, dy.dtype)
     if dx is None:
         dx = dy @ weight
     else:
@@ -135,7 +156,7 @@ def _save_weights(ctx, weights: list[LoRAWeights]) -> list:
     return [t for w in weights for t in (w.base, w.bias, w.lora_A, w.lora_B)]
 
 
-class LoRALinearFunction(torch.autograd.Function):
+class _LoRALinearFunction(torch.autograd.Function):
     """``y = x W^T + b + s (x A^T) B^T``; backward ``dB = s dy^T xa``, ``dxa = s dy B``,
     ``dA = dxa^T x``, ``dx = dy W + dxa A`` with ``xa = x A^T`` saved (x, xa kept)."""
 
@@ -162,9 +183,9 @@ class LoRALinearFunction(torch.autograd.Function):
         return (dx, *_weight_grads(d_lora_A, d_lora_B))
 
 
-class LoRAQKVFunction(torch.autograd.Function):
+class _LoRAQKVFunction(torch.autograd.Function):
     """Q, K and V LoRA projections of one input ``x``; each output as in
-    :class:`LoRALinearFunction`, and ``dx = sum over q, k, v of (dy W + dxa A)``. Saves x once
+    :class:`_LoRALinearFunction`, and ``dx = sum over q, k, v of (dy W + dxa A)``. Saves x once
     and the three ``xa = x A^T``."""
 
     @staticmethod
@@ -194,7 +215,7 @@ class LoRAQKVFunction(torch.autograd.Function):
         return (dx, *grads)
 
 
-class LoRAMLPFunction(torch.autograd.Function):
+class _LoRAMLPFunction(torch.autograd.Function):
     """GLU MLP ``y = down(act(gate(x)) * up(x))`` with LoRA projections ``g = gate(x)``,
     ``u = up(x)``, ``h = act(g) * u``, ``y = down(h)``. Saves x, g, u and the small
     ``xa_gate``, ``xa_up``, ``ha_down = h A_down^T``; never h. Backward::
@@ -202,7 +223,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         down:  dB_d = s_d dy^T ha_down,  dha = s_d dy B_d,  dh = dy W_d + dha A_d,
                h recomputed from (g, u),  dA_d = dha^T h
         GLU:   dg = dh * u * act'(g),  du = dh * act(g)
-        gate, up: as LoRALinearFunction with dy = dg, du; dx = sum of both input grads.
+        gate, up: as _LoRALinearFunction with dy = dg, du; dx = sum of both input grads.
 
     The GLU backward writes dg, du over the saved g, u (and h over dh), so the backward can
     run only once per forward (retain_graph is refused)."""
@@ -258,24 +279,3 @@ class LoRAMLPFunction(torch.autograd.Function):
         if dx is not None:
             dx = dx.to(ctx.x_dtype).view(*dy.shape[:-1], x2.shape[-1])
         return (dx, None, *grads, *_weight_grads(d_down_A, d_down_B))
-
-
-def lora_linear(x: torch.Tensor, w: LoRAWeights) -> torch.Tensor:
-    """``x W^T + b + s (x A^T) B^T`` over the last dim of ``x`` (see :class:`LoRALinearFunction`)."""
-    return LoRALinearFunction.apply(x, *w)
-
-
-def lora_qkv(x: torch.Tensor, q: LoRAWeights, k: LoRAWeights, v: LoRAWeights):
-    """``(q_out, k_out, v_out)``: three LoRA projections of one ``x`` in one autograd node."""
-    outputs = LoRAQKVFunction.apply(x, *q, *k, *v)
-    return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outputs)
-
-
-def lora_mlp(x: torch.Tensor, gate: LoRAWeights, up: LoRAWeights, down: LoRAWeights, activation: str) -> torch.Tensor:
-    """``down(act(gate(x)) * up(x))`` with LoRA projections and ``activation`` a GLU activation
-    name (HF ``hidden_act``: "silu", "gelu_pytorch_tanh", "gelu"). One autograd node when the
-    Triton GLU kernels can run; otherwise three :func:`lora_linear` around the reference GLU."""
-    _check_activation(activation)
-    if not triton_enabled(x):
-        return lora_linear(glu(lora_linear(x, gate), lora_linear(x, up), activation), down)
-    return LoRAMLPFunction.apply(x, activation, *gate, *up, *down)

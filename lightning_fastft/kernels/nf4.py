@@ -27,6 +27,35 @@ from .._runtime import triton_enabled, warn_fallback
 _BYTES_PER_PROGRAM = 1024
 
 
+def dequantize_4bit_reference(weight_packed: torch.Tensor, quant_state, out_dtype: torch.dtype | None = None):
+    """``bitsandbytes.functional.dequantize_4bit``, then a cast to ``out_dtype`` if it differs
+    from ``quant_state.dtype``."""
+    import bitsandbytes.functional as bnb_functional
+
+    out = bnb_functional.dequantize_4bit(_plain_tensor(weight_packed), quant_state)
+    return out if out_dtype is None else out.to(out_dtype)
+
+
+def dequantize_4bit(weight_packed: torch.Tensor, quant_state, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dense weight of shape ``quant_state.shape`` from a bitsandbytes 4-bit packed weight
+    (a ``Params4bit`` or its packed uint8 tensor) and its ``QuantState``.
+
+    ``out_dtype`` defaults to ``quant_state.dtype``. Runs the Triton kernel when possible, else
+    bitsandbytes' own dequantisation (bit-identical when ``out_dtype`` is ``quant_state.dtype``).
+    """
+    out_dtype = quant_state.dtype if out_dtype is None else out_dtype
+    if quant_state.quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_state.quant_type!r}")
+    packed = _packed_bytes(weight_packed)
+    tensors = [packed, quant_state.absmax, quant_state.code]
+    if quant_state.nested:
+        tensors += [quant_state.state2.absmax, quant_state.state2.code, quant_state.offset]
+    if not triton_enabled(*tensors):
+        warn_fallback("dequantize_4bit")
+        return dequantize_4bit_reference(weight_packed, quant_state, out_dtype)
+    return dequantize_4bit_forward(packed, quant_state, out_dtype)
+
+
 @triton.jit
 def _dequantize_4bit_kernel(
     packed_ptr, absmax_ptr, code_ptr,
@@ -74,33 +103,9 @@ def _packed_bytes(weight_packed: torch.Tensor) -> torch.Tensor:
     return packed.reshape(-1)
 
 
-def dequantize_4bit_reference(weight_packed: torch.Tensor, quant_state, out_dtype: torch.dtype | None = None):
-    """``bitsandbytes.functional.dequantize_4bit``, then a cast to ``out_dtype`` if it differs
-    from ``quant_state.dtype``."""
-    import bitsandbytes.functional as bnb_functional
-
-    out = bnb_functional.dequantize_4bit(_plain_tensor(weight_packed), quant_state)
-    return out if out_dtype is None else out.to(out_dtype)
-
-
-def dequantize_4bit(weight_packed: torch.Tensor, quant_state, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Dense weight of shape ``quant_state.shape`` from a bitsandbytes 4-bit packed weight
-    (a ``Params4bit`` or its packed uint8 tensor) and its ``QuantState``.
-
-    ``out_dtype`` defaults to ``quant_state.dtype``. Runs the Triton kernel when possible, else
-    bitsandbytes' own dequantisation (bit-identical when ``out_dtype`` is ``quant_state.dtype``).
-    """
-    out_dtype = quant_state.dtype if out_dtype is None else out_dtype
-    if quant_state.quant_type not in ("nf4", "fp4"):
-        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_state.quant_type!r}")
-    packed = _packed_bytes(weight_packed)
-    tensors = [packed, quant_state.absmax, quant_state.code]
-    if quant_state.nested:
-        tensors += [quant_state.state2.absmax, quant_state.state2.code, quant_state.offset]
-    if not triton_enabled(*tensors):
-        warn_fallback("dequantize_4bit")
-        return dequantize_4bit_reference(weight_packed, quant_state, out_dtype)
-
+def dequantize_4bit_forward(packed: torch.Tensor, quant_state, out_dtype: torch.dtype) -> torch.Tensor:
+    """Triton launcher: the dense ``out_dtype`` weight from the flat uint8 ``packed`` bytes (see
+    :func:`_packed_bytes`) and the ``QuantState``."""
     out = torch.empty(tuple(quant_state.shape), dtype=out_dtype, device=packed.device)
     n_elements = out.numel()
     if n_elements == 0:

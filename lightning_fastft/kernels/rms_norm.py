@@ -13,15 +13,16 @@ gradients accumulate in fp32; the forward keeps only x, w and the per-row fp32 `
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from lightning_fastft._runtime import triton_enabled, warn_fallback
+from .._runtime import triton_enabled, warn_fallback
+from ._launch import LaunchPolicy
 
 CASTINGS = ("llama", "gemma")
+
+_LAUNCH = LaunchPolicy(programs_per_sm=2)  # backward: fastest of 1-8 per SM on an H100 at 2048 and 8192 rows of 4096
 
 
 def rms_norm_reference(
@@ -57,28 +58,6 @@ def rms_norm(
 def _check_casting(casting: str) -> None:
     if casting not in CASTINGS:
         raise ValueError(f"rms_norm: casting must be one of {CASTINGS}, got {casting!r}")
-
-
-def _num_warps(block: int) -> int:
-    if block <= 1024:
-        return 4
-    if block <= 4096:
-        return 8
-    return 16
-
-
-@functools.cache
-def _multiprocessor_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _num_backward_programs(n_rows: int, device: torch.device) -> int:
-    """Two programs per SM (fastest of 1-8 per SM on an H100 at 2048 and 8192 rows of 4096)."""
-    if device.type == "cuda":
-        workers = 2 * _multiprocessor_count(device.index if device.index is not None else torch.cuda.current_device())
-    else:  # interpreter: few programs, each looping over many rows
-        workers = 4
-    return max(1, min(n_rows, workers))
 
 
 @triton.jit
@@ -168,6 +147,64 @@ def _as_rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
+def rms_norm_forward(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0, casting: str = "llama"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton launcher: ``(y, x_rows, rstd)`` with ``y`` a new tensor of x's shape, ``x_rows`` x as
+    (rows, n_cols) with a unit column stride and ``rstd`` its fp32 per-row statistic (the two
+    tensors :func:`rms_norm_backward` reads)."""
+    n_cols = x.shape[-1]
+    x_rows = _as_rows(x, n_cols)
+    weight = weight.contiguous()
+    gemma = casting == "gemma"
+    out_dtype = x.dtype if gemma else torch.promote_types(x.dtype, weight.dtype)
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)  # not a view: RoPE may write into it
+    y_rows = y.view(-1, n_cols)
+    rstd = torch.empty(x_rows.shape[0], dtype=torch.float32, device=x.device)
+    block, num_warps = _LAUNCH.settings(n_cols)
+    if x_rows.shape[0] > 0:
+        _rms_norm_forward_kernel[(x_rows.shape[0],)](
+            x_rows, weight, y_rows, rstd, x_rows.stride(0), y_rows.stride(0), n_cols, eps, offset,
+            GEMMA_CASTING=gemma, BLOCK=block, num_warps=num_warps,
+        )  # fmt: skip
+    return y, x_rows, rstd
+
+
+def rms_norm_backward(
+    grad_y: torch.Tensor,
+    x_rows: torch.Tensor,
+    weight: torch.Tensor,
+    rstd: torch.Tensor,
+    offset: float = 0.0,
+    casting: str = "llama",
+    compute_dw: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Triton launcher: ``(dx_rows, dw)`` from the upstream gradient and :func:`rms_norm_forward`'s
+    ``x_rows`` and ``rstd``; ``dx_rows`` is (rows, n_cols), ``dw`` is ``None`` unless
+    ``compute_dw``. ``weight`` must be contiguous."""
+    n_rows, n_cols = x_rows.shape
+    grad_rows = _as_rows(grad_y, n_cols)
+    dx_rows = torch.empty(x_rows.shape, dtype=x_rows.dtype, device=x_rows.device)
+    n_programs = _LAUNCH.persistent_programs(n_rows, x_rows.device)
+    dw_partial = (
+        torch.empty((n_programs, n_cols), dtype=torch.float32, device=x_rows.device)
+        if compute_dw
+        else rstd  # placeholder pointer, never written
+    )
+    block, num_warps = _LAUNCH.settings(n_cols)
+    if n_rows > 0:
+        _rms_norm_backward_kernel[(n_programs,)](
+            grad_rows, x_rows, weight, rstd, dx_rows, dw_partial,
+            grad_rows.stride(0), x_rows.stride(0), dx_rows.stride(0),
+            n_rows, n_cols, offset, triton.cdiv(n_rows, n_programs),
+            GEMMA_CASTING=casting == "gemma", COMPUTE_DW=compute_dw, BLOCK=block, num_warps=num_warps,
+        )  # fmt: skip
+    dw = None
+    if compute_dw:
+        dw = dw_partial.sum(0).to(weight.dtype) if n_rows > 0 else torch.zeros_like(weight)
+    return dx_rows, dw
+
+
 class _RMSNormFunction(torch.autograd.Function):
     """y = x_hat * (w + offset) with x_hat = x * rstd; backward (``_rms_norm_backward_kernel``)
     per row ``dx = rstd * (g w' - x_hat * mean(g w' x_hat))`` with w' = w + offset, and
@@ -175,47 +212,17 @@ class _RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps, offset, casting):
-        n_cols = x.shape[-1]
-        x_rows = _as_rows(x, n_cols)
         weight = weight.contiguous()
-        gemma = casting == "gemma"
-        out_dtype = x.dtype if gemma else torch.promote_types(x.dtype, weight.dtype)
-        y = torch.empty(x.shape, dtype=out_dtype, device=x.device)  # not a view: RoPE may write into it
-        y_rows = y.view(-1, n_cols)
-        rstd = torch.empty(x_rows.shape[0], dtype=torch.float32, device=x.device)
-        block = triton.next_power_of_2(n_cols)
-        if x_rows.shape[0] > 0:
-            _rms_norm_forward_kernel[(x_rows.shape[0],)](
-                x_rows, weight, y_rows, rstd, x_rows.stride(0), y_rows.stride(0), n_cols, eps, offset,
-                GEMMA_CASTING=gemma, BLOCK=block, num_warps=_num_warps(block),
-            )  # fmt: skip
+        y, x_rows, rstd = rms_norm_forward(x, weight, eps, offset, casting)
         ctx.save_for_backward(x_rows, weight, rstd)
-        ctx.offset, ctx.gemma, ctx.x_shape = offset, gemma, x.shape
+        ctx.offset, ctx.casting, ctx.x_shape = offset, casting, x.shape
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
         x_rows, weight, rstd = ctx.saved_tensors
-        n_rows, n_cols = x_rows.shape
-        grad_rows = _as_rows(grad_y, n_cols)
-        dx_rows = torch.empty(x_rows.shape, dtype=x_rows.dtype, device=x_rows.device)
-        compute_dw = ctx.needs_input_grad[1]
-        n_programs = _num_backward_programs(n_rows, x_rows.device)
-        dw_partial = (
-            torch.empty((n_programs, n_cols), dtype=torch.float32, device=x_rows.device)
-            if compute_dw
-            else rstd  # placeholder pointer, never written
+        dx_rows, dw = rms_norm_backward(
+            grad_y, x_rows, weight, rstd, ctx.offset, ctx.casting, compute_dw=ctx.needs_input_grad[1]
         )
-        block = triton.next_power_of_2(n_cols)
-        if n_rows > 0:
-            _rms_norm_backward_kernel[(n_programs,)](
-                grad_rows, x_rows, weight, rstd, dx_rows, dw_partial,
-                grad_rows.stride(0), x_rows.stride(0), dx_rows.stride(0),
-                n_rows, n_cols, ctx.offset, triton.cdiv(n_rows, n_programs),
-                GEMMA_CASTING=ctx.gemma, COMPUTE_DW=compute_dw, BLOCK=block, num_warps=_num_warps(block),
-            )  # fmt: skip
-        dw = None
-        if compute_dw:
-            dw = dw_partial.sum(0).to(weight.dtype) if n_rows > 0 else torch.zeros_like(weight)
         return dx_rows.view(ctx.x_shape), dw, None, None, None

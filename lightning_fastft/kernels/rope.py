@@ -18,10 +18,11 @@ import torch
 import triton
 import triton.language as tl
 
-from lightning_fastft._runtime import triton_enabled, warn_fallback
+from .._runtime import triton_enabled, warn_fallback
+from ._launch import MAX_BLOCK, LaunchPolicy
 
 _INT32_LIMIT = 2**31
-_ROPE_NUM_WARPS = 4  # 1, 2, 4 and 8 warps tie on an H100 (within 3%) at 2048 and 8192 tokens
+_LAUNCH = LaunchPolicy(num_warps=4)  # 1, 2, 4 and 8 warps tie on an H100 (within 3%) at 2048 and 8192 tokens
 
 
 def rope_qk_reference(
@@ -247,7 +248,18 @@ def _qk_overlap(q: torch.Tensor, k: torch.Tensor) -> bool:
     return not _no_internal_overlap(combined)
 
 
-def _launch(q, k, cos, sin, position_ids, inverse: bool) -> None:
+def rope_qk_forward(q, k, cos, sin, position_ids=None) -> None:
+    """Triton launcher: rotate q ``(B, S, Hq, D)`` and k ``(B, S, Hk, D)`` in place (no autograd,
+    no checks: :func:`rope_qk_` validates)."""
+    _rotate(q, k, cos, sin, position_ids, inverse=False)
+
+
+def rope_qk_backward(grad_q, grad_k, cos, sin, position_ids=None) -> None:
+    """Triton launcher: apply the inverse (transposed) rotation to grad_q and grad_k in place."""
+    _rotate(grad_q, grad_k, cos, sin, position_ids, inverse=True)
+
+
+def _rotate(q, k, cos, sin, position_ids, inverse: bool) -> None:
     batch, seq_len, n_q_heads, head_dim = q.shape
     n_k_heads = k.shape[2]
     n_tokens = batch * seq_len
@@ -267,8 +279,8 @@ def _launch(q, k, cos, sin, position_ids, inverse: bool) -> None:
         position_stride_b = position_stride_s = 0
     tensors = [q, k, cos] + ([position_ids] if position_ids is not None else [])
     long_indexing = max(_max_offset(t) for t in tensors) >= _INT32_LIMIT or n_tokens >= _INT32_LIMIT
-    block_d = triton.next_power_of_2(half_rotary)
-    max_heads_per_tile = max(1, 4096 // block_d)
+    block_d, num_warps = _LAUNCH.settings(half_rotary)
+    max_heads_per_tile = max(1, MAX_BLOCK // block_d)
     block_hq = min(triton.next_power_of_2(n_q_heads), max_heads_per_tile)
     block_hk = min(triton.next_power_of_2(n_k_heads), max_heads_per_tile)
     _rope_qk_kernel[(n_tokens,)](
@@ -278,7 +290,7 @@ def _launch(q, k, cos, sin, position_ids, inverse: bool) -> None:
         seq_len, n_q_heads, n_k_heads,
         HALF_ROTARY=half_rotary, BLOCK_D=block_d, BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
         USE_POSITION_IDS=position_ids is not None, INVERSE=inverse, LONG_INDEXING=long_indexing,
-        num_warps=_ROPE_NUM_WARPS,
+        num_warps=num_warps,
     )  # fmt: skip
 
 
@@ -342,7 +354,7 @@ class _RoPEQKFunction(torch.autograd.Function):
         roots = (q_root,) if shared_root else (q_root, k_root)
         q = _rebuild(q_root, q_geometry)
         k = _rebuild(q_root if shared_root else k_root, k_geometry)
-        _launch(q, k, cos, sin, position_ids, inverse=False)
+        rope_qk_forward(q, k, cos, sin, position_ids)
         ctx.mark_dirty(*roots)
         ctx.save_for_backward(cos, sin, position_ids)
         ctx.geometries = (q_geometry, k_geometry)
@@ -358,5 +370,5 @@ class _RoPEQKFunction(torch.autograd.Function):
             grads[1] = _copy_with_strides(grads[1], ctx.root_strides[1])
         grad_q = _rebuild(grads[0], ctx.geometries[0])
         grad_k = _rebuild(grads[-1], ctx.geometries[1])
-        _launch(grad_q, grad_k, cos, sin, position_ids, inverse=True)
+        rope_qk_backward(grad_q, grad_k, cos, sin, position_ids)
         return grads[0], grads[1] if len(grads) == 2 else None, None, None, None, None, None

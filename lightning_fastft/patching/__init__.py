@@ -1,18 +1,21 @@
 """Model patching: swap HF modules' forwards (per instance) for the fast kernels.
 
-Importing this package registers the ``"fastft_varlen"`` attention implementation with
-transformers' ``AttentionInterface`` (an extension point, not a class patch).
+:mod:`.options` (the patch options) is light; the rest imports transformers and the kernels, so
+it loads on first attribute access.
 """
 
-from lightning_fastft.patching.model import ModelPatchReport, PatchReport, patch_model
-from lightning_fastft.patching.offload import apply_activation_checkpointing, remove_activation_checkpointing
-from lightning_fastft.patching.varlen import use_varlen_attention
+import importlib
+from typing import Any
 
-__all__ = [
-    "ModelPatchReport",
-    "PatchReport",
-    "apply_activation_checkpointing",
-    "patch_model",
-    "remove_activation_checkpointing",
-    "use_varlen_attention",
-]
+from lightning_fastft.patching.options import PatchOptions
+
+_LAZY = {"ModelPatchReport": "model", "PatchReport": "model", "patch_model": "model"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"lightning_fastft.patching.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["PatchOptions", *_LAZY]

@@ -19,6 +19,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,13 +30,13 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import can_return_tuple
 
 from lightning_fastft._versions import tested_window
+from lightning_fastft.architectures import ARCHITECTURES, ArchitectureSpec
+from lightning_fastft.attention import route_packed_batches
 from lightning_fastft.constants import IGNORE_INDEX
-
 from lightning_fastft.kernels.cross_entropy import causal_lm_loss
 from lightning_fastft.kernels.glu import glu
 from lightning_fastft.kernels.rms_norm import rms_norm
 from lightning_fastft.kernels.rope import rope_qk_
-from lightning_fastft.patching.architectures import ARCHITECTURES, ArchitectureSpec
 from lightning_fastft.patching.lora import (
     GLU_MLP,
     O_PROJ,
@@ -45,7 +46,8 @@ from lightning_fastft.patching.lora import (
     fused_qkv,
     projection_plans,
 )
-from lightning_fastft.patching.varlen import route_packed_batches
+from lightning_fastft.patching.options import PatchOptions, takes_patch_options
+from lightning_fastft.training.checkpointing import apply_activation_checkpointing
 
 GLU_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
 """HF ``hidden_act`` names the GLU kernel computes, mapped to the kernel's activation name."""
@@ -170,7 +172,7 @@ class InstanceForward:
 class _AttentionPlan:
     spec: ArchitectureSpec
     rope: bool  # our in-place RoPE kernel; False: the architecture's own apply_rotary_pos_emb
-    lora: bool  # fused LoRA QKV / O whenever projection_plans accepts the projections
+    fused_lora: bool  # fused LoRA QKV / O whenever projection_plans accepts the projections
     hf_apply_rotary: Callable
     hf_eager_attention: Callable
 
@@ -179,7 +181,7 @@ class _AttentionPlan:
 class _MlpPlan:
     activation: str | None  # the GLU kernel's name for the MLP activation; None: no GLU path
     use_glu: bool
-    lora: bool
+    fused_lora: bool
 
 
 class ForwardPasses:
@@ -257,7 +259,7 @@ def _attention_forward(
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
 
-    qkv_plans = _pass_plans(self, QKV) if plan.lora else None
+    qkv_plans = _pass_plans(self, QKV) if plan.fused_lora else None
     if qkv_plans is not None:
         query, key, value = fused_qkv(qkv_plans, hidden_states)
     else:
@@ -292,14 +294,14 @@ def _attention_forward(
         **kwargs,
     )
     attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-    o_plans = _pass_plans(self, O_PROJ) if plan.lora else None
+    o_plans = _pass_plans(self, O_PROJ) if plan.fused_lora else None
     attn_output = fused_o(o_plans, attn_output) if o_plans is not None else self.o_proj(attn_output)
     return attn_output, attn_weights
 
 
 def _mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     plan: _MlpPlan = self._fastft_mlp
-    plans = _pass_plans(self, GLU_MLP) if plan.lora and plan.activation else None
+    plans = _pass_plans(self, GLU_MLP) if plan.fused_lora and plan.activation else None
     if plans is not None:
         return fused_mlp(plans, x, plan.activation)
     if not plan.use_glu:  # the mlp switch is off and LoRA stopped being fusable: HF's forward
@@ -400,15 +402,17 @@ def _patch_attention(
     attention: nn.Module,
     spec: ArchitectureSpec,
     rope: bool,
-    lora: bool,
+    fused_lora: bool,
     entry: ModelPatchReport,
     unfused: Counter,
     passes: ForwardPasses,
 ):
-    fused_qkv = lora and projection_plans(attention, QKV) is not None
-    fused_o = lora and projection_plans(attention, O_PROJ) is not None
-    unfused["lora_qkv"] += lora and not fused_qkv and _has_lora(attention.q_proj, attention.k_proj, attention.v_proj)
-    unfused["lora_o"] += lora and not fused_o and _has_lora(attention.o_proj)
+    fused_qkv = fused_lora and projection_plans(attention, QKV) is not None
+    fused_o = fused_lora and projection_plans(attention, O_PROJ) is not None
+    unfused["lora_qkv"] += (
+        fused_lora and not fused_qkv and _has_lora(attention.q_proj, attention.k_proj, attention.v_proj)
+    )
+    unfused["lora_o"] += fused_lora and not fused_o and _has_lora(attention.o_proj)
     if not (rope or fused_qkv or fused_o):
         return
     attention._fastft_passes = passes
@@ -416,7 +420,7 @@ def _patch_attention(
     attention._fastft_attention = _AttentionPlan(
         spec=spec,
         rope=rope,
-        lora=lora,
+        fused_lora=fused_lora,
         hf_apply_rotary=hf_modeling.apply_rotary_pos_emb,
         hf_eager_attention=hf_modeling.eager_attention_forward,
     )
@@ -431,18 +435,18 @@ def _patch_mlp(
     mlp: nn.Module,
     activation: str | None,
     use_glu: bool,
-    lora: bool,
+    fused_lora: bool,
     entry: ModelPatchReport,
     unfused: Counter,
     passes: ForwardPasses,
 ):
-    fused = bool(lora and activation) and projection_plans(mlp, GLU_MLP) is not None
-    unfused["lora_mlp"] += lora and not fused and _has_lora(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    fused = bool(fused_lora and activation) and projection_plans(mlp, GLU_MLP) is not None
+    unfused["lora_mlp"] += fused_lora and not fused and _has_lora(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     use_glu = use_glu and activation is not None
     if not (fused or use_glu):
         return
     mlp._fastft_passes = passes
-    mlp._fastft_mlp = _MlpPlan(activation=activation, use_glu=use_glu, lora=lora)
+    mlp._fastft_mlp = _MlpPlan(activation=activation, use_glu=use_glu, fused_lora=fused_lora)
     _install_forward(mlp, _mlp_forward)
     entry.patched["mlp"] += not fused
     entry.patched["lora_mlp"] += fused
@@ -473,10 +477,10 @@ def _patch_causal_lm(path: str, model: PreTrainedModel, switches: dict[str, bool
                 entry.patched["rms_norm"] += 1
         elif class_name == spec.attention_class:
             if _replaceable("attention", module, entry):
-                _patch_attention(module, spec, switches["rope"], switches["lora"], entry, unfused, passes)
+                _patch_attention(module, spec, switches["rope"], switches["fused_lora"], entry, unfused, passes)
         elif class_name == spec.mlp_class:
             if _replaceable("mlp", module, entry):
-                _patch_mlp(module, activation, switches["mlp"], switches["lora"], entry, unfused, passes)
+                _patch_mlp(module, activation, switches["mlp"], switches["fused_lora"], entry, unfused, passes)
     entry.skipped += [f"{kind}: {n} LoRA modules not fusable, PEFT's forward kept" for kind, n in unfused.items() if n]
 
     if switches["cross_entropy"] and _replaceable("cross_entropy", model, entry):
@@ -491,24 +495,18 @@ def _patch_causal_lm(path: str, model: PreTrainedModel, switches: dict[str, bool
     return entry
 
 
-def patch_model(
-    model: nn.Module,
-    *,
-    rms_norm: bool = True,
-    rope: bool = True,
-    mlp: bool = True,
-    cross_entropy: bool = True,
-    lora: bool = True,
-) -> PatchReport:
-    """Patch every HF causal LM inside ``model`` (itself one, a PEFT model, a LightningModule...).
+@takes_patch_options
+def patch_model(model: nn.Module, **options: Any) -> PatchReport:
+    """Patch every HF causal LM inside ``model`` (itself one, a PEFT model, a LightningModule...)
+    with the :class:`~lightning_fastft.patching.options.PatchOptions` given as keywords.
 
-    Switches: ``rms_norm`` (RMSNorm modules, incl. Qwen3 q/k norms), ``rope`` (attention forward
-    with our in-place RoPE), ``mlp`` (GLU kernel MLP), ``cross_entropy`` (fused linear cross
-    entropy loss in training), ``lora`` (fused LoRA QKV/O/MLP where PEFT LoRA layers are fusable;
-    this alone also replaces the attention/MLP forwards that have a fused path). An architecture
-    without a spec is left as it is, with one warning.
+    ``fused_lora`` alone also replaces the attention/MLP forwards that have a fused path; with
+    ``checkpointing`` set, the decoder layers are then wrapped by
+    :func:`~lightning_fastft.training.checkpointing.apply_activation_checkpointing`. An
+    architecture without a spec is left as it is, with one warning.
     """
-    switches = {"rms_norm": rms_norm, "rope": rope, "mlp": mlp, "cross_entropy": cross_entropy, "lora": lora}
+    patch_options = PatchOptions(**options)
+    switches = patch_options.kernel_switches()
     report = PatchReport()
     for path, module in model.named_modules():
         if _is_causal_lm(module):
@@ -519,5 +517,9 @@ def patch_model(
         warnings.warn(
             f"lightning_fastft: some models were left unpatched and run Hugging Face's own code.\n{report}",
             stacklevel=2,
+        )
+    if patch_options.checkpointing is not None:
+        apply_activation_checkpointing(
+            model, patch_options.checkpointing, checkpoint_fraction=patch_options.checkpoint_fraction
         )
     return report

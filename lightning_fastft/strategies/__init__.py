@@ -5,7 +5,6 @@ from lightning_fastft.strategies.fastft import (
     FastFTFSDPStrategy,
     FastFTStrategy,
     FastFTStrategyMixin,
-    PatchOptions,
     register_strategies,
 )
 
@@ -14,6 +13,5 @@ __all__ = [
     "FastFTFSDPStrategy",
     "FastFTStrategy",
     "FastFTStrategyMixin",
-    "PatchOptions",
     "register_strategies",
 ]

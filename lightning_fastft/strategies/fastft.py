@@ -2,92 +2,39 @@
 
 * the lightning_fastft patches (Triton kernels, fused LoRA, activation checkpointing/offload),
   applied to the LightningModule in ``setup`` before it is wrapped and optimizers are built;
-* token-exact gradient accumulation (see :mod:`.token_exact`);
-* optional 8-bit AdamW (see :mod:`lightning_fastft.optim`);
-* adapter-only checkpoints when parameters are frozen (see :mod:`.adapter_checkpoint`).
+* token-exact gradient accumulation (see :mod:`lightning_fastft.training.token_exact`);
+* optional 8-bit AdamW (see :mod:`lightning_fastft.training.optim`);
+* adapter-only checkpoints when parameters are frozen (see :mod:`lightning_fastft.training.adapter_checkpoint`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, Literal, Optional, Union, get_args
+from typing import Any, Callable, Literal, Optional, Union
 
 import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
-from torch import nn
 from torch.optim import Optimizer
 
-from lightning_fastft.optim import OPTIMIZER_CHOICES, convert_optimizers
-from lightning_fastft.strategies.adapter_checkpoint import (
+from lightning_fastft.patching.options import PatchOptions, check_bool_options, takes_patch_options
+from lightning_fastft.training.adapter_checkpoint import (
     adapter_state_dict,
     adapter_state_keys,
     check_adapter_state_dict,
     trainable_state_keys,
 )
-from lightning_fastft.strategies.token_exact import TokenExactAccumulator, scale_gradients_
-
-CheckpointingMode = Literal["recompute", "offload"]
-
-
-def check_bool_options(**options: Any) -> None:
-    """Raise a ``TypeError`` naming the first option whose value is not a ``bool`` (e.g. the string ``"false"``)."""
-    for name, value in options.items():
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
-
-
-@dataclass(frozen=True)
-class PatchOptions:
-    """Which lightning_fastft patches to apply to the HF causal LMs inside a module."""
-
-    rms_norm: bool = True
-    rope: bool = True
-    mlp: bool = True
-    cross_entropy: bool = True
-    lora: bool = True
-    checkpointing: Optional[CheckpointingMode] = None
-    checkpoint_fraction: float = 1.0  # share of each decoder stack's layers checkpointed
-
-    def __post_init__(self) -> None:
-        check_bool_options(
-            rms_norm=self.rms_norm, rope=self.rope, mlp=self.mlp, cross_entropy=self.cross_entropy, lora=self.lora
-        )
-        if self.checkpointing not in (None, *get_args(CheckpointingMode)):
-            raise ValueError(
-                f"checkpointing must be None or one of {get_args(CheckpointingMode)}, got {self.checkpointing!r}"
-            )
-        fraction = self.checkpoint_fraction
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-            raise ValueError(f"checkpoint_fraction must be a number in (0, 1], got {fraction!r}")
-
-    def apply(self, module: nn.Module) -> Any:
-        """Patch ``module`` in place (instances only, idempotent); returns the ``PatchReport``."""
-        from lightning_fastft import patching
-
-        switches = asdict(self)
-        checkpointing = switches.pop("checkpointing")
-        fraction = switches.pop("checkpoint_fraction")
-        report = patching.patch_model(module, **switches)
-        if checkpointing is not None:
-            from lightning_fastft.patching import offload
-
-            offload.apply_activation_checkpointing(module, mode=checkpointing, fraction=fraction)
-        return report
-
+from lightning_fastft.training.optim import OPTIMIZER_CHOICES, convert_optimizers
+from lightning_fastft.training.token_exact import TokenExactAccumulator, scale_gradients_
 
 class FastFTStrategyMixin:
     """The fastft behaviour, mixed in front of a Lightning strategy class.
 
     Args:
-        rms_norm, rope, mlp, cross_entropy, lora: switches of the Triton/fused patches.
-        checkpointing: ``None``, ``"recompute"`` (activation checkpointing of the decoder layers)
-            or ``"offload"`` (checkpointed layer inputs kept in pinned CPU memory).
-        checkpoint_fraction: share in (0, 1] of each decoder stack's layers that ``checkpointing``
-            applies to (``round(fraction * n)`` of ``n`` layers, evenly spread; the others keep
-            their activations): trades memory for speed. Ignored when ``checkpointing`` is None.
+        rms_norm, rope, mlp, cross_entropy, fused_lora, checkpointing, checkpoint_fraction: the
+            patches (:class:`~lightning_fastft.patching.options.PatchOptions`), applied in ``setup``.
         optimizer: ``None`` keeps the optimizers of ``configure_optimizers``; ``"adamw_8bit"``
             swaps torch AdamW (and torch Adam without coupled weight decay) for bitsandbytes'
             8-bit AdamW; other optimizers stay as configured, with a warning.
@@ -100,23 +47,17 @@ class FastFTStrategyMixin:
             loading accepts the other frozen weights missing.
     """
 
+    @takes_patch_options
     def __init__(
         self,
         *args: Any,
-        rms_norm: bool = True,
-        rope: bool = True,
-        mlp: bool = True,
-        cross_entropy: bool = True,
-        lora: bool = True,
-        checkpointing: Optional[CheckpointingMode] = None,
-        checkpoint_fraction: float = 1.0,
         optimizer: Optional[Literal["adamw_8bit"]] = None,
         token_exact: bool = True,
         adapter_only_checkpoint: bool = True,
         **kwargs: Any,
     ) -> None:
+        self.patch_options = PatchOptions.pop_from(kwargs)
         super().__init__(*args, **kwargs)
-        self.patch_options = PatchOptions(rms_norm, rope, mlp, cross_entropy, lora, checkpointing, checkpoint_fraction)
         if optimizer not in (None, *OPTIMIZER_CHOICES):
             raise ValueError(f"optimizer must be None or one of {OPTIMIZER_CHOICES}, got {optimizer!r}")
         check_bool_options(token_exact=token_exact, adapter_only_checkpoint=adapter_only_checkpoint)
@@ -130,7 +71,9 @@ class FastFTStrategyMixin:
     # ---- patches and optimizers -------------------------------------------------------------
     def setup(self, trainer: Any) -> None:
         assert self.lightning_module is not None
-        self.patch_report = self.patch_options.apply(self.lightning_module)
+        from lightning_fastft import patching
+
+        self.patch_report = patching.patch_model(self.lightning_module, **dataclasses.asdict(self.patch_options))
         super().setup(trainer)
 
     def setup_optimizers(self, trainer: Any) -> None:

@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, PreTrainedConfig, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
-from lightning_fastft.patching.architectures import ARCHITECTURES
+from lightning_fastft._hf import find_hf_model
+from lightning_fastft.architectures import ARCHITECTURES
 
 ATTN_IMPLEMENTATION = "fastft_varlen"
 
@@ -365,14 +366,6 @@ AttentionInterface.register(ATTN_IMPLEMENTATION, varlen_attention_forward)
 AttentionMaskInterface.register(ATTN_IMPLEMENTATION, varlen_attention_mask)
 
 
-def find_hf_model(model: torch.nn.Module) -> PreTrainedModel:
-    """The outermost transformers model inside a (PEFT-, Lightning- or otherwise) wrapped module."""
-    for module in model.modules():
-        if isinstance(module, PreTrainedModel):
-            return module
-    raise TypeError(f"no transformers PreTrainedModel found inside {type(model).__name__}")
-
-
 def use_varlen_attention(model: torch.nn.Module) -> PreTrainedModel:
     """Switch one model instance (possibly wrapped) to ``fastft_varlen`` attention; returns the HF model.
 
@@ -445,7 +438,7 @@ def _route_packed_batch(model: PreTrainedModel, args: tuple, kwargs: dict) -> No
             f"{name} got a packed batch (cu_seq_lens_* or position_ids restarting inside a row), and its "
             f"{implementation!r} attention may let the packed samples attend to each other. lightning_fastft "
             f"switches packed batches to its varlen attention only for {', '.join(ARCHITECTURES)}. Pass unpacked "
-            "batches (e.g. PaddedCollator), or call lightning_fastft.patching.use_varlen_attention(model) "
+            "batches (e.g. PaddedCollator), or call lightning_fastft.use_varlen_attention(model) "
             "once you have checked that this architecture hands position_ids/cu_seq_lens_q to its attention function."
         )
     use_varlen_attention(model)

@@ -1,7 +1,9 @@
-"""What differs between the supported decoder architectures, as one small table.
+"""What differs between the supported decoder architectures, as one small table that patching
+and GGUF export both read.
 
 The six architectures share one attention/MLP/causal-LM forward; an ``ArchitectureSpec`` holds
-only where they disagree (read from the installed ``transformers`` modeling files):
+only where they disagree (read from the installed ``transformers`` modeling files and llama.cpp's
+converter):
 
 * RMSNorm: Llama-style ``weight * norm(x).to(dtype)`` with ``variance_epsilon``, or Gemma-style
   ``(norm(x) * (1 + weight)).to(dtype)`` with ``eps``.
@@ -9,6 +11,8 @@ only where they disagree (read from the installed ``transformers`` modeling file
 * the extra keyword arguments the attention forward hands to the attention function
   (``sliding_window`` and Gemma2's ``softcap``), read from the attention module as HF does.
 * the config attribute holding the final-logit softcap (Gemma2).
+* GGUF: llama.cpp's architecture name, whether q/k rows are re-paired for llama.cpp's interleaved
+  RoPE (Llama, Mistral), whether the LM head is always the tied embedding (Gemma).
 """
 
 from __future__ import annotations
@@ -46,6 +50,9 @@ class ArchitectureSpec:
     activation_attribute: str = "hidden_act"
     attention_kwargs: Callable[[nn.Module], dict] = _no_attention_kwargs
     final_softcap_attribute: str | None = None
+    gguf_arch: str = "LLAMA"  # the ``gguf.MODEL_ARCH`` member llama.cpp loads it as
+    gguf_permute_qk: bool = False  # HF rotate-half q/k rows -> llama.cpp interleaved pairs
+    tied_lm_head: bool = False  # the LM head is always the embedding (never written to GGUF)
 
     @property
     def norm_class(self) -> str:
@@ -60,17 +67,18 @@ class ArchitectureSpec:
         return f"{self.class_prefix}MLP"
 
 
-_GEMMA_NORM = {"norm_eps_attribute": "eps", "norm_offset": 1.0, "norm_casting": "gemma"}
+_GEMMA = {"norm_eps_attribute": "eps", "norm_offset": 1.0, "norm_casting": "gemma", "tied_lm_head": True}
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
-    "llama": ArchitectureSpec("Llama"),
-    "mistral": ArchitectureSpec("Mistral", attention_kwargs=_config_sliding_window),
-    "qwen2": ArchitectureSpec("Qwen2", attention_kwargs=_layer_sliding_window),
-    "qwen3": ArchitectureSpec("Qwen3", attention_kwargs=_layer_sliding_window),
-    "gemma": ArchitectureSpec("Gemma", **_GEMMA_NORM),
+    "llama": ArchitectureSpec("Llama", gguf_permute_qk=True),
+    "mistral": ArchitectureSpec("Mistral", attention_kwargs=_config_sliding_window, gguf_permute_qk=True),
+    "qwen2": ArchitectureSpec("Qwen2", attention_kwargs=_layer_sliding_window, gguf_arch="QWEN2"),
+    "qwen3": ArchitectureSpec("Qwen3", attention_kwargs=_layer_sliding_window, gguf_arch="QWEN3"),
+    "gemma": ArchitectureSpec("Gemma", **_GEMMA, gguf_arch="GEMMA"),
     "gemma2": ArchitectureSpec(
         "Gemma2",
-        **_GEMMA_NORM,
+        **_GEMMA,
+        gguf_arch="GEMMA2",
         activation_attribute="hidden_activation",
         attention_kwargs=_layer_sliding_window_and_softcap,
         final_softcap_attribute="final_logit_softcapping",
@@ -78,3 +86,8 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
 }
 """Supported ``config.model_type`` values. Qwen3's q_norm/k_norm are RMSNorm modules of the same
 class, found by the attention forward as ``q_norm``/``k_norm`` attributes."""
+
+
+def head_dim(config) -> int:
+    """Per-head width: ``config.head_dim`` where set, else hidden size / attention heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

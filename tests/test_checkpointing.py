@@ -14,8 +14,8 @@ import pytest
 import torch
 from helpers import quiet_trainer
 
-from lightning_fastft.callbacks.offload import ActivationOffload
-from lightning_fastft.patching.offload import (
+from lightning_fastft.callbacks.offload import ActivationCheckpointing, ActivationOffload
+from lightning_fastft.training.checkpointing import (
     HostOffloader,
     apply_activation_checkpointing,
     checkpointed_layer_indices,
@@ -105,14 +105,13 @@ def assert_same_training(reference, wrapped, device, steps=1, autocast_dtype=Non
             torch.testing.assert_close(grads[name], ref_grad, rtol=1e-6, atol=1e-6, msg=name)
 
 
-def checkpointed_copy(model, variant, fraction=1.0):
+def checkpointed_copy(model, variant, checkpoint_fraction=1.0):
     wrapped = copy.deepcopy(model)
     if variant == "offload_emulated":
-        apply_activation_checkpointing(
-            wrapped, "offload", offloader=HostOffloader(emulate_on_cpu=True), fraction=fraction
-        )
+        offloader = HostOffloader(emulate_on_cpu=True)
+        apply_activation_checkpointing(wrapped, "offload", offloader=offloader, checkpoint_fraction=checkpoint_fraction)
     else:
-        apply_activation_checkpointing(wrapped, variant, fraction=fraction)
+        apply_activation_checkpointing(wrapped, variant, checkpoint_fraction=checkpoint_fraction)
     return wrapped
 
 
@@ -177,7 +176,7 @@ import faulthandler, sys
 faulthandler.dump_traceback_later(300, exit=True)  # a hang prints every thread's stack and fails
 sys.path.insert(0, {tests!r})
 import torch
-from test_offload import ddp_grads_match
+from test_checkpointing import ddp_grads_match
 torch.manual_seed({seed})
 print("matched", ddp_grads_match({variant!r}, {device!r}, {store!r}))
 """
@@ -204,7 +203,7 @@ def test_grads_equal_under_ddp(variant, device, tmp_path):
 def test_partial_checkpointing_grads_equal_no_checkpointing(variant, device):
     """Half the layers checkpointed, the others saving their activations: same loss and grads."""
     model = with_lora(tiny_llama(layers=4)).to(device).train()
-    wrapped = checkpointed_copy(model, variant, fraction=0.5)
+    wrapped = checkpointed_copy(model, variant, checkpoint_fraction=0.5)
     assert len(checkpointed_layers(wrapped)) == 2
     assert_same_training(model, wrapped, device, steps=2)
 
@@ -217,7 +216,7 @@ def test_fraction_checkpoints_evenly_spread_layers(layers, fraction, indices):
     model = tiny_gpt2(layers=layers)
     stack = model.transformer.h
     assert checkpointed_layer_indices(layers, fraction) == indices
-    wrapped = apply_activation_checkpointing(model, "recompute", fraction=fraction)
+    wrapped = apply_activation_checkpointing(model, "recompute", checkpoint_fraction=fraction)
     assert wrapped == [stack[i] for i in indices] == checkpointed_layers(model)
     for i, layer in enumerate(stack):
         assert ("forward" in layer.__dict__) == (i in indices), i
@@ -226,11 +225,13 @@ def test_fraction_checkpoints_evenly_spread_layers(layers, fraction, indices):
 @pytest.mark.parametrize("fraction", [0, 1.5, -0.5])
 def test_fraction_out_of_range_raises(fraction):
     model = tiny_llama(layers=2)
-    with pytest.raises(ValueError, match="fraction must be in"):
-        apply_activation_checkpointing(model, "recompute", fraction=fraction)
+    with pytest.raises(ValueError, match=r"checkpoint_fraction must be a number in \(0, 1\]"):
+        apply_activation_checkpointing(model, "recompute", checkpoint_fraction=fraction)
     assert checkpointed_layers(model) == []
-    with pytest.raises(ValueError, match="fraction must be in"):
-        ActivationOffload("recompute", fraction=fraction)
+    with pytest.raises(ValueError, match=r"checkpoint_fraction must be a number in \(0, 1\]"):
+        ActivationCheckpointing("recompute", checkpoint_fraction=fraction)
+    with pytest.raises(ValueError, match=r"checkpointing must be one of \('recompute', 'offload'\), got None"):
+        apply_activation_checkpointing(model, None)
 
 
 def test_reapplying_a_smaller_fraction_unwraps_the_rest(device):
@@ -238,10 +239,10 @@ def test_reapplying_a_smaller_fraction_unwraps_the_rest(device):
     layers = model.model.layers
     apply_activation_checkpointing(model, "offload", offloader=HostOffloader(emulate_on_cpu=True))
     assert checkpointed_layers(model) == list(layers)
-    apply_activation_checkpointing(model, "recompute", fraction=0.25)
+    apply_activation_checkpointing(model, "recompute", checkpoint_fraction=0.25)
     assert checkpointed_layers(model) == [layers[3]]
     assert all("forward" not in layer.__dict__ for layer in layers[:3])
-    callback = ActivationOffload("recompute", fraction=0.5)
+    callback = ActivationCheckpointing("recompute", checkpoint_fraction=0.5)
     callback.on_fit_start(None, model)
     assert callback.wrapped_layers == 2 and checkpointed_layers(model) == [layers[1], layers[3]]
     assert remove_activation_checkpointing(model) == 2
@@ -336,7 +337,7 @@ def test_partial_offload_prefetches_across_plain_layers(device):
     the plain layers (0 and 2) whose activations stay in the graph."""
     model = tiny_llama(layers=5).to(device)
     offloader = RecordingOffloader()
-    apply_activation_checkpointing(model, "offload", offloader=offloader, fraction=0.6)
+    apply_activation_checkpointing(model, "offload", offloader=offloader, checkpoint_fraction=0.6)
     for _ in range(2):
         model(**make_batch(device)).loss.backward()
     assert offloader.fetched_prefetched == [False, True, True] * 2
@@ -427,7 +428,8 @@ def test_lightning_fit_with_callback_and_accumulation(tmp_path, device):
         trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
         return module.model.state_dict()
 
-    callback = ActivationOffload()
+    with pytest.warns(DeprecationWarning, match="ActivationOffload.*deprecated"):
+        callback = ActivationOffload()  # the deprecated name: offload, every layer
     trained = fit([callback])
     reference = fit([])
     assert callback.wrapped_layers == 3

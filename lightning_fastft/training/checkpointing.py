@@ -3,17 +3,17 @@
 Each decoder layer *instance* gets an instance ``forward`` (state_dict keys are untouched), so that
 during training a layer keeps only its input hidden state and recomputes everything else in backward:
 
-* ``mode="recompute"``: the same layer Function as offload with the input kept on the device
+* ``checkpointing="recompute"``: the same layer Function as offload with the input kept on the device
   (:class:`DeviceStore`); measured faster than non-reentrant ``torch.utils.checkpoint`` on the
   8B LoRA step (see benchmarks/results/train_partA.md).
-* ``mode="offload"``: the input is copied device -> pinned host memory on a side CUDA stream while
+* ``checkpointing="offload"``: the input is copied device -> pinned host memory on a side CUDA stream while
   compute goes on; in backward it is copied back, and the input of the next layer to be recomputed
   is prefetched on the side stream while the current one recomputes. Without CUDA this falls back
   to ``"recompute"`` with a one-time warning (``HostOffloader(emulate_on_cpu=True)`` runs the same
   bookkeeping with synchronous copies, for tests).
 
 Under ``no_grad``/``inference_mode``, or when nothing in a layer needs a gradient, the layer runs
-its plain forward. ``fraction < 1`` checkpoints only part of each decoder stack (see
+its plain forward. ``checkpoint_fraction < 1`` checkpoints only part of each decoder stack (see
 :func:`checkpointed_layer_indices`): less recompute for more activation memory.
 """
 
@@ -34,8 +34,9 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
-MODES = ("offload", "recompute")
-_WRAPPED_ATTRIBUTE = "_fastft_checkpointing"  # (mode, the instance forward it wraps or None)
+from lightning_fastft.patching.options import Checkpointing, check_checkpoint_fraction, check_checkpointing
+
+_WRAPPED_ATTRIBUTE = "_fastft_checkpointing"  # (checkpointing, the instance forward it wraps or None)
 _warned_cpu_fallback = False
 _TENSOR_SLOT = object()  # stands for a tensor in a flattened call or output held by _LayerCall
 
@@ -55,39 +56,36 @@ def find_decoder_layer_lists(model: nn.Module) -> list[nn.ModuleList]:
     return stacks
 
 
-def check_fraction(fraction: float) -> None:
-    """Raise ``ValueError`` unless ``fraction`` is a share of layers in (0, 1]."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+def checkpointed_layer_indices(num_layers: int, checkpoint_fraction: float = 1.0) -> list[int]:
+    """Indices of the layers checkpointed in a stack of ``num_layers`` for ``checkpoint_fraction`` of them.
 
-
-def checkpointed_layer_indices(num_layers: int, fraction: float = 1.0) -> list[int]:
-    """Indices of the layers checkpointed in a stack of ``num_layers`` for ``fraction`` of them.
-
-    ``k = floor(fraction * num_layers + 1/2)`` layers (``fraction * num_layers`` rounded, halves
+    ``k = floor(f * num_layers + 1/2)`` layers (``f * num_layers`` rounded, halves
     up; 0 for a small fraction of a short stack), spread evenly: layer ``i`` is checkpointed when
     ``floor((i + 1) k / n) > floor(i k / n)``, i.e. the last layer of each of ``k`` equal runs of
     layers (k=2 of n=4: layers 1 and 3; k=1 of n=3: layer 2).
     """
-    check_fraction(fraction)
-    count = math.floor(fraction * num_layers + 0.5)
+    check_checkpoint_fraction(checkpoint_fraction)
+    count = math.floor(checkpoint_fraction * num_layers + 0.5)
     return [i for i in range(num_layers) if (i + 1) * count // num_layers > i * count // num_layers]
 
 
 def apply_activation_checkpointing(
-    model: nn.Module, mode: str = "offload", *, offloader: HostOffloader | None = None, fraction: float = 1.0
+    model: nn.Module,
+    checkpointing: Checkpointing,
+    *,
+    checkpoint_fraction: float = 1.0,
+    offloader: HostOffloader | None = None,
 ) -> list[nn.Module]:
     """Checkpoint the decoder layers of every HF model inside ``model``; returns the wrapped layers.
 
     ``model`` may be a HF model, a PEFT model, or any module containing them (a LightningModule).
-    ``fraction`` (in (0, 1]) of the layers of each decoder stack are checkpointed, chosen by
+    ``checkpoint_fraction`` (in (0, 1]) of the layers of each decoder stack are checkpointed, chosen by
     :func:`checkpointed_layer_indices`; the others keep their plain forward and save their
     activations as usual. HF's own gradient checkpointing is switched off (with a warning) where it
     was on. Applying again replaces the previous wrapping (layers no longer selected are unwrapped).
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    check_fraction(fraction)
+    check_checkpointing(checkpointing, optional=False)
+    check_checkpoint_fraction(checkpoint_fraction)
     stacks = find_decoder_layer_lists(model)
     if not stacks:
         raise ValueError(f"no decoder-layer ModuleList found inside {type(model).__name__}")
@@ -99,17 +97,17 @@ def apply_activation_checkpointing(
         )
         disable_hf_gradient_checkpointing(model)
     if offloader is None:
-        offloader = HostOffloader() if mode == "offload" else DeviceStore()
+        offloader = HostOffloader() if checkpointing == "offload" else DeviceStore()
     layers = []
     for stack in stacks:
         for layer in stack:
             _unwrap(layer)
-        layers += [stack[i] for i in checkpointed_layer_indices(len(stack), fraction)]
+        layers += [stack[i] for i in checkpointed_layer_indices(len(stack), checkpoint_fraction)]
     for layer in layers:
         inner_forward = layer.__dict__.get("forward")  # another patch's instance forward, if any
         run_layer = layer.forward
         layer.forward = partial(_offload_forward, layer, run_layer, offloader, offloader.new_slot())
-        layer.__dict__[_WRAPPED_ATTRIBUTE] = (mode, inner_forward)
+        layer.__dict__[_WRAPPED_ATTRIBUTE] = (checkpointing, inner_forward)
     return layers
 
 
@@ -341,14 +339,14 @@ class _HostCopy:
 
 
 class _DeviceCopy:
-    """A layer input kept where it is (``mode="recompute"``)."""
+    """A layer input kept where it is (``checkpointing="recompute"``)."""
 
     def __init__(self, tensor: Tensor):
         self.tensor = tensor
 
 
 class DeviceStore:
-    """The store of ``mode="recompute"``: layer inputs stay on their device, nothing is copied."""
+    """The store of ``checkpointing="recompute"``: layer inputs stay on their device, nothing is copied."""
 
     runs_on_cpu = True
 
@@ -362,7 +360,7 @@ class DeviceStore:
         return stored.tensor
 
 
-_KEEP_ON_DEVICE = DeviceStore()  # the CPU fallback of mode="offload"
+_KEEP_ON_DEVICE = DeviceStore()  # the CPU fallback of checkpointing="offload"
 
 
 class HostOffloader:
@@ -425,8 +423,8 @@ class HostOffloader:
         if stored.released:
             raise RuntimeError(
                 "lightning_fastft: this offloaded layer input was already used by a backward pass; "
-                "backward through the same graph twice (retain_graph=True) is not supported in "
-                "offload mode, use mode='recompute'."
+                'backward through the same graph twice (retain_graph=True) is not supported with '
+                'checkpointing="offload"; use checkpointing="recompute".'
             )
         self.prefetch(stored)
         tensor, stored.device_copy = stored.device_copy, None

@@ -1,0 +1,97 @@
+"""The patch options, declared once: the strategies, the ``FastFT`` callback and ``patch_model``
+take these fields as keyword options (:func:`takes_patch_options` lists them in each signature,
+so LightningCLI, ``--help`` and ``inspect`` see them), and this module validates them.
+
+Imports nothing heavy: ``import lightning_fastft`` (strategies, callbacks) reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, get_args
+
+Checkpointing = Literal["recompute", "offload"]
+"""Activation checkpointing of the decoder layers: ``"recompute"`` keeps each layer's input on the
+device, ``"offload"`` in pinned host memory (copied on a side stream, prefetched for backward)."""
+
+CHECKPOINTING: tuple[str, ...] = get_args(Checkpointing)
+
+
+def check_bool_options(**options: Any) -> None:
+    """Raise ``TypeError`` naming the first option whose value is not a ``bool`` (e.g. ``"false"``)."""
+    for name, value in options.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+
+
+def check_checkpointing(checkpointing: Any, *, optional: bool = True) -> None:
+    """Raise ``ValueError`` unless ``checkpointing`` is one of :data:`CHECKPOINTING` (or None when ``optional``)."""
+    allowed = (None, *CHECKPOINTING) if optional else CHECKPOINTING
+    if checkpointing not in allowed:
+        raise ValueError(f"checkpointing must be one of {allowed}, got {checkpointing!r}")
+
+
+def check_checkpoint_fraction(checkpoint_fraction: Any) -> None:
+    """Raise ``ValueError`` unless ``checkpoint_fraction`` is a number in (0, 1]."""
+    fraction = checkpoint_fraction
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ValueError(f"checkpoint_fraction must be a number in (0, 1], got {fraction!r}")
+
+
+@dataclass(frozen=True)
+class PatchOptions:
+    """Which lightning_fastft patches to apply to the Hugging Face causal LMs inside a module.
+
+    Args:
+        rms_norm: RMSNorm modules (incl. Qwen3's q/k norms) run the RMSNorm kernel.
+        rope: the attention forward applies RoPE in place on Q and K with the RoPE kernel.
+        mlp: gated MLPs run the SwiGLU/GeGLU kernel.
+        cross_entropy: training losses come from fused linear cross-entropy (no logits).
+        fused_lora: PEFT LoRA projections run the fused LoRA QKV / O / MLP kernels where fusable.
+        checkpointing: ``None`` (off), ``"recompute"`` or ``"offload"``: see :data:`Checkpointing`.
+        checkpoint_fraction: share in (0, 1] of each decoder stack's layers checkpointed
+            (``round(fraction * n)`` of ``n``, evenly spread; the others keep their activations).
+    """
+
+    rms_norm: bool = True
+    rope: bool = True
+    mlp: bool = True
+    cross_entropy: bool = True
+    fused_lora: bool = True
+    checkpointing: Optional[Checkpointing] = None
+    checkpoint_fraction: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_bool_options(**self.kernel_switches())
+        check_checkpointing(self.checkpointing)
+        check_checkpoint_fraction(self.checkpoint_fraction)
+
+    def kernel_switches(self) -> dict[str, bool]:
+        """The on/off switches of the kernel patches (every field but the checkpointing ones)."""
+        return {name: value for name, value in dataclasses.asdict(self).items() if not name.startswith("checkpoint")}
+
+    @classmethod
+    def pop_from(cls, options: dict[str, Any]) -> PatchOptions:
+        """The ``PatchOptions`` named in ``options`` (removed from it; the rest stay)."""
+        return cls(**{field.name: options.pop(field.name) for field in dataclasses.fields(cls) if field.name in options})
+
+
+def takes_patch_options(function: Callable) -> Callable:
+    """Declare the :class:`PatchOptions` fields as keyword-only parameters in ``function``'s
+    signature (``function`` takes them through ``**options``), before any ``**`` catch-all."""
+    hints = typing.get_type_hints(PatchOptions)
+    signature = inspect.signature(function)
+    parameters = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    catch_all = [p for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD and p.name != "options"]
+    fields = [
+        inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=field.default, annotation=hints[field.name])
+        for field in dataclasses.fields(PatchOptions)
+    ]
+    positional = [p for p in parameters if p.kind is not p.KEYWORD_ONLY]
+    keyword_only = [p for p in parameters if p.kind is p.KEYWORD_ONLY]
+    function.__signature__ = signature.replace(parameters=positional + fields + keyword_only + catch_all)
+    return function
