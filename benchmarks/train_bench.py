@@ -269,7 +269,7 @@ def run_variant(
     if on_cuda:
         result["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         peak_flops = peak_flops_for(result["gpu"])
-        fixed, per_position = flops_coefficients(module, recompute=False)
+        fixed, per_position = flops_coefficients(module, checkpoint_fraction=0.0)
         if peak_flops:
             result["mfu"] = (fixed + per_position * seq_len) * result["tokens_per_sec"] / peak_flops
     return result

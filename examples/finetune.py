@@ -2,7 +2,7 @@
 
     python examples/finetune.py --model_name_or_path meta-llama/Llama-3.2-1B \\
         --dataset tatsu-lab/alpaca --prompt_column instruction --response_column output \\
-        --max_seq_len 2048 --lora_r 16 --quant nf4 --checkpointing offload --max_steps 200
+        --max_seq_len 2048 --lora_r 16 --quant_type nf4 --checkpointing offload --max_steps 200
 
 ``--dataset`` is anything ``datasets.load_dataset`` takes (a hub name, a local directory, or a
 ``.json``/``.jsonl``/``.csv``/``.parquet`` file). Rows are either one ``--text_column`` (loss on
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -27,6 +27,7 @@ import lightning_fastft
 from lightning_fastft.data import PackedCollator, pack_sequences
 from lightning_fastft.module import CausalLMFineTune
 from lightning_fastft.patching.options import CHECKPOINTING
+from lightning_fastft.qlora import QuantType
 from lightning_fastft.strategies import FastFTStrategy
 
 
@@ -45,7 +46,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=2, help="packed rows per step")
     parser.add_argument("--lora_r", type=int, default=16)
     parser.add_argument("--lora_alpha", type=int, default=16)
-    parser.add_argument("--quant", choices=("nf4",), default=None, help="QLoRA: load the base in 4-bit NF4")
+    parser.add_argument("--quant_type", choices=get_args(QuantType), default=None,
+                        help="QLoRA: load the base in 4-bit")  # fmt: skip
     parser.add_argument("--checkpointing", choices=CHECKPOINTING, default=None,
                         help="activation checkpointing of the decoder layers (default: none)")  # fmt: skip
     parser.add_argument("--checkpoint_fraction", type=float, default=1.0,
@@ -120,27 +122,6 @@ def tokenize_rows(dataset, tokenizer, args: argparse.Namespace) -> list[dict[str
     return samples
 
 
-def load_lora_model(args: argparse.Namespace) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    from lightning_fastft.qlora import attach_lora, load_qlora
-
-    lora = {"lora_r": args.lora_r, "lora_alpha": args.lora_alpha}
-    if args.quant == "nf4":
-        device_map = {"": 0} if torch.cuda.is_available() else None
-        return load_qlora(args.model_name_or_path, device_map=device_map, **lora)
-    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.bfloat16)
-    return attach_lora(model, **lora)
-
-
-def load_trainable_model(args: argparse.Namespace) -> torch.nn.Module:
-    """The LoRA-wrapped model in training mode (``from_pretrained`` returns it in eval mode, which
-    would turn off dropout and the fused cross-entropy patch)."""
-    model = load_lora_model(args)
-    model.config.use_cache = False
-    return model.train()
-
-
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.prompt_column and not args.response_column:
@@ -154,15 +135,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     samples = tokenize_rows(load_rows(args), tokenizer, args)
 
-    model = load_trainable_model(args)
     module = CausalLMFineTune(
         model=args.model_name_or_path,
         lora_r=args.lora_r,
         lora_alpha=args.lora_alpha,
+        quant_type=args.quant_type,
         learning_rate=args.learning_rate,
         warmup_steps=args.warmup_steps,
     )
-    module.model = model  # loaded above; configure_model keeps it
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
     rows = pack_sequences(samples, args.max_seq_len)

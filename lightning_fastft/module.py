@@ -1,4 +1,4 @@
-"""A generic, CLI-friendly causal-LM fine-tuning LightningModule and a synthetic data module."""
+"""A generic, CLI-friendly causal-LM fine-tuning LightningModule that builds its own model."""
 
 from __future__ import annotations
 
@@ -6,30 +6,19 @@ from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
 
-from lightning_fastft.constants import IGNORE_INDEX
+from lightning_fastft.data.synthetic import TINY_LLAMA_CONFIG, SyntheticCausalLMDataModule  # noqa: F401 (old home)
+from lightning_fastft.qlora import QuantSettings, QuantType
 from lightning_fastft.training.adapter_checkpoint import check_adapter_state_dict
-
-TINY_LLAMA_CONFIG: dict[str, Any] = {
-    "model_type": "llama",
-    "vocab_size": 128,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-}
-
 
 def build_causal_lm(model: Any) -> torch.nn.Module:
     """A HF causal LM from a config dict (``model_type`` + fields), a ``PretrainedConfig`` (random
-    init, no hub access), or a local directory (``from_pretrained``, local files only)."""
+    init, no hub access), or a local directory or hub name (``from_pretrained``; no download
+    with ``HF_HUB_OFFLINE=1``)."""
     from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
     if isinstance(model, str):
-        return AutoModelForCausalLM.from_pretrained(model, local_files_only=True)
+        return AutoModelForCausalLM.from_pretrained(model)
     if isinstance(model, dict):
         fields = dict(model)
         model = AutoConfig.for_model(fields.pop("model_type"), **fields)
@@ -51,7 +40,10 @@ class CausalLMFineTune(pl.LightningModule):
         model: a HF config dict (``{"model_type": "llama", ...}``), a ``PretrainedConfig`` or a
             local model directory.
         lora_r: LoRA rank; 0 means full fine-tuning.
-        lora_alpha, lora_dropout, target_modules: LoRA settings (peft's ``"all-linear"`` by default).
+        lora_alpha, lora_dropout, target_modules: the other
+            :class:`~lightning_fastft.qlora.LoraSettings` (PEFT's ``"all-linear"`` by default).
+        quant_type: ``None``, or ``"nf4"``/``"fp4"``: QLoRA, the frozen base quantised to
+            bitsandbytes 4-bit (computing in bf16) before LoRA is attached; needs ``lora_r > 0``.
         learning_rate, weight_decay, betas: AdamW settings (no decay on 1-D parameters).
         warmup_steps: linear learning-rate warm-up over this many optimizer steps, then constant.
         init_seed: seed of the random weights ``configure_model`` draws; ``None`` draws one from
@@ -73,6 +65,7 @@ class CausalLMFineTune(pl.LightningModule):
         lora_alpha: int = 16,
         lora_dropout: float = 0.0,
         target_modules: Union[str, list[str]] = "all-linear",
+        quant_type: Optional[QuantType] = None,
         learning_rate: float = 2e-4,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -81,6 +74,10 @@ class CausalLMFineTune(pl.LightningModule):
         max_new_tokens: int = 32,
     ) -> None:
         super().__init__()
+        if quant_type is not None:
+            QuantSettings(quant_type=quant_type)  # validates the name
+            if lora_r == 0:
+                raise ValueError(f"quant_type={quant_type!r} needs LoRA (lora_r > 0): a 4-bit base cannot be trained")
         self.save_hyperparameters()
         if init_seed is None:  # recorded in the checkpoints, so a reload draws the same weights
             self.hparams.init_seed = int(torch.randint(2**31 - 1, ()))
@@ -92,22 +89,25 @@ class CausalLMFineTune(pl.LightningModule):
         devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.hparams.init_seed)
-            self.model = self._build_model()
+            # from_pretrained returns eval mode, and Lightning keeps submodules' modes: without this
+            # a loaded model would train with dropout and the fused loss off
+            self.model = self._build_model().train()
 
     def _build_model(self) -> torch.nn.Module:
-        model = build_causal_lm(self.hparams.model)
-        if self.hparams.lora_r > 0:
-            from peft import LoraConfig, get_peft_model
+        """The model: built (:func:`build_causal_lm`), then LoRA attached; with ``quant_type`` a model
+        directory is quantised by transformers while loading, a config-built model in place."""
+        from lightning_fastft.qlora import LoraSettings, attach_lora, load_qlora, prepare_qlora
 
-            lora = LoraConfig(
-                r=self.hparams.lora_r,
-                lora_alpha=self.hparams.lora_alpha,
-                lora_dropout=self.hparams.lora_dropout,
-                target_modules=self.hparams.target_modules,
-                task_type="CAUSAL_LM",
-            )
-            model = get_peft_model(model, lora)
-        return model
+        source, quant_type = self.hparams.model, self.hparams.quant_type
+        lora = {field: self.hparams[field] for field in LoraSettings.__dataclass_fields__}
+        if quant_type is not None and isinstance(source, str):
+            return load_qlora(source, quant_type=quant_type, **lora)
+        model = build_causal_lm(source)
+        if self.hparams.lora_r == 0:
+            return model
+        if quant_type is None:
+            return attach_lora(model, **lora)
+        return prepare_qlora(model, quant_type=quant_type, **lora)
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         """``strict`` accepts adapter-only checkpoints: frozen weights may be missing (``configure_model``
@@ -162,52 +162,3 @@ class CausalLMFineTune(pl.LightningModule):
         warmup = self.hparams.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-class _RandomTokenRows(Dataset):
-    def __init__(self, vocab_size: int, seq_len: int, num_samples: int, min_len: int, seed: int) -> None:
-        generator = torch.Generator().manual_seed(seed)
-        self.input_ids = torch.randint(1, vocab_size, (num_samples, seq_len), generator=generator)
-        lengths = torch.randint(min_len, seq_len + 1, (num_samples, 1), generator=generator)
-        self.attention_mask = (torch.arange(seq_len) < lengths).long()
-        self.input_ids = self.input_ids * self.attention_mask  # pad id 0 after each row's length
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        input_ids, mask = self.input_ids[index], self.attention_mask[index]
-        labels = input_ids.masked_fill(mask == 0, IGNORE_INDEX)
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-
-
-class SyntheticCausalLMDataModule(pl.LightningDataModule):
-    """Random token rows of random length (right-padded with id 0, padding labelled -100).
-
-    For smoke tests, benchmarks and the CLI examples; deterministic given ``seed``.
-    """
-
-    def __init__(
-        self,
-        vocab_size: int = 128,
-        seq_len: int = 32,
-        batch_size: int = 4,
-        num_samples: int = 64,
-        min_len: Optional[int] = None,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        min_len = seq_len // 2 if min_len is None else min_len
-        self.train_set = _RandomTokenRows(vocab_size, seq_len, num_samples, min_len, seed)
-        self.val_set = _RandomTokenRows(vocab_size, seq_len, max(batch_size, num_samples // 8), min_len, seed + 1)
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=False)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.hparams.batch_size, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        """The validation rows (their ``labels`` are ignored by ``predict_step``)."""
-        return self.val_dataloader()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import load_script
+from helpers import load_script, quiet_trainer
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 PROMPTS = ["reverse: abc answer:", "reverse: hello answer:", "reverse: xkcdq answer:", "reverse: lightning answer:"]
@@ -110,14 +110,28 @@ def test_missing_model_directory_names_the_path(finetune, tmp_path):
         finetune.main(["--model_name_or_path", str(weights_file), "--dataset", "unused"])
 
 
-def test_model_trains_in_training_mode(finetune, model_dir):
-    """``from_pretrained`` returns eval mode; training must not run with dropout and the fused loss off."""
-    args = finetune.parse_args(["--model_name_or_path", str(model_dir), "--dataset", "x", "--lora_r", "4"])
-    model = finetune.load_trainable_model(args)
-    assert all(module.training for module in model.modules())
-    assert not model.config.use_cache
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
-    assert all("lora_" in name for name, p in model.named_parameters() if p.requires_grad)
+def test_module_builds_the_lora_model_and_trains_it_in_training_mode(model_dir, device):
+    """The example builds its model through CausalLMFineTune (so the saved hyper-parameters describe
+    it); ``from_pretrained`` returns eval mode, and training must not run with dropout and the fused
+    loss off."""
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_fastft.module import CausalLMFineTune
+
+    module = CausalLMFineTune(model=str(model_dir), lora_r=4)
+    seen = []
+
+    class TrainingMode(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(all(m.training for m in pl_module.model.modules()))
+
+    batch = {"input_ids": torch.randint(4, 30, (2, 9)), "labels": torch.randint(4, 30, (2, 9))}
+    loader = torch.utils.data.DataLoader([batch], batch_size=None)
+    quiet_trainer(device, max_steps=1, callbacks=[TrainingMode()]).fit(module, loader)
+    assert seen == [True]
+    assert module.hparams.model == str(model_dir) and module.hparams.lora_r == 4
+    assert sum(p.numel() for p in module.parameters() if p.requires_grad) > 0
+    assert all("lora_" in name for name, p in module.named_parameters() if p.requires_grad)
 
 
 @pytest.fixture
@@ -177,7 +191,7 @@ def test_qlora_text_column_saved_dataset_offload_accumulation(finetune, model_di
     datasets.Dataset.from_dict(_rows(4)).save_to_disk(str(tmp_path / "texts"))
     output_dir = tmp_path / "out"
     metrics = finetune.main([
-        "--model_name_or_path", str(model_dir), "--dataset", str(tmp_path / "texts"), "--quant", "nf4",
+        "--model_name_or_path", str(model_dir), "--dataset", str(tmp_path / "texts"), "--quant_type", "nf4",
         "--max_seq_len", "40", "--batch_size", "1", "--accumulate_grad_batches", "2", "--lora_r", "4",
         "--learning_rate", "1e-2", "--warmup_steps", "1", "--checkpointing", "offload",
         "--checkpoint_fraction", "0.5", "--max_steps", "2", "--output_dir", str(output_dir),

@@ -10,7 +10,8 @@ from helpers import eval_logits, relative_error
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from lightning_fastft.qlora import load_qlora, prepare_qlora, quantize_linear_layers
+from lightning_fastft.bnb import quantize_linear_layers
+from lightning_fastft.qlora import load_qlora, prepare_qlora
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -16,8 +16,9 @@ Model FLOPs per token (matmuls only, multiply-add = 2 FLOPs), for a sequence of 
   ``r`` of recomputed layers (``checkpoint_fraction``; 1 when every layer is checkpointed).
 
 MFU = flops/token x tokens/s (all tokens, padding included: the matmuls run on it) / peak device
-FLOP/s. The peak is looked up from the GPU name (dense bf16 tensor-core numbers) or given as
-``peak_flops``.
+FLOP/s. The peak is given as ``peak_flops``, or is the GPU's dense peak (:func:`peak_flops_for`) for
+the dtype its matmuls run in (:func:`compute_dtype`: the precision plugin's, or the weights' own);
+without one (CPU, an unlisted GPU) tokens/s are logged and MFU is not.
 All values are per device.
 """
 
@@ -30,47 +31,140 @@ from typing import Any, Optional, Union
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
-# dense bf16 tensor-core peak FLOP/s by GPU name fragment; first match wins (more specific first)
-PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
-    ("GB200", 2.5e15),
-    ("B200", 2.25e15),
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),
-    ("H200", 989e12),
-    ("H800", 989e12),
-    ("A100", 312e12),
-    ("A800", 312e12),
-    ("L40S", 362e12),
-    ("L40", 181e12),
-    ("L4", 121e12),
-    ("RTX 4090", 165e12),
-    ("V100", 125e12),
-    ("T4", 65e12),
+from lightning_fastft.architectures import head_dim
+from lightning_fastft.bnb import logical_numel
+
+_Peaks = dict[Union[torch.dtype, str], float]
+
+
+def _peaks(fp32: float, tf32: Optional[float], bf16: Optional[float], fp16: float) -> _Peaks:
+    peaks: _Peaks = {torch.float32: fp32, torch.float16: fp16}
+    if tf32 is not None:
+        peaks["tf32"] = tf32
+    if bf16 is not None:
+        peaks[torch.bfloat16] = bf16
+    return peaks
+
+
+_H100_SXM = _peaks(67e12, 494.5e12, 989e12, 989e12)
+_H100_PCIE = _peaks(51e12, 378e12, 756e12, 756e12)
+_NVL = _peaks(60e12, 417.5e12, 835e12, 835e12)  # H100 NVL and H200 NVL, per GPU
+_A100 = _peaks(19.5e12, 156e12, 312e12, 312e12)
+
+# Dense peak FLOP/s of one GPU by the dtype its matmuls run in, by GPU name fragment; first match wins
+# (more specific first). Dense = without 2:4 sparsity: half the tensor-core figures NVIDIA's datasheets
+# quote "with sparsity". "tf32" is float32 on tensor cores (Ampere and later), used when TF32 matmuls
+# are on (:func:`tf32_matmuls`). No bf16 entry where the GPU has no bf16 tensor cores (V100, T4).
+# (Lightning's ``get_available_flops`` is not used: it knows no "NVIDIA H200" nor B200, reads
+# "L40S" as the L4, and its H100 NVL / H200 rows are the sparse figures.)
+PEAK_FLOPS: tuple[tuple[str, _Peaks], ...] = (
+    ("GB200", _peaks(80e12, 1.25e15, 2.5e15, 2.5e15)),
+    ("B200", _peaks(75e12, 1.125e15, 2.25e15, 2.25e15)),
+    ("H100 PCIe", _H100_PCIE),
+    ("H100 NVL", _NVL),
+    ("H100", _H100_SXM),
+    ("H200 NVL", _NVL),
+    ("H200", _H100_SXM),  # the H100 SXM's compute, more memory
+    ("H800 PCIe", _H100_PCIE),
+    ("H800", _H100_SXM),
+    ("A100", _A100),
+    ("A800", _A100),
+    ("L40S", _peaks(91.6e12, 183e12, 362e12, 362e12)),
+    ("L40", _peaks(90.5e12, 90.5e12, 181e12, 181e12)),
+    ("L4", _peaks(30.3e12, 60e12, 121e12, 121e12)),
+    ("RTX 4090", _peaks(82.6e12, 82.6e12, 165e12, 165e12)),
+    ("V100", _peaks(15.7e12, None, None, 125e12)),
+    ("T4", _peaks(8.1e12, None, None, 65e12)),
 )
 
 
-def peak_flops_for(device_name: str) -> Optional[float]:
-    """Dense bf16 peak FLOP/s of the GPU called ``device_name``, ``None`` when unknown."""
-    for fragment, flops in PEAK_BF16_FLOPS:
-        if fragment in device_name:
-            return flops
-    return None
+def tf32_matmuls() -> bool:
+    """Whether CUDA float32 matmuls run on TF32 tensor cores (``torch.set_float32_matmul_precision("high")``,
+    ``torch.backends.cuda.matmul.allow_tf32`` or, torch >= 2.9, ``...matmul.fp32_precision = "tf32"``).
+
+    Read through ``fp32_precision`` where it exists: after a mix of the legacy and the new API, torch
+    raises on reading ``allow_tf32`` or ``torch.get_float32_matmul_precision()``.
+    """
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    return precision == "tf32" if precision is not None else bool(matmul.allow_tf32)
 
 
-def _outermost_hf_model(module: nn.Module) -> Optional[nn.Module]:
-    from transformers import PreTrainedModel
+def peak_flops_for(
+    device: Union[torch.device, str], dtype: Union[torch.dtype, str] = torch.bfloat16
+) -> Optional[float]:
+    """Dense peak FLOP/s of one GPU for matmuls in ``dtype``; ``None`` when unknown.
 
-    return next((m for m in module.modules() if isinstance(m, PreTrainedModel)), None)
+    ``device``: a ``torch.device`` (a CUDA one is looked up by its name; others, e.g. the CPU, have no
+    peak) or a GPU name as ``torch.cuda.get_device_name`` spells it. ``dtype``: the compute dtype
+    (:func:`compute_dtype`) or ``"tf32"``; ``torch.float32`` counts as TF32 on GPUs with TF32 tensor
+    cores while :func:`tf32_matmuls` is on, as in Lightning's ``get_available_flops``. ``None`` also
+    for a dtype the GPU has no peak for (bf16 on a V100) and for GPUs not in :data:`PEAK_FLOPS`.
+    """
+    if isinstance(device, torch.device):
+        if device.type != "cuda":
+            return None
+        device = torch.cuda.get_device_name(device)
+    peaks = next((peaks for fragment, peaks in PEAK_FLOPS if fragment in device), None)
+    if peaks is None:
+        return None
+    if dtype is torch.float32 and "tf32" in peaks and tf32_matmuls():
+        dtype = "tf32"
+    return peaks.get(dtype)
 
 
-def _logical_numel(param: torch.Tensor) -> int:
-    """Number of weights ``param`` holds: its ``numel()``, or for a quantised bitsandbytes 4-bit
-    parameter (packed two per byte) the shape of the weight it stands for."""
-    quant_state = getattr(param, "quant_state", None)
-    return quant_state.shape.numel() if quant_state is not None else param.numel()
+def compute_dtype(trainer: pl.Trainer, module: nn.Module) -> torch.dtype:
+    """The dtype the matmuls of ``module`` run in under ``trainer``'s precision plugin.
+
+    Mixed precision (``bf16-mixed``, ``16-mixed``): the autocast dtype. Otherwise the dtype
+    Lightning's ``ThroughputMonitor`` reads from the plugin (``bf16-true``: bf16, ``16-true``: fp16,
+    bitsandbytes: its compute dtype, ...), except where that is float32 (``32-true``): that plugin
+    leaves the weights as loaded, and they decide. A model loaded in bf16 computes in bf16, and
+    quantised bitsandbytes base weights count in the dtype they compute in: a 4-bit layer's
+    ``compute_dtype``, for 8-bit ones the activations' (the other weights' dtype). ``float32``
+    means fp32 or TF32, which :func:`peak_flops_for` tells apart.
+    """
+    plugin = trainer.precision_plugin
+    precision = str(getattr(plugin, "precision", ""))
+    if precision.endswith("-mixed"):
+        return torch.bfloat16 if precision.startswith("bf16") else torch.float16
+    from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
+
+    plugin_dtype = _plugin_to_compute_dtype(plugin)
+    if plugin_dtype is not torch.float32:
+        return plugin_dtype
+    return _weights_compute_dtype(module) or plugin_dtype
+
+
+def _weights_compute_dtype(module: nn.Module) -> Optional[torch.dtype]:
+    """The compute dtype of most matmul weights of ``module`` (by logical size; not the input
+    embedding, a look-up, unless tied to the LM head); ``None`` without floating weights."""
+    from lightning_fastft._hf import outermost_hf_model  # imports transformers: not at `import lightning_fastft`
+
+    model = outermost_hf_model(module)
+    lookup_only = None
+    if model is None:
+        model = module
+    else:
+        embedding, output = model.get_input_embeddings(), model.get_output_embeddings()
+        if output is None or output.weight is not embedding.weight:
+            lookup_only = embedding.weight
+    sizes: dict[torch.dtype, int] = {}
+    seen: set[int] = set()
+    for layer in model.modules():
+        for param in layer.parameters(recurse=False):
+            if id(param) in seen or param is lookup_only:
+                continue
+            seen.add(id(param))
+            # quantised weights (uint8/int8 storage) compute in their layer's compute_dtype (4-bit)
+            # or, without one (8-bit), in the activations' dtype: left to the other weights
+            dtype = param.dtype if param.is_floating_point() else getattr(layer, "compute_dtype", None)
+            if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+                sizes[dtype] = sizes.get(dtype, 0) + logical_numel(param)
+    return max(sizes, key=sizes.__getitem__) if sizes else None
 
 
 def count_real_tokens(batch: Any) -> int:
@@ -83,17 +177,19 @@ def count_real_tokens(batch: Any) -> int:
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
-def flops_coefficients(module: nn.Module, recompute: Union[bool, float] = False) -> Optional[tuple[float, float]]:
+def flops_coefficients(module: nn.Module, checkpoint_fraction: float = 0.0) -> Optional[tuple[float, float]]:
     """``(a, b)`` with training FLOPs per token ``= a + b * seq_len`` for the HF causal LM inside ``module``.
 
-    ``recompute``: the share in [0, 1] of the forward recomputed by activation checkpointing
-    (``True`` = 1, ``False`` = 0). Formula in the module docstring; ``None`` when ``module`` holds
-    no HF model.
+    ``checkpoint_fraction``: the share in [0, 1] of the decoder layers checkpointed, whose forward
+    is recomputed in backward (0: no checkpointing). Formula in the module docstring; ``None`` when
+    ``module`` holds no HF model.
     """
-    share = float(recompute)
-    if not 0 <= share <= 1:
-        raise ValueError(f"recompute must be a bool or a share in [0, 1], got {recompute!r}")
-    model = _outermost_hf_model(module)
+    share = checkpoint_fraction
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+        raise ValueError(f"checkpoint_fraction must be a number in [0, 1], got {checkpoint_fraction!r}")
+    from lightning_fastft._hf import outermost_hf_model  # imports transformers: not at `import lightning_fastft`
+
+    model = outermost_hf_model(module)
     if model is None:
         return None
     config = model.config.get_text_config()
@@ -104,12 +200,11 @@ def flops_coefficients(module: nn.Module, recompute: Union[bool, float] = False)
     for param in model.parameters():
         if param is embedding and not tied_head:
             continue
-        numel = _logical_numel(param)
+        numel = logical_numel(param)
         matmul_params += numel
         if param.requires_grad:
             matmul_trainable += numel
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    attention_per_position = config.num_hidden_layers * config.num_attention_heads * head_dim
+    attention_per_position = config.num_hidden_layers * config.num_attention_heads * head_dim(config)
     fixed = 4 * matmul_params + 2 * matmul_trainable
     per_position = 12 * attention_per_position
     fixed += share * 2 * matmul_params
@@ -117,8 +212,8 @@ def flops_coefficients(module: nn.Module, recompute: Union[bool, float] = False)
     return float(fixed), float(per_position)
 
 
-def recomputed_share(module: nn.Module) -> float:
-    """Share of the decoder layers inside ``module`` whose forward is recomputed in backward: those
+def checkpoint_fraction_of(module: nn.Module) -> float:
+    """Share of the decoder layers inside ``module`` that are checkpointed (forward recomputed in backward): those
     wrapped by :func:`~lightning_fastft.training.checkpointing.apply_activation_checkpointing` (however it
     was applied), or all of them under HF's own gradient checkpointing."""
     from lightning_fastft.training.checkpointing import (
@@ -133,6 +228,18 @@ def recomputed_share(module: nn.Module) -> float:
     return len(checkpointed_layers(module)) / total if total else 0.0
 
 
+def _no_peak_message(device: torch.device, dtype: torch.dtype) -> str:
+    where = f"GPU {torch.cuda.get_device_name(device)!r}" if device.type == "cuda" else f"device type {device.type!r}"
+    if dtype is torch.float32 and device.type == "cuda":
+        dtype_name = "tf32" if tf32_matmuls() else "fp32 (TF32 off)"
+    else:
+        dtype_name = str(dtype).removeprefix("torch.")
+    return (
+        f"FastFTMetrics: no peak FLOP/s known for {where} computing in {dtype_name}: logging tokens/s"
+        " without MFU (pass FastFTMetrics(peak_flops=...), the peak FLOP/s of one device, for MFU)"
+    )
+
+
 class FastFTMetrics(Callback):
     """Log ``tokens_per_sec`` (non-padding tokens), ``tokens_per_sec_total``, ``mfu`` and ``peak_mem_gib``.
 
@@ -141,22 +248,29 @@ class FastFTMetrics(Callback):
     Metrics go to the progress bar, and to the loggers when the trainer has any.
 
     Args:
-        peak_flops: peak FLOP/s of one device for MFU; default: looked up from the GPU name (no
-            MFU when unknown, e.g. on CPU).
-        recompute: whether activations are recomputed, or the recomputed share of the layers in
-            [0, 1] (counts that much extra forward in MFU); default: :func:`recomputed_share` of
-            the model when training starts (after every strategy/callback set-up).
+        peak_flops: peak FLOP/s of one device for MFU, overriding the look-up; default: the GPU's
+            dense peak for the dtype the model computes in, :func:`peak_flops_for` the device and
+            :func:`compute_dtype` (bf16-true/bf16-mixed: bf16, 16-mixed: fp16, 32-true: TF32 or fp32
+            as ``torch.backends.cuda.matmul`` says, 4-/8-bit base weights: their compute dtype),
+            found when training starts and kept in ``available_flops`` (the dtype in
+            ``compute_dtype``). Without one (CPU, unlisted GPU) tokens/s are logged but no MFU,
+            with one warning.
+        checkpoint_fraction: the share in [0, 1] of the decoder layers checkpointed (counts that
+            much extra forward in MFU); default: :func:`checkpoint_fraction_of` the model when
+            training starts (after every strategy/callback set-up).
         window: number of recent batches the rates are averaged over.
     """
 
     def __init__(
-        self, peak_flops: Optional[float] = None, recompute: Optional[Union[bool, float]] = None, window: int = 10
+        self, peak_flops: Optional[float] = None, checkpoint_fraction: Optional[float] = None, window: int = 10
     ) -> None:
         self.peak_flops = peak_flops
-        self.recompute = recompute
+        self.checkpoint_fraction = checkpoint_fraction
         self._batches: deque[tuple[float, int, int, int]] = deque(maxlen=window)
         self._batch_start = 0.0
         self._flops_coefficients: Optional[tuple[float, float]] = None
+        self.available_flops: Optional[float] = None  # the peak MFU divides by: peak_flops or looked up
+        self.compute_dtype: Optional[torch.dtype] = None  # the dtype it was looked up for
 
     @staticmethod
     def _synchronize(pl_module: pl.LightningModule) -> None:
@@ -164,11 +278,15 @@ class FastFTMetrics(Callback):
             torch.cuda.synchronize(pl_module.device)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.recompute is None:
-            self.recompute = recomputed_share(pl_module)
-        if self.peak_flops is None and pl_module.device.type == "cuda":
-            self.peak_flops = peak_flops_for(torch.cuda.get_device_name(pl_module.device))
-        self._flops_coefficients = flops_coefficients(pl_module, self.recompute)
+        if self.checkpoint_fraction is None:
+            self.checkpoint_fraction = checkpoint_fraction_of(pl_module)
+        self.available_flops = self.peak_flops
+        if self.available_flops is None:
+            self.compute_dtype = compute_dtype(trainer, pl_module)
+            self.available_flops = peak_flops_for(pl_module.device, self.compute_dtype)
+            if self.available_flops is None:
+                rank_zero_warn(_no_peak_message(pl_module.device, self.compute_dtype))
+        self._flops_coefficients = flops_coefficients(pl_module, self.checkpoint_fraction)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._synchronize(pl_module)
@@ -187,10 +305,10 @@ class FastFTMetrics(Callback):
             "tokens_per_sec": sum(b[1] for b in self._batches) / seconds,
             "tokens_per_sec_total": sum(b[2] for b in self._batches) / seconds,
         }
-        if self.peak_flops and self._flops_coefficients is not None:
+        if self.available_flops and self._flops_coefficients is not None:
             fixed, per_position = self._flops_coefficients
             flops = sum(b[2] * (fixed + per_position * b[3]) for b in self._batches)
-            metrics["mfu"] = flops / seconds / self.peak_flops
+            metrics["mfu"] = flops / seconds / self.available_flops
         if pl_module.device.type == "cuda":
             metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
         pl_module.log_dict(

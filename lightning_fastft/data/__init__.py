@@ -1,7 +1,7 @@
-"""Data utilities: uncontaminated sequence packing and padding collators."""
+"""Data utilities: uncontaminated sequence packing, padding collators, synthetic data."""
 
+from lightning_fastft.constants import IGNORE_INDEX
 from lightning_fastft.data.packing import (
-    IGNORE_INDEX,
     PackedCollator,
     PaddedCollator,
     pack_dataset,
@@ -9,6 +9,7 @@ from lightning_fastft.data.packing import (
     sample_labels,
     token_utilisation,
 )
+from lightning_fastft.data.synthetic import TINY_LLAMA_CONFIG, SyntheticCausalLMDataModule
 
 __all__ = [
     "IGNORE_INDEX",
@@ -16,6 +17,8 @@ __all__ = [
     "PaddedCollator",
     "pack_dataset",
     "pack_sequences",
+    "SyntheticCausalLMDataModule",
+    "TINY_LLAMA_CONFIG",
     "sample_labels",
     "token_utilisation",
 ]

@@ -16,37 +16,12 @@ import torch
 from torch import nn
 
 from lightning_fastft._hf import unwrap_peft
-
-try:
-    import bitsandbytes as bnb
-except ImportError:  # pragma: no cover - bitsandbytes is a dependency, but export works without it
-    bnb = None
-
-
-def dequantized_weight(layer: nn.Module) -> torch.Tensor:
-    """The dense weight of a ``bnb.nn.Linear4bit`` layer, in its quantisation dtype."""
-    weight, quant_state = layer.weight.data, layer.weight.quant_state
-    if getattr(quant_state, "packing_format_for_cpu", False):
-        # bitsandbytes repacks CPU 4-bit weights in place for inference (AVX512-BF16);
-        # undo that on a copy of the state so the caller's layer is left as it is.
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-        weight, quant_state = _convert_weight_packed_for_cpu_inverse(weight, copy.deepcopy(quant_state))
-    return bnb.functional.dequantize_4bit(weight, quant_state)
-
-
-def _is_4bit_linear(module: nn.Module) -> bool:
-    return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
-
-
-def _dense_weight(layer: nn.Module) -> torch.Tensor:
-    return dequantized_weight(layer) if _is_4bit_linear(layer) else layer.weight.detach()
-
+from lightning_fastft.bnb import dense_weight, dequantized_weight, is_4bit_linear
 
 def _merged_lora_linear(lora_layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight, bias) of a PEFT LoRA linear layer with its active, unmerged adapters added in fp32."""
     base = lora_layer.get_base_layer()
-    weight = _dense_weight(base).float()
+    weight = dense_weight(base).float()
     bias = None if base.bias is None else base.bias.detach().float()
     for adapter in lora_layer.active_adapters:
         if adapter not in lora_layer.lora_A or adapter in lora_layer.merged_adapters:
@@ -79,7 +54,7 @@ def _collect(module: nn.Module, prefix: str, out: dict[str, torch.Tensor]) -> No
         trained = module.modules_to_save[adapter] if adapter in module.modules_to_save else module.original_module
         _collect(trained, prefix, out)
         return
-    if _is_4bit_linear(module):
+    if is_4bit_linear(module):
         out[prefix + "weight"] = dequantized_weight(module)
         if module.bias is not None:
             out[prefix + "bias"] = module.bias.detach()

@@ -29,21 +29,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..kernels.lora import LoRAWeights, lora_linear, lora_mlp, lora_qkv
+from lightning_fastft.bnb import is_4bit_linear, is_quantized
+from lightning_fastft.kernels.lora import LoRAWeights, lora_linear, lora_mlp, lora_qkv
 
 _NO_LORA = (None, None, 0.0)
 QKV = ("q_proj", "k_proj", "v_proj")
 O_PROJ = ("o_proj",)
 GLU_MLP = ("gate_proj", "up_proj", "down_proj")
-
-
-@functools.cache
-def _linear4bit_class():
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return None
-    return bnb.nn.Linear4bit
 
 
 @functools.cache
@@ -61,9 +53,8 @@ def _is_frozen_base(layer: nn.Module) -> bool:
     """A frozen, hook-free nn.Linear or (quantised) bitsandbytes Linear4bit."""
     if _has_hooks(layer):
         return False
-    linear4bit = _linear4bit_class()
-    if linear4bit is not None and isinstance(layer, linear4bit):
-        if getattr(layer.weight, "quant_state", None) is None:  # not quantised yet (still on the CPU)
+    if is_4bit_linear(layer):
+        if not is_quantized(layer.weight):  # not quantised yet (still on the CPU)
             return False
     elif type(layer) is not nn.Linear:
         return False

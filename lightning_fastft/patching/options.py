@@ -1,5 +1,5 @@
 """The patch options, declared once: the strategies, the ``FastFT`` callback and ``patch_model``
-take these fields as keyword options (:func:`takes_patch_options` lists them in each signature,
+take these fields as keyword options (:data:`takes_patch_options` lists them in each signature,
 so LightningCLI, ``--help`` and ``inspect`` see them), and this module validates them.
 
 Imports nothing heavy: ``import lightning_fastft`` (strategies, callbacks) reads it.
@@ -8,11 +8,10 @@ Imports nothing heavy: ``import lightning_fastft`` (strategies, callbacks) reads
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import typing
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, get_args
+
+from lightning_fastft._settings import takes_fields
 
 Checkpointing = Literal["recompute", "offload"]
 """Activation checkpointing of the decoder layers: ``"recompute"`` keeps each layer's input on the
@@ -74,24 +73,6 @@ class PatchOptions:
         """The on/off switches of the kernel patches (every field but the checkpointing ones)."""
         return {name: value for name, value in dataclasses.asdict(self).items() if not name.startswith("checkpoint")}
 
-    @classmethod
-    def pop_from(cls, options: dict[str, Any]) -> PatchOptions:
-        """The ``PatchOptions`` named in ``options`` (removed from it; the rest stay)."""
-        return cls(**{field.name: options.pop(field.name) for field in dataclasses.fields(cls) if field.name in options})
 
-
-def takes_patch_options(function: Callable) -> Callable:
-    """Declare the :class:`PatchOptions` fields as keyword-only parameters in ``function``'s
-    signature (``function`` takes them through ``**options``), before any ``**`` catch-all."""
-    hints = typing.get_type_hints(PatchOptions)
-    signature = inspect.signature(function)
-    parameters = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
-    catch_all = [p for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD and p.name != "options"]
-    fields = [
-        inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=field.default, annotation=hints[field.name])
-        for field in dataclasses.fields(PatchOptions)
-    ]
-    positional = [p for p in parameters if p.kind is not p.KEYWORD_ONLY]
-    keyword_only = [p for p in parameters if p.kind is p.KEYWORD_ONLY]
-    function.__signature__ = signature.replace(parameters=positional + fields + keyword_only + catch_all)
-    return function
+takes_patch_options = takes_fields(PatchOptions)
+"""Declare the :class:`PatchOptions` fields in the signature of a function taking them as ``**options``."""

@@ -19,6 +19,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
 from torch.optim import Optimizer
 
+from lightning_fastft._settings import pop_fields
 from lightning_fastft.patching.options import PatchOptions, check_bool_options, takes_patch_options
 from lightning_fastft.training.adapter_checkpoint import (
     adapter_state_dict,
@@ -56,7 +57,7 @@ class FastFTStrategyMixin:
         adapter_only_checkpoint: bool = True,
         **kwargs: Any,
     ) -> None:
-        self.patch_options = PatchOptions.pop_from(kwargs)
+        self.patch_options = pop_fields(PatchOptions, kwargs)
         super().__init__(*args, **kwargs)
         if optimizer not in (None, *OPTIMIZER_CHOICES):
             raise ValueError(f"optimizer must be None or one of {OPTIMIZER_CHOICES}, got {optimizer!r}")
