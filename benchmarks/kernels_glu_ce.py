@@ -3,11 +3,11 @@
 ``run(results)`` appends one dict per (kernel, shape, dtype, impl):
 ``{kernel, shape, dtype, impl, fwd_ms, bwd_ms, fwd_gbps, bwd_gbps, peak_mib}``.
 
-* GLU: :func:`kernels_timing.measure` (GPU times from CUDA-graph replays over rotating inputs,
+* GLU: :func:`harness.kernel_times` (GPU times from CUDA-graph replays over rotating inputs,
   launch-bound ``do_bench`` times beside them); ``fwd_gbps``/``bwd_gbps``: nominal bytes over
   the GPU time; forward reads gate and up and writes h, backward reads dh, gate and up and
   writes dgate and dup.
-* Cross-entropy: medians of ``triton.testing.do_bench``. ``fwd_ms`` is the forward with
+* Cross-entropy: :func:`harness.launched_time_and_memory` (medians of ``triton.testing.do_bench``). ``fwd_ms`` is the forward with
   autograd recording; ``bwd_ms`` is (forward + backward) minus forward, since the fused
   cross-entropy computes its gradients inside the forward and allows one backward per forward.
 * ``peak_mib``: peak CUDA memory of one forward + backward above what was allocated before it
@@ -19,8 +19,14 @@ Run ``python benchmarks/kernels_glu_ce.py`` for a table.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
 GLU_TOKENS = (2048, 8192)
 GLU_INTERMEDIATE = 14336
@@ -36,46 +42,52 @@ def _liger(module: str, name: str):
         return None
 
 
-def _bench_glu(results: list) -> None:
-    from kernels_timing import measure
+GLU_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 
+
+def glu_cases(tokens: int, activation: str = "silu"):
+    """``(impl, shape, make_inputs, forward, grads_for, bytes_fwd, bytes_bwd, fb_overhead_ms)`` per
+    implementation of the GLU of ``activation`` on ``tokens`` rows (the arguments of :func:`harness.kernel_times`)."""
     from lightning_fastft.kernels.glu import glu
 
-    eager_acts = {"silu": F.silu, "gelu_pytorch_tanh": lambda g: F.gelu(g, approximate="tanh")}
-    liger_functions = {
-        "silu": _liger("swiglu", "LigerSiLUMulFunction"),
-        "gelu_pytorch_tanh": _liger("geglu", "LigerGELUMulFunction"),
-    }
+    eager_act = {"silu": F.silu, "gelu_pytorch_tanh": lambda g: F.gelu(g, approximate="tanh")}[activation]
+    liger_function = {
+        "silu": lambda: _liger("swiglu", "LigerSiLUMulFunction"),
+        "gelu_pytorch_tanh": lambda: _liger("geglu", "LigerGELUMulFunction"),
+    }[activation]()
     dtype = torch.bfloat16
-    for activation, eager_act in eager_acts.items():
+    shape = (tokens, GLU_INTERMEDIATE)
+
+    def make_inputs():
+        gate = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
+        return gate, torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
+
+    impls = {
+        "fastft": lambda gate, up: glu(gate, up, activation),
+        "eager": lambda gate, up: eager_act(gate) * up,
+    }
+    if liger_function is not None:
+        impls["liger"] = liger_function.apply
+    element_bytes = tokens * GLU_INTERMEDIATE * dtype.itemsize
+    for impl, forward in impls.items():
+        yield impl, shape, make_inputs, forward, torch.randn_like, 3 * element_bytes, 5 * element_bytes, 0.0
+
+
+def _bench_glu(results: list) -> None:
+    for activation in GLU_ACTIVATIONS:
         for tokens in GLU_TOKENS:
-            shape = (tokens, GLU_INTERMEDIATE)
-
-            def make_inputs():
-                gate = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
-                return gate, torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
-
-            impls = {
-                "fastft": lambda gate, up: glu(gate, up, activation),
-                "eager": lambda gate, up: eager_act(gate) * up,
-            }
-            if liger_functions[activation] is not None:
-                impls["liger"] = liger_functions[activation].apply
-            element_bytes = tokens * GLU_INTERMEDIATE * dtype.itemsize
-            for impl, forward in impls.items():
-                measured = measure(make_inputs, forward, torch.randn_like, 3 * element_bytes, 5 * element_bytes)
+            for impl, shape, make_inputs, forward, grads_for, bytes_fwd, bytes_bwd, overhead in glu_cases(tokens, activation):
+                measured = harness.kernel_times(make_inputs, forward, grads_for, bytes_fwd, bytes_bwd, overhead)
                 results.append({
                     "kernel": "swiglu" if activation == "silu" else "geglu_tanh",
                     "shape": shape,
-                    "dtype": str(dtype).removeprefix("torch."),
+                    "dtype": "bfloat16",
                     "impl": impl,
                     **measured,
                 })
 
 
 def _bench_cross_entropy(results: list) -> None:
-    from kernels_timing import launched_time_and_memory
-
     from lightning_fastft.kernels.cross_entropy import fused_linear_cross_entropy
 
     liger_function = _liger("fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyFunction")
@@ -100,7 +112,7 @@ def _bench_cross_entropy(results: list) -> None:
                 impls["liger"] = lambda: liger_loss(hidden, weight, target)
             leaves = [hidden, weight] if trainable_weight else [hidden]
             for impl, forward in impls.items():
-                fwd_ms, bwd_ms, peak_mib = launched_time_and_memory(forward, leaves)
+                fwd_ms, bwd_ms, peak_mib = harness.launched_time_and_memory(forward, leaves)
                 results.append({
                     "kernel": "linear_ce_" + ("trainable_w" if trainable_weight else "frozen_w"),
                     "shape": (tokens, CE_HIDDEN, CE_VOCAB),
@@ -127,18 +139,8 @@ def run(results: list) -> list:
     return results
 
 
-def _format(value) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
-
-
 if __name__ == "__main__":
     rows = run([])
     if not rows:
         raise SystemExit("no CUDA device: nothing benchmarked")
-    columns = list(rows[0])
-    table = [columns] + [[_format(row[c]) for c in columns] for row in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
-    for line in table:
-        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)))
+    print(harness.markdown_table(rows, harness.KERNEL_COLUMNS, integers_from=100))

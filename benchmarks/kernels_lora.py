@@ -7,7 +7,7 @@
   (alpha 32, dropout 0) on every projection, one sequence of 2048 tokens; base weights bf16 or
   NF4 with double quant (bitsandbytes ``Linear4bit``), activations bf16, adapters as PEFT makes
   them by default (fp32: PEFT computes the LoRA path in fp32, the fused ops cast it to bf16).
-* Times are ``triton.testing.do_bench`` medians. ``fwd_ms`` is the forward with autograd
+* Times are ``triton.testing.do_bench`` medians (:func:`harness.launched_time_and_memory`, :func:`harness.launch_ms`). ``fwd_ms`` is the forward with autograd
   recording; ``bwd_ms`` is (forward + backward) minus forward (the fused MLP allows one backward
   per forward, so the backward is not timed alone).
 * ``peak_mib``: peak CUDA memory of one forward + backward above what was allocated before it.
@@ -18,8 +18,14 @@ Run ``python benchmarks/kernels_lora.py`` for a table (CUDA only).
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
 TOKENS = 2048
 HIDDEN, INTERMEDIATE = 4096, 14336
@@ -91,7 +97,6 @@ def cases(device: str = "cuda", tokens: int = TOKENS, hidden: int = HIDDEN, inte
 
 def _bench_dequant(results: list) -> None:
     import bitsandbytes.functional as bnb_functional
-    from triton.testing import do_bench
 
     from lightning_fastft.kernels.nf4 import dequantize_4bit
 
@@ -101,17 +106,15 @@ def _bench_dequant(results: list) -> None:
         moved = packed.numel() + weight.numel() * weight.element_size()
         for impl, fn in (("fastft", lambda: dequantize_4bit(packed, state)),
                          ("bitsandbytes", lambda: bnb_functional.dequantize_4bit(packed, state))):
-            ms = do_bench(fn, return_mode="median")
+            ms = harness.launch_ms(fn)
             results.append(dict(kernel="dequantize_nf4", shape=f"{n_out}x{n_in}", dtype="bf16", impl=impl,
                                 fwd_ms=ms, bwd_ms=None, peak_mib=None, gbps=moved / ms / 1e6))
 
 
 def run(results: list) -> None:
     """Append the LoRA and NF4 dequant benchmark rows to ``results`` (CUDA only)."""
-    from kernels_timing import launched_time_and_memory
-
     for kernel, shape, dtype, impl, forward, leaves in cases():
-        fwd_ms, bwd_ms, peak_mib = launched_time_and_memory(forward, leaves)
+        fwd_ms, bwd_ms, peak_mib = harness.launched_time_and_memory(forward, leaves)
         results.append(dict(kernel=kernel, shape=shape, dtype=dtype, impl=impl,
                             fwd_ms=fwd_ms, bwd_ms=bwd_ms, peak_mib=peak_mib))
     _bench_dequant(results)
@@ -120,5 +123,4 @@ def run(results: list) -> None:
 if __name__ == "__main__":
     rows: list = []
     run(rows)
-    for row in rows:
-        print(row)
+    print(harness.markdown_table(rows, (*harness.KERNEL_COLUMNS, "gbps"), integers_from=100))

@@ -1,15 +1,20 @@
 """GPU micro-benchmark: RMSNorm and RoPE, fastft vs PyTorch eager vs Liger-Kernel.
 
 ``run(results)`` appends one dict per (kernel, shape, impl) with the keys of
-:func:`kernels_timing.measure` (GPU times from CUDA-graph replays, launch-bound times from
+:func:`harness.kernel_times` (GPU times from CUDA-graph replays, launch-bound times from
 ``do_bench``, peak memory); GB/s counts each input read once and each output written once.
 CUDA only.
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
-from kernels_timing import graph_ms, measure
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
 HIDDEN = 4096
 SEQ_LENS = (2048, 8192)
@@ -25,7 +30,7 @@ def _liger(name: str):
     return {"rms_norm": rms_norm.LigerRMSNormFunction, "rope": rope.LigerRopeFunction}[name]
 
 
-def _rms_norm_cases(seq_len: int):
+def rms_norm_cases(seq_len: int):
     from lightning_fastft.kernels.rms_norm import rms_norm, rms_norm_reference
 
     eps = 1e-6
@@ -50,7 +55,7 @@ def _rms_norm_cases(seq_len: int):
         yield impl, (1, seq_len, HIDDEN), make_inputs, forward, lambda y: torch.randn_like(y), bytes_fwd, bytes_bwd, 0.0
 
 
-def _rope_cases(seq_len: int):
+def rope_cases(seq_len: int):
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     from lightning_fastft.kernels.rope import rope_qk_
@@ -87,7 +92,7 @@ def _rope_cases(seq_len: int):
     bytes_moved = 2 * qk_bytes + angle_bytes  # read q, k, cos, sin; write q, k (same for the backward)
     shape = (1, seq_len, Q_HEADS, KV_HEADS, HEAD_DIM)
     clone_sets = [make_projections() for _ in range(4)]
-    clone_ms = graph_ms(lambda i: [t.clone() for t in clone_sets[i]], len(clone_sets))
+    clone_ms = harness.graph_ms(lambda i: [t.clone() for t in clone_sets[i]], len(clone_sets))
     del clone_sets
     for impl, forward in impls.items():
         grads_for = lambda outputs: [torch.randn_like(t) for t in outputs]  # noqa: E731
@@ -99,21 +104,14 @@ def run(results: list) -> None:
     """Append one result dict per (kernel, shape, impl); needs CUDA."""
     if not torch.cuda.is_available():
         raise RuntimeError("benchmarks.kernels_norm_rope.run needs a CUDA device")
-    for kernel, cases in (("rms_norm", _rms_norm_cases), ("rope", _rope_cases)):
+    for kernel, cases in (("rms_norm", rms_norm_cases), ("rope", rope_cases)):
         for seq_len in SEQ_LENS:
             for impl, shape, make_inputs, forward, grads_for, bytes_fwd, bytes_bwd, fb_overhead_ms in cases(seq_len):
-                measured = measure(make_inputs, forward, grads_for, bytes_fwd, bytes_bwd, fb_overhead_ms)
+                measured = harness.kernel_times(make_inputs, forward, grads_for, bytes_fwd, bytes_bwd, fb_overhead_ms)
                 results.append({"kernel": kernel, "shape": shape, "dtype": str(DTYPE), "impl": impl, **measured})
 
 
 if __name__ == "__main__":
     rows: list = []
     run(rows)
-    header = f"{'kernel':<9} {'shape':<26} {'impl':<7} {'fwd ms':>8} {'bwd ms':>8} {'fwd GB/s':>9} {'bwd GB/s':>9} {'peak MiB':>9}"  # noqa: E501
-    print(header)
-    print("-" * len(header))
-    for row in rows:
-        print(
-            f"{row['kernel']:<9} {str(row['shape']):<26} {row['impl']:<7} {row['fwd_ms']:>8.3f} {row['bwd_ms']:>8.3f} "
-            f"{row['fwd_gbps']:>9.0f} {row['bwd_gbps']:>9.0f} {row['peak_mib']:>9.1f}"
-        )
+    print(harness.markdown_table(rows, harness.KERNEL_COLUMNS, integers_from=100))

@@ -2,76 +2,69 @@
 
     python benchmarks/kernels_tune.py
 
-For each candidate setting it patches the kernel module's launch helpers, then prints the
-fastft GPU times (CUDA-graph replays, :func:`kernels_timing.measure`) at the benchmark shapes,
-so the module defaults can be set to the fastest. Nothing is written to the modules' files.
+For each candidate setting it swaps the kernel module's launch policy (``module._LAUNCH``, a
+:class:`lightning_fastft.kernels._launch.LaunchPolicy`), then prints the fastft GPU times
+(CUDA-graph replays, :func:`harness.kernel_times`) at the benchmark shapes, so the module defaults
+can be set to the fastest. The original policies are restored afterwards; nothing is written to
+the modules' files.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 import kernels_glu_ce  # noqa: E402
 import kernels_norm_rope  # noqa: E402
 
 
-def _fastft_rows(kernel: str, cases, sizes) -> list[tuple]:
-    from kernels_timing import measure
-
+def _fastft_rows(kernel: str, cases: Callable, sizes: Iterable[int]) -> list[tuple]:
     rows = []
     for size in sizes:
         for impl, shape, make_inputs, forward, grads_for, bytes_fwd, bytes_bwd, overhead in cases(size):
             if impl != "fastft":
                 continue
-            measured = measure(make_inputs, forward, grads_for, bytes_fwd, bytes_bwd, overhead)
+            measured = harness.kernel_times(make_inputs, forward, grads_for, bytes_fwd, bytes_bwd, overhead)
             rows.append((kernel, shape, measured["fwd_ms"], measured["bwd_ms"]))
     return rows
 
 
-def _glu_cases(tokens: int):
-    from lightning_fastft.kernels.glu import glu
-
-    shape = (tokens, kernels_glu_ce.GLU_INTERMEDIATE)
-
-    def make_inputs():
-        gate = torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        return gate, torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-
-    n_bytes = tokens * kernels_glu_ce.GLU_INTERMEDIATE * 2
-    yield "fastft", shape, make_inputs, lambda g, u: glu(g, u, "silu"), torch.randn_like, 3 * n_bytes, 5 * n_bytes, 0.0
+def sweep(module_name: str, settings: Iterable[dict], kernel: str, cases: Callable, sizes: Iterable[int]) -> None:
+    """For each ``settings`` (``LaunchPolicy`` fields over the module's own policy): set
+    ``module._LAUNCH``, print the fastft rows; restore the original policy at the end."""
+    module = importlib.import_module(module_name)
+    original = module._LAUNCH
+    try:
+        for fields in settings:
+            module._LAUNCH = dataclasses.replace(original, **fields)
+            label = " ".join(f"{key}={value}" for key, value in fields.items())
+            for row in _fastft_rows(kernel, cases, sizes):
+                print(f"{kernel} {label}", *row, flush=True)
+    finally:
+        module._LAUNCH = original
 
 
 def main() -> None:
-    from lightning_fastft.kernels import glu, rms_norm, rope
-
-    sm_count = torch.cuda.get_device_properties(0).multi_processor_count
-    original_rms_programs, original_rms_warps = rms_norm._num_backward_programs, rms_norm._num_warps
-    for per_sm in (1, 2, 4, 8):
-        for warps in (4, 8, 16):
-            rms_norm._num_backward_programs = lambda n_rows, device, per_sm=per_sm: max(1, min(n_rows, per_sm * sm_count))
-            rms_norm._num_warps = lambda block, warps=warps: warps
-            for row in _fastft_rows("rms_norm", kernels_norm_rope._rms_norm_cases, kernels_norm_rope.SEQ_LENS):
-                print(f"rms_norm programs/SM={per_sm} warps={warps}", *row, flush=True)
-    rms_norm._num_backward_programs, rms_norm._num_warps = original_rms_programs, original_rms_warps
-
-    for warps in (1, 2, 4, 8):
-        rope._ROPE_NUM_WARPS = warps
-        for row in _fastft_rows("rope", kernels_norm_rope._rope_cases, kernels_norm_rope.SEQ_LENS):
-            print(f"rope warps={warps}", *row, flush=True)
-
-    original_block = glu._MAX_BLOCK
-    for block in (1024, 2048, 4096, 8192):
-        for warps in (4, 8, 16):
-            glu._MAX_BLOCK = block
-            glu._num_warps = lambda block, warps=warps: warps
-            for row in _fastft_rows("glu", _glu_cases, kernels_glu_ce.GLU_TOKENS):
-                print(f"glu block={block} warps={warps}", *row, flush=True)
-    glu._MAX_BLOCK = original_block
+    sweep(
+        "lightning_fastft.kernels.rms_norm",
+        [{"programs_per_sm": per_sm, "num_warps": warps} for per_sm in (1, 2, 4, 8) for warps in (4, 8, 16)],
+        "rms_norm", kernels_norm_rope.rms_norm_cases, kernels_norm_rope.SEQ_LENS,
+    )  # fmt: skip
+    sweep(
+        "lightning_fastft.kernels.rope",
+        [{"num_warps": warps} for warps in (1, 2, 4, 8)],
+        "rope", kernels_norm_rope.rope_cases, kernels_norm_rope.SEQ_LENS,
+    )  # fmt: skip
+    sweep(
+        "lightning_fastft.kernels.glu",
+        [{"max_block": block, "num_warps": warps} for block in (1024, 2048, 4096, 8192) for warps in (4, 8, 16)],
+        "glu", lambda tokens: kernels_glu_ce.glu_cases(tokens, "silu"), kernels_glu_ce.GLU_TOKENS,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

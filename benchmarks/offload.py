@@ -1,54 +1,31 @@
 """GPU benchmark: peak memory and step time of activation checkpointing modes.
 
-Model: ``train_bench``'s Llama-3-8B shape (hidden 4096, intermediate 14336, 32/8 heads, vocab
-128256) truncated to a few layers, bf16 random weights, PEFT LoRA r16 on all linears. Modes: no
-checkpointing, HF gradient checkpointing, our ``"recompute"`` and our ``"offload"``; one fwd+bwd
-step at bs 1.
+    . benchmarks/gpu_env.sh
+    python benchmarks/offload.py [--layers 4] [--seq-lens 8192 16384] [--out benchmarks/results/offload.json]
 
-``run(results)`` fills ``results["activation_checkpointing"]``; ``set_mode`` is shared with
-``benchmarks/max_context.py``.
-``python benchmarks/offload.py`` prints the table and writes ``benchmarks/results/offload.json``.
+Model: the Llama-3-8B shape (``harness.SHAPES["llama8b"]``: hidden 4096, intermediate 14336,
+32/8 heads, vocab 128256) truncated to a few layers, bf16 random weights, PEFT LoRA r16 on all
+linears. Modes (``harness.set_checkpointing``): no checkpointing, HF gradient checkpointing, our
+``"recompute"`` and our ``"offload"``; one fwd+bwd step at bs 1. Per (seq_len, mode): peak
+allocated memory and the mean step time over 3 steps after one warm-up step.
+Writes ``<out>.json`` and ``.md`` (``harness.write_results``).
 """
 
 from __future__ import annotations
 
+import argparse
 import gc
-import json
-import time
+import sys
 from pathlib import Path
 
 import torch
-from train_bench import build_lora_model, model_config
 
-from lightning_fastft.training.checkpointing import (
-    apply_activation_checkpointing,
-    disable_hf_gradient_checkpointing,
-    hf_gradient_checkpointing_on,
-    remove_activation_checkpointing,
-)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
-MODES = ("none", "hf", "recompute", "offload")
+MODES = harness.CHECKPOINTING_MODES
 SEQ_LENS = (8192, 16384)
-
-
-def set_mode(model: torch.nn.Module, mode: str) -> None:
-    """Switch ``model`` (a PEFT/HF causal LM) to one checkpointing mode of :data:`MODES`."""
-    remove_activation_checkpointing(model)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if hf_gradient_checkpointing_on(base):
-        disable_hf_gradient_checkpointing(base)
-        base.disable_input_require_grads()  # HF's enable hooked the embeddings
-    if mode == "hf":
-        # transformers >= 5.20 renamed it (the old name warns); HF makes the embeddings' output require grad
-        enable = getattr(base, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif mode in ("recompute", "offload"):
-        apply_activation_checkpointing(model, mode)
-    elif mode != "none":
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+COLUMNS = ("seq_len", "mode", "layers", "peak_gib", "step_s", "error")
 
 
 def train_step(model: torch.nn.Module, seq_len: int, batch_size: int = 1) -> None:
@@ -68,45 +45,42 @@ def measure(model: torch.nn.Module, seq_len: int, steps: int = 3) -> dict:
     ``{"error": "OOM"}`` when a step does not fit."""
     try:
         train_step(model, seq_len)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        for _ in range(steps):
-            train_step(model, seq_len)
-        torch.cuda.synchronize()
-        seconds = (time.perf_counter() - start) / steps
-        return {"peak_gib": torch.cuda.max_memory_allocated() / 2**30, "step_s": seconds}
+        with harness.PeakMemory("cuda") as memory, harness.Stopwatch("cuda") as stopwatch:
+            for _ in range(steps):
+                train_step(model, seq_len)
+        return {"peak_gib": memory.peak_gib, "step_s": stopwatch.seconds / steps}
     except torch.cuda.OutOfMemoryError:
         return {"error": "OOM"}
     finally:
         _free_cuda_memory(model)
 
 
-def run(results: dict, num_layers: int = 4, seq_lens: tuple[int, ...] = SEQ_LENS) -> dict:
-    """Fill ``results["activation_checkpointing"]`` with one row per (seq_len, mode)."""
-    model = build_lora_model(model_config("llama8b", layers=num_layers), "cuda", quant=None).train()
+def run(num_layers: int = 4, seq_lens: tuple[int, ...] = SEQ_LENS) -> list[dict]:
+    """One row per (seq_len, mode)."""
+    model = harness.build_lora_model(harness.model_config("llama8b", layers=num_layers), "cuda", quant=None).train()
     rows = []
     for seq_len in seq_lens:
         for mode in MODES:
-            set_mode(model, mode)
+            harness.set_checkpointing(model, mode)
             row = {"seq_len": seq_len, "mode": mode, "layers": num_layers, **measure(model, seq_len)}
             rows.append(row)
             print(row, flush=True)
-    results["activation_checkpointing"] = rows
     del model
     gc.collect()
     torch.cuda.empty_cache()
-    return results
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=list(SEQ_LENS))
+    parser.add_argument("--out", type=Path, default=harness.RESULTS_DIR / "offload.json")
+    args = parser.parse_args(argv)
+    rows = run(args.layers, tuple(args.seq_lens))
+    harness.write_results(args.out, "Activation checkpointing modes", harness.run_meta(), rows, COLUMNS)
+    print(harness.markdown_table(rows, COLUMNS))
 
 
 if __name__ == "__main__":
-    collected = run({"device": torch.cuda.get_device_name()})
-    print(f"{'seq':>6} {'mode':>10} {'peak GiB':>9} {'step s':>7}")
-    for row in collected["activation_checkpointing"]:
-        if "error" in row:
-            print(f"{row['seq_len']:>6} {row['mode']:>10} {row['error']:>9}")
-        else:
-            print(f"{row['seq_len']:>6} {row['mode']:>10} {row['peak_gib']:>9.2f} {row['step_s']:>7.3f}")
-    path = Path(__file__).parent / "results" / "offload.json"
-    path.parent.mkdir(exist_ok=True)
-    path.write_text(json.dumps(collected, indent=2))
+    main()

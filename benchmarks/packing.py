@@ -6,22 +6,29 @@ per-batch padding with first-fit-decreasing packing. ``run(results)`` (CUDA) tim
 training steps over the same samples on a small bf16 Llama (hidden 1024, 8 layers) and fills
 ``results["packing"]`` with real (non-padding) tokens/s for: padded batches + SDPA, packed rows +
 HF's SDPA (dense block mask from position_ids) and packed rows + ``fastft_varlen``.
-``python benchmarks/packing.py`` prints both and writes ``benchmarks/results/packing.json``.
+``python benchmarks/packing.py [--out benchmarks/results/packing.json]`` prints both and writes
+``<out>.json`` and ``.md`` (``harness.write_results``; the utilisation report and the varlen
+backend in ``meta``).
 """
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
-import time
+import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
 from lightning_fastft.data import PackedCollator, PaddedCollator, pack_sequences, token_utilisation
 from lightning_fastft.attention import pick_backend, use_varlen_attention
 
 MAX_SEQ_LEN = 2048
+COLUMNS = ("mode", "steps", "utilisation", "real_tokens_per_s", "epoch_s", "peak_gib")
 
 
 def synthetic_samples(num_samples: int, *, vocab_size: int = 32000, seed: int = 0) -> list[dict]:
@@ -94,13 +101,10 @@ def measure_epoch(model: torch.nn.Module, batches: list[dict], warmup_steps: int
 
     for batch in on_device[:warmup_steps]:
         step(batch)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for batch in on_device:
-        step(batch)
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    with harness.PeakMemory("cuda") as memory, harness.Stopwatch("cuda") as stopwatch:
+        for batch in on_device:
+            step(batch)
+    seconds = stopwatch.seconds
     utilisation = token_utilisation(batches)
     real_tokens = utilisation * sum(b["input_ids"].numel() for b in batches)
     del optimizer
@@ -109,7 +113,7 @@ def measure_epoch(model: torch.nn.Module, batches: list[dict], warmup_steps: int
         "epoch_s": seconds,
         "real_tokens_per_s": real_tokens / seconds,
         "utilisation": utilisation,
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_gib": memory.peak_gib,
     }
 
 
@@ -134,18 +138,20 @@ def run(results: dict, num_samples: int = 384, batch_size: int = 8) -> dict:
     return results
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=harness.RESULTS_DIR / "packing.json")
+    args = parser.parse_args(argv)
     report = {"utilisation": utilisation_report()}
     print(json.dumps(report, indent=1))
+    rows: list[dict] = []
     if torch.cuda.is_available():
-        report["device"] = torch.cuda.get_device_name()
         run(report)
-        print(f"{'mode':>22} {'steps':>6} {'util':>6} {'real tok/s':>11} {'peak GiB':>9}")
-        for row in report["packing"]["rows"]:
-            print(
-                f"{row['mode']:>22} {row['steps']:>6} {row['utilisation']:>6.3f} "
-                f"{row['real_tokens_per_s']:>11.0f} {row['peak_gib']:>9.2f}"
-            )
-    path = Path(__file__).parent / "results" / "packing.json"
-    path.parent.mkdir(exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
+        rows = report["packing"]["rows"]
+        report["varlen_backend"] = report.pop("packing")["varlen_backend"]
+        print(harness.markdown_table(rows, COLUMNS))
+    harness.write_results(args.out, "Sequence packing", harness.run_meta(**report), rows, COLUMNS)
+
+
+if __name__ == "__main__":
+    main()

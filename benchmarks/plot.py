@@ -1,6 +1,6 @@
 """Bar charts of training-benchmark results: tokens/s and peak GPU memory per variant.
 
-    python benchmarks/plot.py benchmarks/results/train_partA.json [more.json ...] [--out chart.png]
+    python benchmarks/plot.py benchmarks/results/train_partA_run3.json [more.json ...] [--out chart.png]
 
 Reads the JSON written by ``benchmarks/train_bench.py``; one group of bars per
 (shape, quant, seq_len) run, one bar per variant that finished. Default output: the first JSON's
@@ -10,13 +10,16 @@ path with ``.png``.
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
 METRICS = (("tokens_per_sec", "tokens/s (higher is better)"), ("peak_mem_gib", "peak GPU memory, GiB (lower is better)"))
 
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("results", nargs="+", type=Path, help="JSON files written by train_bench.py")
     parser.add_argument("--out", type=Path, help="PNG path (default: the first JSON with .png)")
     args = parser.parse_args(argv)
-    rows = [row for path in args.results for row in json.loads(path.read_text())["results"]]
+    rows = [row for path in args.results for row in harness.load_results(path)[1]]
     print(plot_results(rows, args.out or args.results[0].with_suffix(".png")))
 
 

@@ -10,7 +10,8 @@ model is patched in place and runs ``recompute``, ``offload``, ``none`` and ``re
 time over ``--steps`` steps, then a ``torch.profiler`` trace of two steps giving the summed GPU
 kernel time (``gpu_busy`` = kernel time / wall time; well below 1 means the step waits on the
 host) and the kernels with the most GPU time. ``--host`` adds a cProfile of one step (Python functions by own time) and every
-host-device synchronisation of one step, by the line that caused it.
+host-device synchronisation of one step, by the line that caused it. Writes ``<out>`` (JSON, one row
+per mode) and ``.md`` (``harness.write_results``).
 """
 
 from __future__ import annotations
@@ -19,25 +20,22 @@ import argparse
 import cProfile
 import collections
 import io
-import json
 import pstats
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).parent))
-from offload import set_mode  # noqa: E402
-from train_bench import build_lora_model, model_config  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
 from lightning_fastft.patching import patch_model  # noqa: E402
-from lightning_fastft.training.checkpointing import apply_activation_checkpointing  # noqa: E402
 
 MODES = ("hf", "recompute", "offload", "none", "recompute_half")
+COLUMNS = ("mode", "step_s", "tokens_per_sec", "wall_s", "gpu_kernel_s", "gpu_busy", "peak_gib")
 
 
 def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, input_ids: torch.Tensor):
@@ -51,26 +49,14 @@ def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, input_id
     return step
 
 
-def timed_steps(step, steps: int) -> list[float]:
-    seconds = []
-    for _ in range(steps):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - start)
-    return seconds
-
-
 def kernel_profile(step, top: int) -> dict:
     """GPU kernel time of two steps (summed per kernel name) against their wall time."""
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        start = time.perf_counter()
-        step()
-        step()
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - start) / 2
+        with harness.Stopwatch("cuda") as stopwatch:
+            step()
+            step()
+        wall = stopwatch.seconds / 2
     kernels: dict[str, list[float]] = {}
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
@@ -126,10 +112,10 @@ def launch_costs(calls: int = 2000) -> dict:
         for _ in range(50):
             op()
         torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(calls):
-            op()
-        costs[name] = (time.perf_counter() - start) / calls * 1e6
+        with harness.Stopwatch(device=None) as host:  # host time only: the GPU work is not waited for
+            for _ in range(calls):
+                op()
+        costs[name] = host.seconds / calls * 1e6
         torch.cuda.synchronize()
     return costs
 
@@ -148,35 +134,35 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    model = build_lora_model(model_config(args.shape, args.layers), "cuda", args.quant)
+    model = harness.build_lora_model(harness.model_config(args.shape, args.layers), "cuda", args.quant)
     model.to(torch.bfloat16)  # as Lightning's bf16-true precision does (PEFT keeps LoRA weights fp32)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     input_ids = torch.randint(0, model.config.vocab_size, (1, args.seq_len), device="cuda")
-    results = {"command": "python " + " ".join(sys.argv), "gpu": torch.cuda.get_device_name(),
-               "torch": torch.__version__, "modes": {}}  # fmt: skip
+    meta = harness.run_meta()
+    rows: list[dict] = []
     if args.host:
-        results["launch_us"] = launch_costs()
-        print("host us per call:", {k: round(v, 1) for k, v in results["launch_us"].items()}, flush=True)
+        meta["launch_us"] = launch_costs()
+        print("host us per call:", {k: round(v, 1) for k, v in meta["launch_us"].items()}, flush=True)
     patched = False
     for mode in args.modes:
         if mode != "hf" and not patched:
-            results["patch_report"] = str(patch_model(model))
+            meta["patch_report"] = str(patch_model(model))
             patched = True
         if mode == "recompute_half":  # every other decoder layer checkpointed
-            set_mode(model, "none")
-            apply_activation_checkpointing(model, "recompute", checkpoint_fraction=0.5)
+            harness.set_checkpointing(model, "recompute", checkpoint_fraction=0.5)
         else:
-            set_mode(model, mode)
+            harness.set_checkpointing(model, mode)
         step = make_step(model, optimizer, input_ids)
-        timed_steps(step, 2)  # warm-up (Triton autotune / compile)
-        seconds = timed_steps(step, args.steps)
-        torch.cuda.reset_peak_memory_stats()
-        row = {"step_s": statistics.median(seconds), "tokens_per_sec": args.seq_len / statistics.median(seconds)}
+        harness.time_steps(step, 2)  # warm-up (Triton autotune / compile)
+        seconds = harness.time_steps(step, args.steps)
+        memory = harness.PeakMemory("cuda").start()
+        row = {"mode": mode, "step_s": statistics.median(seconds), "tokens_per_sec": args.seq_len / statistics.median(seconds)}
         row.update(kernel_profile(step, args.top))
-        row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        memory.stop()
+        row["peak_gib"] = memory.peak_gib
         if args.host:
             row.update(host_profile(step, args.top))
-        results["modes"][mode] = row
+        rows.append(row)
         print(f"== {mode}: step {row['step_s']:.4f} s, {row['tokens_per_sec']:.0f} tok/s, GPU kernels "
               f"{row['gpu_kernel_s']:.4f} s/step, busy {row['gpu_busy']:.2f}, peak {row['peak_gib']:.1f} GiB", flush=True)  # fmt: skip
         for kernel in row["top_kernels"]:
@@ -185,8 +171,7 @@ def main() -> None:
             print("   " + line)
         for where, count in row.get("syncs", []):
             print(f"   sync x{count}: {where}")
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=1))
+        harness.write_results(args.out, "Where a training step's time goes", meta, rows, COLUMNS)
 
 
 if __name__ == "__main__":

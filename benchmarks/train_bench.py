@@ -13,7 +13,10 @@ state never leak between variants; the parent loops over them and writes the res
     python benchmarks/train_bench.py --shape tiny --device cpu --layers 2 --seq-len 64   # CPU smoke run
 
 Variants (bs 1, LoRA r16 alpha16 dropout 0 on q,k,v,o,gate,up,down, bf16-true precision, random
-bf16 weights built on the device from a config, SDPA attention, same seed and data everywhere):
+bf16 weights built on the device from a config, SDPA attention, same seed and data everywhere). The
+model is ``CausalLMFineTune(model=<config dict>, lora_r=16, ..., quant_type=<quant>)``, built by the
+module's ``configure_model`` under the Trainer (on the device, in bf16), so its saved
+hyper-parameters describe the model trained:
 
 * ``hf``: HF + PEFT, HF gradient checkpointing (non-reentrant) + ``enable_input_require_grads``;
 * ``liger``: as ``hf`` plus Liger-Kernel's ``apply_liger_kernel_to_<model>`` on the instance
@@ -25,14 +28,17 @@ bf16 weights built on the device from a config, SDPA attention, same seed and da
   (``checkpoint_fraction=0.5``); not in the ``--part`` presets.
 
 Metrics per variant: tokens/s of the median timed step (CUDA-synchronised timer around each
-training batch, after the warm-up steps), peak allocated memory over the fit (reset after the
-model is built; the built model's own allocation is reported as ``weights_gib``), MFU (model
+training batch, after the warm-up steps), peak allocated memory over the fit (reset at
+``on_fit_start``, once the model is built, set up and the baseline's HF checkpointing / Liger patches
+applied; the model's own allocation then is reported as ``weights_gib``, the seconds from
+``Trainer.fit`` to that point as ``build_s``), MFU (model
 FLOPs of :func:`lightning_fastft.callbacks.metrics.flops_coefficients`, recomputation not counted,
 so MFU ratios equal throughput ratios), the loss of every step, and ratios to ``hf``.
 ``--max-context`` searches, per variant, the longest sequence (bs 1) that trains two steps, each
-probe in a fresh subprocess; an out-of-memory probe is a failure, any other error stops the search.
-Results: ``benchmarks/results/train_<name>.json`` and ``.md`` (with the command); plot them with
-``benchmarks/plot.py``.
+probe in a fresh subprocess (``harness.search_longest``: doubling from ``--seq-len``, then bisection);
+an out-of-memory probe is a failure, any other error stops the search.
+Results: ``benchmarks/results/train_<name>.json`` and ``.md`` (with the command; ``harness.write_results``);
+plot them with ``benchmarks/plot.py``; the README's table: ``benchmarks/readme_tables.py``.
 """
 
 from __future__ import annotations
@@ -41,7 +47,6 @@ import argparse
 import importlib.util
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,36 +55,16 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+from harness import LORA_R, LORA_TARGETS, SHAPES  # noqa: E402
+
 PRESET_VARIANTS = ("hf", "liger", "fastft", "fastft_offload", "fastft_nockpt")  # those of --part A, B, C
 VARIANTS = (*PRESET_VARIANTS, "fastft_half")
 # fastft variant -> (checkpointing mode, checkpoint_fraction)
 FASTFT_CHECKPOINTING = {
     "fastft": ("recompute", 1.0), "fastft_offload": ("offload", 1.0), "fastft_nockpt": (None, 1.0),
     "fastft_half": ("recompute", 0.5),
-}  # fmt: skip
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-LIGER_FUNCTIONS = {"llama": "apply_liger_kernel_to_llama", "qwen2": "apply_liger_kernel_to_qwen2"}
-
-SHAPES: dict[str, dict[str, Any]] = {
-    "llama8b": {
-        "model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 14336,
-        "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "rope_theta": 500000.0,
-        "max_position_embeddings": 131072,
-    },
-    "qwen7b": {
-        "model_type": "qwen2", "hidden_size": 3584, "num_hidden_layers": 28, "intermediate_size": 18944,
-        "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064, "rope_theta": 1000000.0,
-        "max_position_embeddings": 131072,
-    },
-    "llama1b": {
-        "model_type": "llama", "hidden_size": 2048, "num_hidden_layers": 16, "intermediate_size": 8192,
-        "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "rope_theta": 500000.0,
-        "max_position_embeddings": 131072, "tie_word_embeddings": True,
-    },
-    "tiny": {
-        "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 160,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 4096,
-    },
 }  # fmt: skip
 
 # one preset = the runs of one <10-minute device call
@@ -103,33 +88,6 @@ TABLE_COLUMNS = (
 # ---------------------------------------------------------------------------------------------
 # child mode: one variant, one process
 # ---------------------------------------------------------------------------------------------
-def model_config(shape: str, layers: Optional[int] = None):
-    from transformers import AutoConfig
-
-    fields = dict(SHAPES[shape])
-    if layers is not None:
-        fields["num_hidden_layers"] = layers
-    return AutoConfig.for_model(fields.pop("model_type"), **fields)
-
-
-def build_lora_model(config, device: str, quant: Optional[str], lora_r: int = 16):
-    """Random-init bf16 causal LM built directly on ``device``, with LoRA (QLoRA for ``quant="nf4"``)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from lightning_fastft.qlora import attach_lora, prepare_qlora
-
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
-    model.config.use_cache = False
-    lora = {"lora_r": lora_r, "lora_alpha": lora_r, "lora_dropout": 0.0, "target_modules": LORA_TARGETS}
-    if quant == "nf4":
-        return prepare_qlora(model, quant_type="nf4", **lora)
-    if quant is not None:
-        raise ValueError(f"quant must be None or 'nf4', got {quant!r}")
-    return attach_lora(model, **lora)
-
-
 def random_token_rows(vocab_size: int, seq_len: int, num_rows: int, seed: int = 0) -> list[dict]:
     """The same rows for every variant: random tokens, every token a target."""
     import torch
@@ -139,48 +97,47 @@ def random_token_rows(vocab_size: int, seq_len: int, num_rows: int, seed: int = 
     return [{"input_ids": row, "labels": row.clone()} for row in rows]
 
 
-def _step_timer_class():
+def _bench_callback_class():
     import lightning.pytorch as pl
-    import torch
 
-    class StepTimer(pl.Callback):
-        """Seconds and loss of every training batch, CUDA-synchronised on both ends."""
+    class BenchCallback(pl.Callback):
+        """At ``on_fit_start`` (model built and set up, before the first step): the baseline's HF
+        gradient checkpointing and Liger patches, then the weights' allocation and a peak-memory
+        reset. Around every training batch: a synchronised :class:`harness.Stopwatch` lap and the loss."""
 
-        def __init__(self) -> None:
-            self.seconds: list[float] = []
+        def __init__(self, variant: str, result: dict[str, Any]) -> None:
+            self.variant, self.result = variant, result
+            self.fit_start = 0.0  # set just before Trainer.fit
             self.losses: list[float] = []
-            self._start = 0.0
+            self.stopwatch: Optional[harness.Stopwatch] = None
+            self.memory: Optional[harness.PeakMemory] = None
 
-        def _sync(self, pl_module) -> None:
+        def on_fit_start(self, trainer, pl_module) -> None:
+            from lightning_fastft._hf import find_hf_model
+
+            hf_model = find_hf_model(pl_module.model)
+            if self.variant in ("hf", "liger"):
+                harness.enable_hf_checkpointing(hf_model)
+            if self.variant == "liger":
+                harness.apply_liger(hf_model)
+            self.stopwatch = harness.Stopwatch(pl_module.device)
             if pl_module.device.type == "cuda":
-                torch.cuda.synchronize(pl_module.device)
+                import torch
+
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+                self.result["weights_gib"] = torch.cuda.memory_allocated() / harness.GIB
+                self.memory = harness.PeakMemory(pl_module.device).start()
+            self.result["build_s"] = time.perf_counter() - self.fit_start
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            self._sync(pl_module)
-            self._start = time.perf_counter()
+            self.stopwatch.start()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            self._sync(pl_module)
-            self.seconds.append(time.perf_counter() - self._start)
+            self.stopwatch.stop()
             self.losses.append(float(outputs["loss"]))
 
-    return StepTimer()
-
-
-def _prepare_hf_checkpointing(hf_model) -> None:
-    hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    hf_model.enable_input_require_grads()
-
-
-def _apply_liger(hf_model) -> None:
-    import liger_kernel.transformers as liger
-
-    model_type = hf_model.config.model_type
-    if model_type not in LIGER_FUNCTIONS:
-        raise ValueError(f"no Liger-Kernel patch wired for model_type {model_type!r}")
-    getattr(liger, LIGER_FUNCTIONS[model_type])(
-        rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True, model=hf_model
-    )
+    return BenchCallback
 
 
 def run_variant(
@@ -205,6 +162,8 @@ def run_variant(
     }  # fmt: skip
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if quant not in (None, "nf4"):
+        raise ValueError(f"quant must be None or 'nf4', got {quant!r}")
     if variant == "liger" and importlib.util.find_spec("liger_kernel") is None:
         return {**result, "status": "skipped: liger-kernel missing"}
 
@@ -214,60 +173,48 @@ def run_variant(
 
     from lightning_fastft.callbacks.metrics import flops_coefficients, peak_flops_for
     from lightning_fastft.module import CausalLMFineTune
-    from lightning_fastft.training.checkpointing import checkpointed_layers
-    from lightning_fastft._hf import find_hf_model
     from lightning_fastft.strategies import FastFTStrategy
+    from lightning_fastft.training.checkpointing import checkpointed_layers
 
     on_cuda = device.startswith("cuda")
-    config = model_config(shape, layers)
-    pl.seed_everything(seed, verbose=False)
-    build_start = time.perf_counter()
-    model = build_lora_model(config, device, quant)
-    hf_model = find_hf_model(model)
-    if variant in ("hf", "liger"):
-        _prepare_hf_checkpointing(hf_model)
-    if variant == "liger":
-        _apply_liger(hf_model)
+    fields = harness.model_fields(shape, layers)
     if on_cuda:
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        result["weights_gib"] = torch.cuda.memory_allocated() / 2**30
-        torch.cuda.reset_peak_memory_stats()
         result["gpu"] = torch.cuda.get_device_name()
-    result["build_s"] = time.perf_counter() - build_start
-
-    module = CausalLMFineTune(model=config.to_dict(), lora_r=16, lora_alpha=16, target_modules=list(LORA_TARGETS))
-    module.model = model  # built above; configure_model keeps it
+    pl.seed_everything(seed, verbose=False)
+    module = CausalLMFineTune(
+        model=fields, lora_r=LORA_R, lora_alpha=LORA_R, lora_dropout=0.0, target_modules=list(LORA_TARGETS),
+        quant_type=quant, init_seed=seed,
+    )  # fmt: skip
     if variant in FASTFT_CHECKPOINTING:
         mode, fraction = FASTFT_CHECKPOINTING[variant]
         strategy: Any = FastFTStrategy(checkpointing=mode, checkpoint_fraction=fraction)
     else:
         strategy = "auto"
-    timer = _step_timer_class()
+    callback = _bench_callback_class()(variant, result)
     trainer = pl.Trainer(
         accelerator="gpu" if on_cuda else "cpu",
         devices=1,
         strategy=strategy,
         precision="bf16-true",
         max_steps=warmup_steps + timed_steps,
-        callbacks=[timer],
+        callbacks=[callback],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
-    rows = random_token_rows(config.vocab_size, seq_len, warmup_steps + timed_steps, seed)
+    rows = random_token_rows(fields["vocab_size"], seq_len, warmup_steps + timed_steps, seed)
+    callback.fit_start = time.perf_counter()
     trainer.fit(module, DataLoader(rows, batch_size=1))
 
-    timed = timer.seconds[warmup_steps:] or timer.seconds
-    step_s = statistics.median(timed)
-    result.update(status="ok", step_s=step_s, tokens_per_sec=seq_len / step_s, losses=timer.losses)
+    step_s = callback.stopwatch.median(skip=warmup_steps)
+    result.update(status="ok", step_s=step_s, tokens_per_sec=seq_len / step_s, losses=callback.losses)
     if variant in FASTFT_CHECKPOINTING:
         result["patch_report"] = str(strategy.patch_report)
         result["checkpointed_layers"] = len(checkpointed_layers(module))
     if on_cuda:
-        result["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        result["peak_mem_gib"] = callback.memory.stop() / harness.GIB
         peak_flops = peak_flops_for(result["gpu"])
         fixed, per_position = flops_coefficients(module, checkpoint_fraction=0.0)
         if peak_flops:
@@ -284,8 +231,7 @@ def run_child(args: argparse.Namespace) -> None:
         )  # fmt: skip
     except Exception as error:  # noqa: BLE001 - the failure is the result
         traceback.print_exc()
-        is_oom = "OutOfMemoryError" in type(error).__name__ or "out of memory" in str(error).lower()
-        status = "oom" if is_oom else f"error: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+        status = "oom" if harness.is_out_of_memory(error) else f"error: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
         result = {"variant": args.variant, "shape": args.shape, "seq_len": args.seq_len, "quant": args.quant, "status": status}
     Path(args.json_out).write_text(json.dumps(result, indent=1))
 
@@ -326,51 +272,24 @@ def add_ratios(results: list[dict]) -> None:
             row["mem_vs_hf"] = row["peak_mem_gib"] / base["peak_mem_gib"]
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.3f}" if abs(value) < 10 else f"{value:.0f}"
-    if isinstance(value, list):
-        return " ".join(f"{v:.3f}" for v in value)
-    return str(value)
-
-
-def markdown_table(rows: list[dict], columns: tuple[str, ...] = TABLE_COLUMNS) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def environment() -> dict[str, Any]:
-    import torch
-    import transformers
-
-    info = {"torch": torch.__version__, "transformers": transformers.__version__, "cuda": torch.version.cuda}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-def write_results(out: Path, title: str, meta: dict, results: list[dict], columns: tuple[str, ...] = TABLE_COLUMNS):
-    """``out`` (JSON: meta + results) and ``out`` with ``.md`` (title, command, environment, table)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    environment_line = ", ".join(f"{key} {value}" for key, value in meta["environment"].items())
-    markdown = [f"# {title}", "", f"Command: `{meta['command']}`", "", f"Environment: {environment_line}", ""]
-    markdown += [markdown_table(results, columns), ""]
-    markdown += [
+def patch_notes(results: list[dict]) -> list[str]:
+    """One Markdown bullet per row with a patching report."""
+    return [
         f"- {r['variant']} ({r['shape']}, seq {r['seq_len']}): " + r["patch_report"].replace("\n", "; ")
         for r in results
         if r.get("patch_report")
     ]
-    out.with_suffix(".md").write_text("\n".join(markdown) + "\n")
+
+
+def write_results(out: Path, title: str, meta: dict, results: list[dict], columns: tuple[str, ...] = TABLE_COLUMNS):
+    """``harness.write_results`` with the patching reports as notes under the table."""
+    harness.write_results(out, title, meta, results, columns, notes=patch_notes(results))
 
 
 def run_parent(args: argparse.Namespace, runs: list[dict]) -> list[dict]:
     """Every variant of every run in its own subprocess, within ``--time-budget`` seconds; results written after each."""
     deadline = time.monotonic() + args.time_budget
-    meta = {"command": "python " + " ".join(sys.argv), "environment": environment()}
+    meta = harness.run_meta()
     results: list[dict] = []
     for run in runs:
         for variant in args.variants or run["variants"]:
@@ -383,43 +302,36 @@ def run_parent(args: argparse.Namespace, runs: list[dict]) -> list[dict]:
             results.append(spawn_variant(variant, run, args, timeout=min(args.child_timeout, remaining)))
             add_ratios(results)
             write_results(args.out, "Training benchmark", meta, results)
-    print(markdown_table(results))
+    print(harness.markdown_table(results, TABLE_COLUMNS))
     return results
 
 
 def max_context_search(args: argparse.Namespace) -> list[dict]:
-    """Per variant: double the sequence length from ``--seq-len`` until a probe fails, then bisect
-    to within ``--granularity`` tokens (or 1/16 of the length); each probe trains 2 steps in a fresh process."""
+    """Per variant, :func:`harness.search_longest` from ``--seq-len``: double until a probe fails, then
+    bisect to within ``--granularity`` tokens (or 1/16 of the length); each probe trains 2 steps in a fresh process."""
     deadline = time.monotonic() + args.time_budget
-    meta = {"command": "python " + " ".join(sys.argv), "environment": environment()}
+    meta = harness.run_meta()
     run = {"shape": args.shape, "seq_len": args.seq_len, "quant": args.quant}
     results: list[dict] = []
     for variant in args.variants or VARIANTS:
-        fits, fails, probes, error = 0, None, [], None
-        length = args.seq_len
-        while length is not None and time.monotonic() < deadline - 20:
+
+        def probe(length: int, variant: str = variant) -> dict:
             timeout = min(args.child_timeout, deadline - time.monotonic())
-            probe = spawn_variant(variant, run, args, timeout, seq_len=length, warmup_steps=1, timed_steps=1)
-            probes.append({"seq_len": length, "status": probe["status"], "peak_mem_gib": probe.get("peak_mem_gib")})
-            print(f"[train_bench] max-context {variant}: seq {length} -> {probe['status']}", flush=True)
-            if probe["status"].startswith(("skipped", "error")):
-                error = probe["status"]
-                break
-            if probe["status"] == "ok":
-                fits = length
-            else:
-                fails = length
-            if fails is None:
-                length = min(2 * length, args.max_seq_len) if length < args.max_seq_len else None
-            else:
-                step = max(args.granularity, fits // 16)
-                middle = (fits + fails) // 2 // args.granularity * args.granularity
-                length = middle if fails - fits > step and middle > fits else None
-        status = error or ("ok" if fits else "no length fits")
+            result = spawn_variant(variant, run, args, timeout, seq_len=length, warmup_steps=1, timed_steps=1)
+            print(f"[train_bench] max-context {variant}: seq {length} -> {result['status']}", flush=True)
+            return {"status": result["status"], "peak_mem_gib": result.get("peak_mem_gib")}
+
+        found = harness.search_longest(
+            probe, start=args.seq_len, high=args.max_seq_len, granularity=args.granularity,
+            tolerance=lambda fits: max(args.granularity, fits // 16), deadline=deadline - 20,
+        )  # fmt: skip
+        fits = found["max_seq_len_fits"]
+        status = found["error"] or ("ok" if fits else "no length fits")
         results.append({"variant": variant, "shape": args.shape, "quant": args.quant, "seq_len": fits or None,
-                        "max_seq_len_fits": fits, "first_failing_seq_len": fails, "status": status, "probes": probes})  # fmt: skip
+                        "max_seq_len_fits": fits, "first_failing_seq_len": found["first_failing_seq_len"],
+                        "status": status, "probes": found["probes"]})  # fmt: skip
         write_results(args.out, "Longest trainable context (bs 1)", meta, results, MAX_CONTEXT_COLUMNS)
-    print(markdown_table(results, MAX_CONTEXT_COLUMNS))
+    print(harness.markdown_table(results, MAX_CONTEXT_COLUMNS))
     return results
 
 
@@ -451,7 +363,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if args.out is None:
         name = f"part{args.part}" if args.part else f"{args.shape}{'_' + args.quant if args.quant else ''}"
         name = f"max_context_{name}" if args.max_context else name
-        args.out = Path(__file__).parent / "results" / f"train_{name}.json"
+        args.out = harness.RESULTS_DIR / f"train_{name}.json"
     return args
 
 

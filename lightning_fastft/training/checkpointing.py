@@ -5,7 +5,7 @@ during training a layer keeps only its input hidden state and recomputes everyth
 
 * ``checkpointing="recompute"``: the same layer Function as offload with the input kept on the device
   (:class:`DeviceStore`); measured faster than non-reentrant ``torch.utils.checkpoint`` on the
-  8B LoRA step (see benchmarks/results/train_partA.md).
+  8B LoRA step (see benchmarks/results/archive/2026-11-23/train_partA.md).
 * ``checkpointing="offload"``: the input is copied device -> pinned host memory on a side CUDA stream while
   compute goes on; in backward it is copied back, and the input of the next layer to be recomputed
   is prefetched on the side stream while the current one recomputes. Without CUDA this falls back
