@@ -33,6 +33,11 @@ def assert_norm_relative_close(actual, expected, dtype):
     assert error < TOLERANCE[dtype], f"relative error {error:.2e}"
 
 
+def assert_close_scaled(actual, expected, rtol):
+    """``torch.testing.assert_close`` with ``atol = rtol * max|expected|``: small elements judged on the whole scale."""
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * expected.abs().max().item())
+
+
 def relative_error(actual, expected):
     return ((actual - expected).norm() / expected.norm()).item()
 

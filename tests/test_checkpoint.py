@@ -41,7 +41,7 @@ def test_resume_from_adapter_checkpoint_matches_uninterrupted_run(device, tmp_pa
     checkpoint = torch.load(checkpoints[-1], weights_only=False)
     trainable = {n for n, p in resumed_module.named_parameters() if p.requires_grad}
     assert set(checkpoint["state_dict"]) == trainable
-    assert all("lora_" in name for name in trainable)
+    assert trainable and all("lora_" in name for name in trainable)
     assert checkpoint["optimizer_states"][0]["state"]  # optimizer state travels with the adapters
 
 
@@ -68,7 +68,8 @@ def _weights(module):
 
 def test_load_from_checkpoint_rebuilds_the_random_base_of_an_adapter_checkpoint(device, tmp_path):
     trained, _, checkpoints = _fit(device, tmp_path, epochs=1, name="reload")
-    assert all("lora_" in key for key in torch.load(checkpoints[-1], weights_only=False)["state_dict"])
+    saved = torch.load(checkpoints[-1], weights_only=False)["state_dict"]
+    assert saved and all("lora_" in key for key in saved)
 
     torch.manual_seed(12345)  # the base comes from the stored init_seed, not from the current random state
     reloaded = CausalLMFineTune.load_from_checkpoint(checkpoints[-1])
@@ -100,7 +101,7 @@ def test_weights_trained_then_frozen_stay_in_adapter_checkpoints(device, tmp_pat
     trainer.save_checkpoint(path)
 
     saved = torch.load(path, weights_only=False)["state_dict"]
-    assert initial_lora_a.keys() <= saved.keys()  # frozen now, but trained in the first epoch
+    assert initial_lora_a and initial_lora_a.keys() <= saved.keys()  # frozen now, but trained in the first epoch
     assert all("lora_" in key for key in saved)
     reloaded = _weights(CausalLMFineTune.load_from_checkpoint(path))
     for name, initial in initial_lora_a.items():

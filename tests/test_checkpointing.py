@@ -13,6 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import quiet_trainer
+from tiny_models import (
+    CHECKPOINTING_HIDDEN,
+    CHECKPOINTING_VOCAB,
+    checkpointing_gpt2,
+    checkpointing_llama,
+    checkpointing_lora,
+)
 
 from lightning_fastft.callbacks.offload import ActivationCheckpointing, ActivationOffload
 from lightning_fastft.training.checkpointing import (
@@ -25,53 +32,8 @@ from lightning_fastft.training.checkpointing import (
     remove_activation_checkpointing,
 )
 
-BATCH, SEQ, VOCAB = 2, 11, 101
-
-
-def tiny_llama(dropout: float = 0.1, layers: int = 3):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=36,
-        intermediate_size=70,
-        num_hidden_layers=layers,
-        num_attention_heads=3,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        attention_dropout=dropout,
-        tie_word_embeddings=False,
-    )
-    config._attn_implementation = "eager"
-    return LlamaForCausalLM(config)
-
-
-def tiny_gpt2(dropout: float = 0.1, layers: int = 3):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    config = GPT2Config(
-        vocab_size=VOCAB,
-        n_embd=36,
-        n_layer=layers,
-        n_head=3,
-        n_positions=64,
-        resid_pdrop=dropout,
-        embd_pdrop=dropout,
-        attn_pdrop=dropout,
-    )
-    config._attn_implementation = "eager"
-    return GPT2LMHeadModel(config)
-
-
-BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
-
-
-def with_lora(model):
-    from peft import LoraConfig, get_peft_model
-
-    # init_lora_weights=False: B is random too, so every LoRA matrix gets a non-zero grad
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear", init_lora_weights=False)
-    return get_peft_model(model, config)
+BATCH, SEQ, VOCAB = 2, 11, CHECKPOINTING_VOCAB
+BUILDERS = {"llama": checkpointing_llama, "gpt2": checkpointing_gpt2}
 
 
 def make_batch(device):
@@ -128,7 +90,7 @@ def test_grads_equal_no_checkpointing(arch, lora, variant, device):
     """Dropout is on: equal grads also mean the recompute replays the forward's random masks."""
     model = BUILDERS[arch]().to(device)
     if lora:
-        model = with_lora(model)  # frozen embeddings: the first layer's input needs no grad
+        model = checkpointing_lora(model)  # frozen embeddings: the first layer's input needs no grad
     model.train()
     assert_same_training(model, checkpointed_copy(model, variant), device)
 
@@ -136,7 +98,7 @@ def test_grads_equal_no_checkpointing(arch, lora, variant, device):
 @pytest.mark.parametrize("variant", ["recompute", "offload_emulated"])
 def test_grads_equal_under_autocast(variant, device):
     """The recompute re-enters the forward's autocast (bf16), so it matches the saved-activation grads."""
-    model = with_lora(tiny_llama()).to(device).train()
+    model = checkpointing_lora(checkpointing_llama()).to(device).train()
     wrapped = checkpointed_copy(model, variant)
     assert_same_training(model, wrapped, device, autocast_dtype=torch.bfloat16)
 
@@ -148,7 +110,7 @@ def ddp_grads_match(variant: str, device: str, store: str) -> int:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    model = with_lora(tiny_llama()).to(device).train()
+    model = checkpointing_lora(checkpointing_llama()).to(device).train()
     dist.init_process_group(
         "nccl" if device == "cuda" else "gloo", init_method=f"file://{store}", rank=0, world_size=1,
         timeout=timedelta(seconds=120),
@@ -182,6 +144,9 @@ print("matched", ddp_grads_match({variant!r}, {device!r}, {store!r}))
 """
 
 
+@pytest.mark.ddp
+@pytest.mark.subprocess
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["recompute", "offload_emulated"])
 def test_grads_equal_under_ddp(variant, device, tmp_path):
     """DDP's reducer sees every LoRA grad (a missed one errors on the next step) and averages them.
@@ -195,14 +160,14 @@ def test_grads_equal_under_ddp(variant, device, tmp_path):
     )
     completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=420)
     assert completed.returncode == 0, completed.stderr[-4000:]
-    trainable = sum(p.requires_grad for p in with_lora(tiny_llama()).parameters())
+    trainable = sum(p.requires_grad for p in checkpointing_lora(checkpointing_llama()).parameters())
     assert completed.stdout.split()[-2:] == ["matched", str(2 * trainable)]
 
 
 @pytest.mark.parametrize("variant", ["recompute", "offload_emulated"])
 def test_partial_checkpointing_grads_equal_no_checkpointing(variant, device):
     """Half the layers checkpointed, the others saving their activations: same loss and grads."""
-    model = with_lora(tiny_llama(layers=4)).to(device).train()
+    model = checkpointing_lora(checkpointing_llama(layers=4)).to(device).train()
     wrapped = checkpointed_copy(model, variant, checkpoint_fraction=0.5)
     assert len(checkpointed_layers(wrapped)) == 2
     assert_same_training(model, wrapped, device, steps=2)
@@ -213,7 +178,7 @@ def test_partial_checkpointing_grads_equal_no_checkpointing(variant, device):
     [(3, 1 / 3, [2]), (3, 0.5, [1, 2]), (3, 1.0, [0, 1, 2]), (4, 0.5, [1, 3]), (4, 0.25, [3]), (5, 0.6, [1, 3, 4])],
 )
 def test_fraction_checkpoints_evenly_spread_layers(layers, fraction, indices):
-    model = tiny_gpt2(layers=layers)
+    model = checkpointing_gpt2(layers=layers)
     stack = model.transformer.h
     assert checkpointed_layer_indices(layers, fraction) == indices
     wrapped = apply_activation_checkpointing(model, "recompute", checkpoint_fraction=fraction)
@@ -224,7 +189,7 @@ def test_fraction_checkpoints_evenly_spread_layers(layers, fraction, indices):
 
 @pytest.mark.parametrize("fraction", [0, 1.5, -0.5])
 def test_fraction_out_of_range_raises(fraction):
-    model = tiny_llama(layers=2)
+    model = checkpointing_llama(layers=2)
     with pytest.raises(ValueError, match=r"checkpoint_fraction must be a number in \(0, 1\]"):
         apply_activation_checkpointing(model, "recompute", checkpoint_fraction=fraction)
     assert checkpointed_layers(model) == []
@@ -235,7 +200,7 @@ def test_fraction_out_of_range_raises(fraction):
 
 
 def test_reapplying_a_smaller_fraction_unwraps_the_rest(device):
-    model = tiny_llama(layers=4).to(device)
+    model = checkpointing_llama(layers=4).to(device)
     layers = model.model.layers
     apply_activation_checkpointing(model, "offload", offloader=HostOffloader(emulate_on_cpu=True))
     assert checkpointed_layers(model) == list(layers)
@@ -249,7 +214,7 @@ def test_reapplying_a_smaller_fraction_unwraps_the_rest(device):
 
 
 def test_state_dict_keys_unchanged_and_removable(device):
-    model = with_lora(tiny_llama()).to(device)
+    model = checkpointing_lora(checkpointing_llama()).to(device)
     keys = list(model.state_dict().keys())
     layers = apply_activation_checkpointing(model, "offload")
     assert len(layers) == 3
@@ -262,7 +227,7 @@ def test_state_dict_keys_unchanged_and_removable(device):
 
 def test_wraps_and_restores_a_foreign_instance_forward(device):
     """A layer already patched per instance (e.g. by accelerate hooks) keeps that patch inside ours."""
-    model = tiny_llama(layers=2).to(device)
+    model = checkpointing_llama(layers=2).to(device)
     calls = []
     layer = model.model.layers[0]
     class_forward = layer.forward
@@ -285,7 +250,7 @@ def test_finds_the_decoder_stack_of_wrapped_models():
     class Holder(LightningModule):
         def __init__(self):
             super().__init__()
-            self.model = with_lora(tiny_gpt2(layers=2))
+            self.model = checkpointing_lora(checkpointing_gpt2(layers=2))
 
     stacks = find_decoder_layer_lists(Holder())
     assert [len(stack) for stack in stacks] == [2]
@@ -293,7 +258,7 @@ def test_finds_the_decoder_stack_of_wrapped_models():
 
 
 def test_turns_off_hf_gradient_checkpointing():
-    model = with_lora(tiny_llama())
+    model = checkpointing_lora(checkpointing_llama())
     model.get_base_model().model.layers[1].gradient_checkpointing = True  # as HF's enable does
     assert hf_gradient_checkpointing_on(model)
     with pytest.warns(UserWarning, match="turning off HF gradient checkpointing"):
@@ -319,7 +284,7 @@ class RecordingOffloader(HostOffloader):
 
 
 def test_offload_prefetches_one_layer_ahead_and_reuses_buffers(device):
-    model = tiny_llama(layers=4).to(device)
+    model = checkpointing_llama(layers=4).to(device)
     offloader = RecordingOffloader()
     apply_activation_checkpointing(model, "offload", offloader=offloader)
     for _ in range(3):
@@ -335,7 +300,7 @@ def test_offload_prefetches_one_layer_ahead_and_reuses_buffers(device):
 def test_partial_offload_prefetches_across_plain_layers(device):
     """Layers 1, 3, 4 of 5 offloaded: each fetch prefetches the previous offloaded input, skipping
     the plain layers (0 and 2) whose activations stay in the graph."""
-    model = tiny_llama(layers=5).to(device)
+    model = checkpointing_llama(layers=5).to(device)
     offloader = RecordingOffloader()
     apply_activation_checkpointing(model, "offload", offloader=offloader, checkpoint_fraction=0.6)
     for _ in range(2):
@@ -346,7 +311,7 @@ def test_partial_offload_prefetches_across_plain_layers(device):
 
 def test_offload_two_forwards_before_backward(device):
     """Buffers are not handed out again before their backward ran; freed graphs return them."""
-    model = tiny_llama(dropout=0.0).to(device)
+    model = checkpointing_llama(dropout=0.0).to(device)
     reference = copy.deepcopy(model)
     offloader = HostOffloader(emulate_on_cpu=True)
     apply_activation_checkpointing(model, "offload", offloader=offloader)
@@ -363,7 +328,7 @@ def test_offload_two_forwards_before_backward(device):
 
 
 def test_offload_backward_twice_raises(device):
-    model = tiny_llama(layers=2).to(device)
+    model = checkpointing_llama(layers=2).to(device)
     apply_activation_checkpointing(model, "offload", offloader=HostOffloader(emulate_on_cpu=True))
     loss = model(**make_batch(device)).loss
     loss.backward(retain_graph=True)
@@ -381,13 +346,13 @@ def count_saved_hidden_states(model, device):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         loss = model(**make_batch(device)).loss
     loss.backward()
-    return sum(shape == (BATCH, SEQ, 36) for shape in shapes)
+    return sum(shape == (BATCH, SEQ, CHECKPOINTING_HIDDEN) for shape in shapes)
 
 
 def test_offload_keeps_no_hidden_states_per_layer(device):
     counts = {}
     for layers in (2, 5):
-        model = tiny_llama(layers=layers).to(device)
+        model = checkpointing_llama(layers=layers).to(device)
         plain = count_saved_hidden_states(model, device)
         apply_activation_checkpointing(model, "offload", offloader=HostOffloader(emulate_on_cpu=True))
         counts[layers] = count_saved_hidden_states(model, device)
@@ -407,7 +372,7 @@ def test_lightning_fit_with_callback_and_accumulation(tmp_path, device):
 
         def configure_model(self):
             if self.model is None:
-                self.model = tiny_llama()
+                self.model = checkpointing_llama()
                 self.model.load_state_dict(self.state)
 
         def training_step(self, batch, batch_idx):
@@ -416,7 +381,7 @@ def test_lightning_fit_with_callback_and_accumulation(tmp_path, device):
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.5)
 
-    state = tiny_llama().state_dict()
+    state = checkpointing_llama().state_dict()
     batches = [make_batch("cpu") for _ in range(4)]
 
     def fit(callbacks):

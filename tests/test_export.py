@@ -6,16 +6,8 @@ import torch
 
 import gguf
 from helpers import eval_logits, relative_error
-from transformers import (
-    AutoModelForCausalLM,
-    Gemma2Config,
-    Gemma2ForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
+from tiny_models import EXPORT_VOCAB, export_gemma2, export_llama, export_qwen3
+from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lightning_fastft.export import export_gguf, merge_and_save, permute_rotary_halves
 from lightning_fastft.qlora import attach_lora, prepare_qlora
@@ -26,21 +18,6 @@ SENTENCES = [
     "quantised weights keep memory small, adapters keep quality",
     "gguf files run on llama.cpp",
 ]
-
-
-def tiny_llama(**overrides) -> LlamaForCausalLM:
-    settings = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=301,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
-    )
-    return LlamaForCausalLM(LlamaConfig(**{**settings, **overrides})).eval()
 
 
 def randomize_norms(model):
@@ -79,8 +56,8 @@ def tiny_bpe_tokenizer(vocab_size=300):
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 def test_merge_and_save_lora_round_trip(tmp_path, dtype, tol):
-    model = randomize_lora_b(attach_lora(tiny_llama(), lora_r=4, lora_alpha=8))
-    input_ids = torch.randint(0, 301, (2, 11))
+    model = randomize_lora_b(attach_lora(export_llama(), lora_r=4, lora_alpha=8))
+    input_ids = torch.randint(0, EXPORT_VOCAB, (2, 11))
     peft_logits = eval_logits(model, input_ids)
     state_before = {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -99,11 +76,11 @@ def test_merge_and_save_lora_round_trip(tmp_path, dtype, tol):
 
 
 def test_merge_and_save_qlora_is_dequantised_base_plus_lora(tmp_path, device):
-    model = prepare_qlora(tiny_llama().to(device), compute_dtype=torch.float32, lora_r=4, lora_alpha=8)
+    model = prepare_qlora(export_llama().to(device), compute_dtype=torch.float32, lora_r=4, lora_alpha=8)
     randomize_lora_b(model)
     q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
     qweight_before = q_proj.base_layer.weight.data.clone()
-    input_ids = torch.randint(0, 301, (2, 11), device=device)
+    input_ids = torch.randint(0, EXPORT_VOCAB, (2, 11), device=device)
     model.train()  # the 4-bit forward in train mode, so CPU does not repack the weights
     peft_logits = eval_logits(model, input_ids)
 
@@ -124,19 +101,19 @@ def test_merge_and_save_to_a_file_raises_and_keeps_it(tmp_path):
     target = tmp_path / "model.bin"
     target.write_text("user data")
     with pytest.raises(NotADirectoryError, match="model.bin.*is a file"):
-        merge_and_save(tiny_llama(), target)
+        merge_and_save(export_llama(), target)
     assert target.read_text() == "user data"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="bitsandbytes repacks 4-bit weights only on CPU")
 def test_merge_after_cpu_inference_repacking_leaves_model_alone(tmp_path):
-    model = prepare_qlora(tiny_llama(), compute_dtype=torch.bfloat16, lora_r=4)
+    model = prepare_qlora(export_llama(), compute_dtype=torch.bfloat16, lora_r=4)
     q_proj = model.base_model.model.model.layers[1].self_attn.q_proj.base_layer
     import bitsandbytes.functional as bnbf
 
     dense_before = bnbf.dequantize_4bit(q_proj.weight.data, q_proj.weight.quant_state).float()
     model.eval()
-    eval_logits(model, torch.randint(0, 301, (1, 5)))  # eval + no_grad: AVX512-BF16 CPUs repack in place
+    eval_logits(model, torch.randint(0, EXPORT_VOCAB, (1, 5)))  # eval + no_grad: AVX512-BF16 CPUs repack in place
     if not getattr(q_proj.weight.quant_state, "packing_format_for_cpu", False):
         pytest.skip("this CPU has no AVX512-BF16 repacking")
     packed_before = q_proj.weight.data.clone()
@@ -207,7 +184,7 @@ def expand_names(table, n_layers):
     ],
 )
 def test_export_gguf_llama_tensors_and_metadata(tmp_path, dtype, qtype, rtol):
-    model = randomize_norms(tiny_llama())
+    model = randomize_norms(export_llama())
     tokenizer = tiny_bpe_tokenizer()
     path = export_gguf(model, tmp_path / f"tiny-{dtype}.gguf", dtype=dtype, tokenizer=tokenizer)
     reader, tensors = read_tensors(path)
@@ -282,7 +259,7 @@ def test_qk_permutation_is_invertible_and_interleaves_pairs():
 
 def test_export_gguf_from_saved_qlora_merge_unpermutes_to_hf(tmp_path):
     """Directory input: merged QLoRA checkpoint -> GGUF; un-permuted q/k equal the HF weights."""
-    model = prepare_qlora(tiny_llama(), compute_dtype=torch.float32, lora_r=4)
+    model = prepare_qlora(export_llama(), compute_dtype=torch.float32, lora_r=4)
     merged = merge_and_save(model, tmp_path / "merged", dtype=torch.float32, tokenizer=tiny_bpe_tokenizer())
     path = export_gguf(tmp_path / "merged", tmp_path / "merged.gguf", dtype="f16")
     reader, tensors = read_tensors(path)
@@ -296,19 +273,7 @@ def test_export_gguf_from_saved_qlora_merge_unpermutes_to_hf(tmp_path):
 
 
 def test_export_gguf_qwen3_no_permutation_q_norm_and_biases(tmp_path):
-    config = Qwen3Config(
-        hidden_size=64,
-        intermediate_size=80,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=97,
-        max_position_embeddings=128,
-        attention_bias=True,
-        tie_word_embeddings=True,
-    )
-    model = randomize_norms(Qwen3ForCausalLM(config).eval())
+    model = randomize_norms(export_qwen3())
     # intermediate 80 is not a multiple of the Q8_0 block (32): down_proj falls back to F16, with a warning
     fallback = r"1 of 8 weight matrices stay F16.*: blk\.0\.ffn_down\.weight \(rows of 80\)$"
     with pytest.warns(UserWarning, match=fallback):
@@ -327,18 +292,8 @@ def test_export_gguf_qwen3_no_permutation_q_norm_and_biases(tmp_path):
 
 
 def test_export_gguf_gemma2_norms_shifted_and_softcaps(tmp_path):
-    config = Gemma2Config(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=89,
-        max_position_embeddings=128,
-        sliding_window=32,
-    )
-    model = randomize_norms(Gemma2ForCausalLM(config).eval())
+    model = randomize_norms(export_gemma2())
+    config = model.config
     reader, tensors = read_tensors(export_gguf(model, tmp_path / "gemma2.gguf", dtype="f16"))
     state = model.state_dict()
     norms = {
@@ -369,7 +324,7 @@ def test_export_gguf_llama3_rope_writes_rope_freqs(tmp_path):
         "high_freq_factor": 4.0,
         "original_max_position_embeddings": 64,
     }
-    model = tiny_llama()
+    model = export_llama()
     model.config.rope_parameters = rope
     _, tensors = read_tensors(export_gguf(model, tmp_path / "l3.gguf", dtype="f16"))
     factors = tensors["rope_freqs.weight"][1]
@@ -381,8 +336,8 @@ def test_export_gguf_llama3_rope_writes_rope_freqs(tmp_path):
 
 def test_export_gguf_rejects_unknown_dtype_and_arch(tmp_path):
     with pytest.raises(ValueError, match="dtype"):
-        export_gguf(tiny_llama(), tmp_path / "x.gguf", dtype="q4_k")
-    model = tiny_llama()
+        export_gguf(export_llama(), tmp_path / "x.gguf", dtype="q4_k")
+    model = export_llama()
     model.config.model_type = "gpt2"
     with pytest.raises(NotImplementedError, match="model_type"):
         export_gguf(model, tmp_path / "x.gguf")
@@ -392,19 +347,19 @@ def test_export_gguf_keeps_an_existing_file_unless_overwrite(tmp_path):
     target = tmp_path / "model.gguf"
     target.write_bytes(b"an earlier export")
     with pytest.raises(FileExistsError, match="model.gguf.*overwrite=True"):
-        export_gguf(tiny_llama(), target)
+        export_gguf(export_llama(), target)
     assert target.read_bytes() == b"an earlier export"
     with pytest.raises(IsADirectoryError, match="is a directory"):
-        export_gguf(tiny_llama(), tmp_path, overwrite=True)
+        export_gguf(export_llama(), tmp_path, overwrite=True)
 
-    export_gguf(tiny_llama(), target, overwrite=True)
+    export_gguf(export_llama(), target, overwrite=True)
     _, tensors = read_tensors(target)
     assert "token_embd.weight" in tensors
 
 
 def test_export_gguf_q8_0_warns_which_matrices_stay_f16(tmp_path):
     """Hidden size 48 and intermediate 80: no row is a multiple of the 32-wide Q8_0 block."""
-    model = tiny_llama(hidden_size=48, intermediate_size=80, num_hidden_layers=1)
+    model = export_llama(hidden_size=48, intermediate_size=80, num_hidden_layers=1)
     with pytest.warns(UserWarning, match="none of the 9 weight matrices is Q8_0") as caught:
         _, tensors = read_tensors(export_gguf(model, tmp_path / "q8.gguf", dtype="q8_0"))
     f16 = {name for name, (qtype, _) in tensors.items() if qtype == gguf.GGMLQuantizationType.F16}

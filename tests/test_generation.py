@@ -6,9 +6,11 @@ holds the prompt after prefill.
 """
 
 import copy
+
 import pytest
 import torch
-from test_patching import ARCHITECTURES, VOCAB, add_lora, assert_close, tiny_causal_lm
+from helpers import assert_close_scaled
+from tiny_models import ARCHITECTURES, PATCHING_VOCAB, patching_lm, patching_lora
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from lightning_fastft.export.merged import merge_and_save
@@ -16,6 +18,7 @@ from lightning_fastft.patching import model as patching
 from lightning_fastft.patching import patch_model
 
 PROMPT_LEN, NEW_TOKENS = 6, 8
+VOCAB = PATCHING_VOCAB
 
 
 def prompts(device, batch=2):
@@ -42,11 +45,11 @@ def assert_same_generation(patched, reference, input_ids, **settings):
     assert torch.equal(sequences, expected_sequences)
     finite = expected_scores.isfinite()  # sampling masks filtered tokens with -inf
     assert torch.equal(scores.isfinite(), finite)
-    assert_close(scores[finite], expected_scores[finite], 1e-4)
+    assert_close_scaled(scores[finite], expected_scores[finite], 1e-4)
 
 
 def patched_pair(model_type, device):
-    reference = tiny_causal_lm(model_type).to(device).eval()
+    reference = patching_lm(model_type).to(device).eval()
     patched = copy.deepcopy(reference)
     patch_model(patched)
     return patched, reference
@@ -91,7 +94,7 @@ def test_left_padded_batch_generation_matches_hf(model_type, device):
 def test_trained_lora_generates_like_hf_before_and_after_merge(tmp_path, device):
     """A PEFT LoRA model trained while patched generates like an unpatched copy of it, and its
     merged export (reloaded, patched) like the same export unpatched."""
-    model = add_lora(tiny_causal_lm("llama")).to(device)
+    model = patching_lora(patching_lm("llama")).to(device)
     patch_model(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(3):
@@ -100,7 +103,7 @@ def test_trained_lora_generates_like_hf_before_and_after_merge(tmp_path, device)
         optimizer.step()
         optimizer.zero_grad()
     model.eval()
-    reference = add_lora(tiny_causal_lm("llama")).to(device).eval()
+    reference = patching_lora(patching_lm("llama")).to(device).eval()
     reference.load_state_dict(model.state_dict())
     input_ids = prompts(device)
     assert_same_generation(model, reference, input_ids, do_sample=False)
@@ -115,7 +118,7 @@ def test_trained_lora_generates_like_hf_before_and_after_merge(tmp_path, device)
 
 def test_unknown_hf_forward_keeps_hf_code_with_a_warning(device):
     """A class whose forward takes arguments the patch was not written for keeps HF's forward."""
-    reference = tiny_causal_lm("llama").to(device).eval()
+    reference = patching_lm("llama").to(device).eval()
     model = copy.deepcopy(reference)
     hf_attention = type(model.model.layers[0].self_attn)
 

@@ -3,37 +3,21 @@
 import copy
 import functools
 
+import bitsandbytes as bnb
 import pytest
 import torch
 import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from tiny_models import LORA_HIDDEN, LORA_VOCAB, lora_llama
 from torch import nn
 
-peft = pytest.importorskip("peft")
-
-from peft import LoraConfig, get_peft_model  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
-
-from lightning_fastft.kernels import lora as lora_kernels  # noqa: E402
-from lightning_fastft.kernels.lora import LoRAWeights, lora_linear, lora_mlp  # noqa: E402
-from lightning_fastft.patching import lora as lora_patching  # noqa: E402
-from lightning_fastft.patching.lora import GLU_MLP, O_PROJ, QKV, projection_plan, projection_plans  # noqa: E402
-from lightning_fastft.patching.model import patch_model  # noqa: E402
+from lightning_fastft.kernels import lora as lora_kernels
+from lightning_fastft.kernels.lora import LoRAWeights, lora_linear, lora_mlp
+from lightning_fastft.patching import lora as lora_patching
+from lightning_fastft.patching.lora import GLU_MLP, O_PROJ, QKV, projection_plan, projection_plans
+from lightning_fastft.patching.model import patch_model
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
-HIDDEN, INTERMEDIATE = 72, 177  # 6 heads of 12, 2 KV heads: k/v out 24; odd intermediate
-
-
-def _tiny_llama(device, dtype=torch.float32, target_modules="all-linear", **lora_kwargs):
-    config = LlamaConfig(
-        hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=2,
-        num_attention_heads=6, num_key_value_heads=2, vocab_size=61,
-    )
-    model = LlamaForCausalLM(config)
-    lora_config = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=target_modules,
-                       init_lora_weights=False)  # random lora_B: gradients are meaningful
-    lora_config.update(lora_kwargs)
-    model = get_peft_model(model, LoraConfig(**lora_config)).to(device=device, dtype=dtype)
-    return model, model.base_model.model.model.layers[1]
 
 
 def make_fused_qkv(attn):
@@ -84,20 +68,20 @@ def _assert_matches(fused_fn, reference_fn, module, x, tolerance):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_mlp_matches_peft(dtype, device):
-    model, layer = _tiny_llama(device, dtype)
+    model, layer = lora_llama(device, dtype)
     fused = make_fused_mlp(layer.mlp, model.config.hidden_act)
     assert fused is not None
-    x = torch.randn(2, 7, HIDDEN, device=device, dtype=dtype)
+    x = torch.randn(2, 7, LORA_HIDDEN, device=device, dtype=dtype)
     _assert_matches(fused, layer.mlp, layer.mlp, x, TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_qkv_matches_peft(dtype, device):
-    model, layer = _tiny_llama(device, dtype)
+    model, layer = lora_llama(device, dtype)
     attn = layer.self_attn
     fused = make_fused_qkv(attn)
     assert fused is not None
-    x = torch.randn(3, 5, HIDDEN, device=device, dtype=dtype)
+    x = torch.randn(3, 5, LORA_HIDDEN, device=device, dtype=dtype)
     reference = lambda x: (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))  # noqa: E731
     _assert_matches(fused, reference, attn, x, TOLERANCE[dtype])
     assert [t.shape for t in fused(x)] == [(3, 5, 72), (3, 5, 24), (3, 5, 24)]
@@ -105,21 +89,21 @@ def test_fused_qkv_matches_peft(dtype, device):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_o_matches_peft(dtype, device):
-    model, layer = _tiny_llama(device, dtype)
+    model, layer = lora_llama(device, dtype)
     attn = layer.self_attn
     fused = make_fused_o(attn)
     assert fused is not None
-    x = torch.randn(3, 5, HIDDEN, device=device, dtype=dtype)
+    x = torch.randn(3, 5, LORA_HIDDEN, device=device, dtype=dtype)
     _assert_matches(fused, attn.o_proj, attn, x, TOLERANCE[dtype])
 
 
 def test_partial_targets_fuse_plain_projections(device):
     """LoRA on q, v, gate, up only: k_proj and down_proj are plain frozen linears."""
-    model, layer = _tiny_llama(device, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj"])
+    model, layer = lora_llama(device, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj"])
     attn, mlp = layer.self_attn, layer.mlp
     assert projection_plan(attn.k_proj).weights().lora_A is None
     assert projection_plan(attn.q_proj).weights().lora_A is not None
-    x = torch.randn(2, 9, HIDDEN, device=device)
+    x = torch.randn(2, 9, LORA_HIDDEN, device=device)
     reference = lambda x: (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))  # noqa: E731
     _assert_matches(make_fused_qkv(attn), reference, attn, x, 1e-4)
     _assert_matches(make_fused_mlp(mlp, "silu"), mlp, mlp, x, 1e-4)
@@ -185,16 +169,16 @@ def test_lora_mlp_rejects_unknown_activation(device):
 
 
 def test_lora_mlp_without_triton_composes_lora_linears(monkeypatch, device):
-    model, layer = _tiny_llama(device)
+    model, layer = lora_llama(device)
     monkeypatch.setattr(lora_kernels, "triton_enabled", lambda *tensors: False)
-    x = torch.randn(2, 3, HIDDEN, device=device)
+    x = torch.randn(2, 3, LORA_HIDDEN, device=device)
     _assert_matches(make_fused_mlp(layer.mlp, "silu"), layer.mlp, layer.mlp, x, 1e-4)
 
 
 def test_fused_mlp_under_autocast(device):
-    model, layer = _tiny_llama(device)
+    model, layer = lora_llama(device)
     fused = make_fused_mlp(layer.mlp, "silu")
-    x = torch.randn(2, 5, HIDDEN, device=device)
+    x = torch.randn(2, 5, LORA_HIDDEN, device=device)
     with torch.autocast(device_type=device, dtype=torch.bfloat16):
         expected, actual = layer.mlp(x), fused(x)
     assert actual.dtype == expected.dtype == torch.bfloat16
@@ -202,8 +186,6 @@ def test_fused_mlp_under_autocast(device):
 
 
 def test_qlora_nf4_double_quant_base(device):
-    bnb = pytest.importorskip("bitsandbytes")
-
     class TinyMLP(nn.Module):
         def __init__(self):
             super().__init__()
@@ -234,7 +216,7 @@ def test_qlora_nf4_double_quant_base(device):
     ids=["dropout", "dora", "lora_bias"],
 )
 def test_not_fusable_configs_give_none(lora_kwargs, device):
-    model, layer = _tiny_llama(device, **lora_kwargs)
+    model, layer = lora_llama(device, **lora_kwargs)
     assert projection_plan(layer.mlp.gate_proj) is None
     assert make_fused_mlp(layer.mlp, "silu") is None
     assert make_fused_qkv(layer.self_attn) is None
@@ -242,13 +224,13 @@ def test_not_fusable_configs_give_none(lora_kwargs, device):
 
 
 def test_two_active_adapters_merged_and_trainable_base_give_none(device):
-    model, layer = _tiny_llama(device)
+    model, layer = lora_llama(device)
     assert make_fused_qkv(layer.self_attn) is not None
     model.add_adapter("second", LoraConfig(r=4, target_modules="all-linear"))
     model.base_model.set_adapter(["default", "second"])
     assert projection_plan(layer.self_attn.q_proj) is None and make_fused_qkv(layer.self_attn) is None
 
-    model, layer = _tiny_llama(device)
+    model, layer = lora_llama(device)
     layer.mlp.down_proj.merge()
     assert projection_plan(layer.mlp.down_proj) is None and make_fused_mlp(layer.mlp, "silu") is None
 
@@ -258,10 +240,10 @@ def test_two_active_adapters_merged_and_trainable_base_give_none(device):
 
 
 def test_plans_read_tensors_at_call_time(device):
-    model, layer = _tiny_llama(device)
+    model, layer = lora_llama(device)
     attn = layer.self_attn
     fused_o = make_fused_o(attn)
-    x = torch.randn(2, 5, HIDDEN, device=device)
+    x = torch.randn(2, 5, LORA_HIDDEN, device=device)
     with torch.no_grad():
         before = fused_o(x)
         attn.o_proj.scaling["default"] *= 3.0
@@ -272,10 +254,10 @@ def test_plans_read_tensors_at_call_time(device):
 
 def test_patched_modules_follow_adapter_changes(device):
     """Outside a forward pass of the stack a patched MLP decides at each call, like PEFT."""
-    model, layer = _tiny_llama(device)
+    model, layer = lora_llama(device)
     patch_model(model)
     mlp = layer.mlp
-    x = torch.randn(2, 5, HIDDEN, device=device)
+    x = torch.randn(2, 5, LORA_HIDDEN, device=device)
     hf_forward = lambda: type(mlp).forward(mlp, x)  # noqa: E731 - the class forward runs PEFT's modules
     with torch.no_grad():
         assert _rel_error(mlp(x), hf_forward()) < 1e-5
@@ -292,14 +274,14 @@ def test_fusability_decided_once_per_forward_pass(monkeypatch, device):
     from lightning_fastft.patching import model as patching_model
     from lightning_fastft.training.checkpointing import apply_activation_checkpointing
 
-    model, _ = _tiny_llama(device)
+    model, _ = lora_llama(device)
     reference = copy.deepcopy(model)
     patch_model(model)
     apply_activation_checkpointing(model, "recompute")
     decisions = []
     real = patching_model.projection_plans
     monkeypatch.setattr(patching_model, "projection_plans", lambda *a: decisions.append(a) or real(*a))
-    ids = torch.randint(0, 61, (2, 9), device=device)
+    ids = torch.randint(0, LORA_VOCAB, (2, 9), device=device)
     model(input_ids=ids, labels=ids).loss.backward()
     assert len(decisions) == 2 * 3  # 2 layers x (qkv, o, mlp), none in the recomputation
     with torch.no_grad(), model.disable_adapter(), reference.disable_adapter():

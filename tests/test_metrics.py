@@ -90,7 +90,7 @@ def test_checkpoint_fraction_read_from_the_model():
 
 
 def test_flops_count_the_logical_weights_of_4bit_layers():
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb  # a hard dependency: a broken install must fail, not skip
     from lightning_fastft.qlora import attach_lora, prepare_qlora
 
     base = build_causal_lm(TINY_LLAMA_CONFIG)
@@ -243,7 +243,7 @@ def test_compute_dtype_of_the_precision_plugin(precision, expected):
 def test_compute_dtype_of_32_true_is_the_weights_own():
     """32-true leaves the weights as loaded: bf16 weights compute in bf16, 4-bit base weights in their
     compute dtype (the rest fp32 here), 8-bit ones in the activations' dtype (the other weights')."""
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb  # a hard dependency: a broken install must fail, not skip
     from types import SimpleNamespace
 
     from lightning.pytorch.plugins import Precision
@@ -313,9 +313,11 @@ def test_unknown_peak_logs_tokens_per_sec_without_mfu(device, monkeypatch):
         warnings.simplefilter("always")
         _, _, trainer = _fit_in(device, "bf16-true", callback)
     messages = [str(w.message) for w in caught if "FastFTMetrics" in str(w.message)]
-    assert len(messages) == 1, messages
-    where = "GPU 'NVIDIA Mystery GPU'" if device == "cuda" else "device type 'cpu'"
-    assert f"no peak FLOP/s known for {where} computing in bfloat16" in messages[0]
-    assert "without MFU" in messages[0] and "peak_flops=" in messages[0]
+    if device == "cuda":  # an unlisted GPU: one warning naming it
+        assert len(messages) == 1, messages
+        assert "no peak FLOP/s known for GPU 'NVIDIA Mystery GPU' computing in bfloat16" in messages[0]
+        assert "without MFU" in messages[0] and "peak_flops=" in messages[0]
+    else:  # a CPU has no MFU to miss: no first-run noise
+        assert messages == []
     assert callback.available_flops is None
     assert trainer.progress_bar_metrics["tokens_per_sec"] > 0 and "mfu" not in trainer.progress_bar_metrics

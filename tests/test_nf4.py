@@ -2,13 +2,13 @@
 
 import warnings
 
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnb_functional
 import pytest
 import torch
 
-bnb_functional = pytest.importorskip("bitsandbytes.functional")
-
-from lightning_fastft._runtime import triton_interpreting  # noqa: E402
-from lightning_fastft.kernels import nf4  # noqa: E402
+from lightning_fastft._runtime import triton_interpreting
+from lightning_fastft.kernels import nf4
 
 # (129, 257) has > 256 absmax blocks of 64, so double quant spans several state2 blocks;
 # 2405 and 33153 elements are odd, so the last packed byte holds a single value.
@@ -52,7 +52,6 @@ def test_dequantize_4bit_other_blocksizes(blocksize, device):
 
 
 def test_dequantize_4bit_of_params4bit(device):
-    bnb = pytest.importorskip("bitsandbytes")
     data = torch.randn(48, 90)
     param = bnb.nn.Params4bit(data, requires_grad=False, quant_type="nf4", compress_statistics=True)
     param = param._quantize(device) if device == "cpu" else param.to(device)

@@ -6,23 +6,9 @@ import warnings
 import pytest
 import torch
 from helpers import NO_PATCHES, RecordLosses, quiet_trainer
+from tiny_models import PACKING, PACKING_VOCAB, packing_gpt2, packing_llama_config, packing_lm
 from torch.utils.data import DataLoader
-from transformers import (
-    Gemma2Config,
-    Gemma2ForCausalLM,
-    GemmaConfig,
-    GemmaForCausalLM,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
+from transformers import LlamaForCausalLM
 
 from lightning_fastft.data import (
     IGNORE_INDEX,
@@ -41,7 +27,7 @@ from lightning_fastft.attention import (
     use_varlen_attention,
 )
 
-VOCAB = 97
+VOCAB = PACKING_VOCAB
 
 
 def random_samples(lengths, *, with_prompts=True):
@@ -266,33 +252,6 @@ def test_packed_attention_matches_per_segment_attention(device, dtype, sliding_w
 
 # ---------------------------------------------------------------- whole models
 
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    initializer_range=0.2,
-)
-ARCHITECTURES = {
-    "llama": (LlamaForCausalLM, LlamaConfig, {}),
-    "mistral": (MistralForCausalLM, MistralConfig, dict(sliding_window=5)),
-    "qwen2": (Qwen2ForCausalLM, Qwen2Config, dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)),
-    "qwen3": (Qwen3ForCausalLM, Qwen3Config, dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)),
-    "gemma": (GemmaForCausalLM, GemmaConfig, {}),
-    # eager: HF's sdpa silently drops Gemma2's attention softcap (transformers 5.17 picks sdpa by default)
-    "gemma2": (Gemma2ForCausalLM, Gemma2Config, dict(sliding_window=5, attn_logit_softcapping=1.5, _attn_implementation="eager")),
-}
-
-
-def build(arch, **overrides):
-    """A tiny random-weight model; Mistral/Qwen2/Qwen3/Gemma2 use a 5-token sliding window on some layers."""
-    model_class, config_class, extra = ARCHITECTURES[arch]
-    return model_class(config_class(**{**COMMON, **extra, **overrides}))
-
-
 SAMPLE_LENGTHS = [9, 1, 13, 6, 11, 4, 7]  # rows of 16 hold 14, 15, 16 and 6 tokens
 
 
@@ -339,15 +298,15 @@ def check_packed_equals_unpacked(model, device, reference_model=None, *, positio
         assert_same_loss_and_grads(packed_loss_and_grads(model, position_only, device), expected)
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("arch", sorted(PACKING))
 def test_packed_batch_equals_samples_run_alone(arch, device):
-    check_packed_equals_unpacked(build(arch).to(device), device)
+    check_packed_equals_unpacked(packing_lm(arch).to(device), device)
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("arch", sorted(PACKING))
 def test_packed_batch_equals_samples_run_alone_patched(arch, device):
     """Patched modules on the packed batch vs HF's own modules per sample (kernels are slow on CPU: one run)."""
-    model = build(arch, num_hidden_layers=1).to(device)
+    model = packing_lm(arch, num_hidden_layers=1).to(device)
     reference = copy.deepcopy(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # one-time kernel fallback notices
@@ -357,7 +316,7 @@ def test_packed_batch_equals_samples_run_alone_patched(arch, device):
 
 def test_plain_causal_attention_or_unmasked_starts_contaminate(device):
     """The equality above can fail: without segment isolation or start masking the numbers differ."""
-    model = build("llama").to(device)
+    model = packing_lm("llama").to(device)
     samples = random_samples(SAMPLE_LENGTHS)
     ref_loss, ref_grads = per_sample_loss_and_grads(model, samples, device)
     batch = PackedCollator(16)(samples)
@@ -380,7 +339,7 @@ def test_plain_causal_attention_or_unmasked_starts_contaminate(device):
 
 
 def test_padded_batches_and_kv_cache_decoding_match_sdpa(device):
-    model = build("mistral").to(device).eval()
+    model = packing_lm("mistral").to(device).eval()
     reference = copy.deepcopy(model)
     use_varlen_attention(model)
     samples = random_samples([9, 4, 12])
@@ -404,7 +363,7 @@ def test_padded_batches_and_kv_cache_decoding_match_sdpa(device):
 
 
 def test_use_varlen_attention_switches_only_that_instance():
-    config = LlamaConfig(**COMMON)
+    config = packing_llama_config()
     switched, other = LlamaForCausalLM(config), LlamaForCausalLM(config)
     hf_model = use_varlen_attention(switched)
     assert hf_model is switched and switched.config._attn_implementation == ATTN_IMPLEMENTATION
@@ -422,11 +381,11 @@ def test_use_varlen_attention_switches_only_that_instance():
     assert torch.isfinite(wrapped(**batch).loss)
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("arch", sorted(PACKING))
 def test_trainer_packed_batch_equals_samples_run_alone(arch, device):
     """``Trainer(strategy="fastft")`` on PackedCollator batches, with no ``use_varlen_attention`` call,
     gives the mean token loss of the samples run alone (HF's sdpa would let them see each other)."""
-    model = build(arch, num_hidden_layers=1).to(device)  # one layer: the kernels are slow on CPU
+    model = packing_lm(arch, num_hidden_layers=1).to(device)  # one layer: the kernels are slow on CPU
     samples = random_samples(SAMPLE_LENGTHS)
     summed_loss, _ = per_sample_loss_and_grads(copy.deepcopy(model), samples, device)
     targets = sum(label != IGNORE_INDEX for sample in samples for label in expected_labels(sample)[1:])
@@ -443,7 +402,7 @@ def test_trainer_packed_batch_equals_samples_run_alone(arch, device):
 def test_patched_model_switches_attention_per_batch(device):
     """Packed batches run fastft_varlen; unpacked ones (padded, generation) the model's own attention;
     an explicit ``use_varlen_attention`` stays in force."""
-    model = build("mistral").to(device)
+    model = packing_lm("mistral").to(device)
     patch_model(model, **NO_PATCHES)
     seen = []  # the attention implementation the first attention layer runs, one entry per forward
     model.model.layers[0].self_attn.register_forward_pre_hook(
@@ -468,13 +427,13 @@ def test_patched_model_switches_attention_per_batch(device):
 def test_packed_batch_that_varlen_attention_cannot_serve_raises():
     """A patched model of an architecture without a varlen route, or with a non-empty KV cache, refuses packed rows."""
     batch = PackedCollator(16)(random_samples([5, 9]))
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4, bos_token_id=1, eos_token_id=2))
+    gpt2 = packing_gpt2()
     with pytest.warns(UserWarning, match="left unpatched"):
         patch_model(gpt2)
     with pytest.raises(ValueError, match=r"model_type 'gpt2'\) got a packed batch .* only for llama, mistral"):
         gpt2(**batch)
 
-    llama = build("llama")
+    llama = packing_lm("llama")
     patch_model(llama, **NO_PATCHES)
     prefix = llama(input_ids=batch["input_ids"][:, :3], use_cache=True).past_key_values
     with pytest.raises(ValueError, match="packed batch .* non-empty KV cache"):

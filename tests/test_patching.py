@@ -5,62 +5,14 @@ import pickle
 
 import pytest
 import torch
+from helpers import assert_close_scaled
+from tiny_models import ARCHITECTURES, PATCHING_VOCAB, patching_gpt2, patching_lm, patching_lora
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from lightning_fastft.attention import use_varlen_attention
 from lightning_fastft.patching import patch_model
 
-ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"]
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# Small windows and softcaps so sliding-window attention and both softcaps change the result.
-ARCHITECTURE_OVERRIDES = {
-    "mistral": {"sliding_window": 4},
-    "qwen2": {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
-    "gemma2": {
-        "sliding_window": 4,
-        "query_pre_attn_scalar": 16,
-        "final_logit_softcapping": 2.0,
-        "attn_logit_softcapping": 3.0,
-    },
-}
-BATCH, SEQ, VOCAB = 2, 7, 101
-
-
-def tiny_causal_lm(model_type: str, attn_implementation: str = "sdpa") -> nn.Module:
-    """Random-weight fp32 model: hidden 64, 2 layers, 4 heads / 2 KV heads of 16, vocab 101."""
-    config = AutoConfig.for_model(
-        model_type,
-        hidden_size=64,
-        intermediate_size=88,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        initializer_range=0.15,
-        **ARCHITECTURE_OVERRIDES.get(model_type, {}),
-    )
-    if model_type == "gemma2" and attn_implementation == "sdpa":
-        attn_implementation = "eager"  # HF has no SDPA path with attention softcapping
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() == 1:  # norm weights: ones (or zeros for Gemma) plus noise
-                parameter.add_(torch.randn_like(parameter) * 0.2)
-    return model
-
-
-def add_lora(model: nn.Module) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=PROJECTIONS))
-    with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0.0, 0.2)
-    return peft_model
+BATCH, SEQ, VOCAB = 2, 7, PATCHING_VOCAB
 
 
 def random_batch(device, position_ids=None):
@@ -71,10 +23,6 @@ def random_batch(device, position_ids=None):
     if position_ids is not None:
         batch["position_ids"] = position_ids.to(device)
     return batch
-
-
-def assert_close(actual, expected, rtol):
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * expected.abs().max().item())
 
 
 def trainable_gradients(model):
@@ -88,20 +36,20 @@ def check_patched_matches(reference, patched, batch, grad_rtol=1e-4):
     expected = reference(**batch)
     actual = patched(**batch)
     assert actual.logits is None
-    assert_close(actual.loss, expected.loss, 1e-5)
+    assert_close_scaled(actual.loss, expected.loss, 1e-5)
     expected.loss.backward()
     actual.loss.backward()
     expected_grads, actual_grads = trainable_gradients(reference), trainable_gradients(patched)
     assert expected_grads.keys() == actual_grads.keys()
     for name, grad in expected_grads.items():
         assert actual_grads[name] is not None, name
-        assert_close(actual_grads[name], grad, grad_rtol)
+        assert_close_scaled(actual_grads[name], grad, grad_rtol)
 
     reference.eval()
     patched.eval()
     with torch.no_grad():
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        assert_close(patched(**inputs).logits, reference(**inputs).logits, 1e-5)
+        assert_close_scaled(patched(**inputs).logits, reference(**inputs).logits, 1e-5)
 
 
 def replaced_forwards(model, class_suffix):
@@ -112,7 +60,7 @@ def replaced_forwards(model, class_suffix):
 
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
 def test_patched_model_matches_hf(model_type, device):
-    reference = tiny_causal_lm(model_type).to(device)
+    reference = patching_lm(model_type).to(device)
     patched = copy.deepcopy(reference)
     report = patch_model(patched)
     counts = report.models[0].patched
@@ -128,7 +76,7 @@ def test_patched_model_matches_hf(model_type, device):
     ids=["llama-fused_lora", "qwen3-fused_lora", "gemma2-fused_lora", "llama-peft_lora"],
 )
 def test_patched_peft_lora_matches_hf(model_type, fused_lora, device):
-    reference = add_lora(tiny_causal_lm(model_type, attn_implementation="eager")).to(device)
+    reference = patching_lora(patching_lm(model_type, attn_implementation="eager")).to(device)
     patched = copy.deepcopy(reference)
     counts = patch_model(patched, fused_lora=fused_lora).models[0].patched
     fused = 2 if fused_lora else 0  # plain fp32 LoRA without dropout is fusable on every projection
@@ -138,7 +86,7 @@ def test_patched_peft_lora_matches_hf(model_type, fused_lora, device):
 
 @pytest.mark.parametrize("switch", ["rms_norm", "rope", "mlp", "cross_entropy"])
 def test_each_switch_turns_its_part_off(switch, device):
-    reference = tiny_causal_lm("qwen3").to(device)
+    reference = patching_lm("qwen3").to(device)
     model = copy.deepcopy(reference)
     report = patch_model(model, **{switch: False}, fused_lora=False)
     replaced = {
@@ -156,17 +104,17 @@ def test_each_switch_turns_its_part_off(switch, device):
 
 
 def test_cross_entropy_off_keeps_logits_in_training(device):
-    reference = tiny_causal_lm("llama").to(device)
+    reference = patching_lm("llama").to(device)
     model = copy.deepcopy(reference)
     patch_model(model, cross_entropy=False)
     batch = random_batch(device)
     output, expected = model(**batch), reference(**batch)
-    assert_close(output.logits, expected.logits, 1e-5)
-    assert_close(output.loss, expected.loss, 1e-5)
+    assert_close_scaled(output.logits, expected.logits, 1e-5)
+    assert_close_scaled(output.loss, expected.loss, 1e-5)
 
 
 def test_rope_off_keeps_fused_lora_attention_with_hf_rotary(device):
-    reference = add_lora(tiny_causal_lm("llama")).to(device)
+    reference = patching_lora(patching_lm("llama")).to(device)
     model = copy.deepcopy(reference)
     counts = patch_model(model, rope=False).models[0].patched
     assert counts["rope"] == 0 and counts["attention"] == counts["lora_qkv"] == 2
@@ -174,7 +122,7 @@ def test_rope_off_keeps_fused_lora_attention_with_hf_rotary(device):
 
 
 def test_two_models_in_one_process_are_independent(device):
-    first = tiny_causal_lm("gemma").to(device)
+    first = patching_lm("gemma").to(device)
     second = copy.deepcopy(first)
     classes = {type(m): type(m).forward for m in second.modules()}
     patch_model(first)
@@ -184,15 +132,15 @@ def test_two_models_in_one_process_are_independent(device):
     first.eval()
     second.eval()
     with torch.no_grad():
-        assert_close(first(batch["input_ids"]).logits, second(batch["input_ids"]).logits, 1e-5)
+        assert_close_scaled(first(batch["input_ids"]).logits, second(batch["input_ids"]).logits, 1e-5)
 
 
 def test_patching_twice_is_a_no_op_and_models_inside_containers_are_found(device):
     class Container(nn.Module):  # e.g. a LightningModule holding a policy and a reference model
         def __init__(self):
             super().__init__()
-            self.policy = add_lora(tiny_causal_lm("qwen2"))
-            self.reference = tiny_causal_lm("mistral")
+            self.policy = patching_lora(patching_lm("qwen2"))
+            self.reference = patching_lm("mistral")
 
     container = Container().to(device)
     report = patch_model(container)
@@ -208,8 +156,7 @@ def test_patching_twice_is_a_no_op_and_models_inside_containers_are_found(device
 
 
 def test_unsupported_architecture_warns_and_still_trains(device):
-    config = AutoConfig.for_model("gpt2", n_embd=32, n_layer=1, n_head=2, vocab_size=VOCAB, n_positions=32)
-    model = AutoModelForCausalLM.from_config(config).to(device)
+    model = patching_gpt2().to(device)
     with pytest.warns(UserWarning, match="no patching spec for model_type 'gpt2'"):
         report = patch_model(model)
     assert sum(report.models[0].patched.values()) == 0
@@ -226,7 +173,7 @@ def test_no_causal_lm_warns():
 
 
 def test_position_ids_restarting_inside_a_row(device):
-    reference = tiny_causal_lm("llama").to(device)
+    reference = patching_lm("llama").to(device)
     patched = copy.deepcopy(reference)
     use_varlen_attention(reference)  # HF's own attention lets packed samples see each other
     patch_model(patched)
@@ -235,7 +182,7 @@ def test_position_ids_restarting_inside_a_row(device):
 
 
 def test_logits_to_keep_loss_kwargs_and_tuple_output(device):
-    reference = tiny_causal_lm("gemma2").to(device)
+    reference = patching_lm("gemma2").to(device)
     patched = copy.deepcopy(reference)
     patch_model(patched)
     batch = random_batch(device)
@@ -245,7 +192,7 @@ def test_logits_to_keep_loss_kwargs_and_tuple_output(device):
         expected = reference(batch["input_ids"], logits_to_keep=2).logits
         actual = patched(batch["input_ids"], logits_to_keep=2).logits
     assert actual.shape == (BATCH, 2, VOCAB)
-    assert_close(actual, expected, 1e-5)
+    assert_close_scaled(actual, expected, 1e-5)
 
     reference.train()
     patched.train()
@@ -254,11 +201,11 @@ def test_logits_to_keep_loss_kwargs_and_tuple_output(device):
     expected = reference(**batch, **loss_kwargs).loss
     actual = patched(**batch, **loss_kwargs, return_dict=False)
     assert isinstance(actual, tuple)
-    assert_close(actual[0], expected, 1e-5)
+    assert_close_scaled(actual[0], expected, 1e-5)
 
 
 def test_patched_model_deep_copies_pickles_and_generates(device):
-    reference = tiny_causal_lm("qwen2").to(device).eval()
+    reference = patching_lm("qwen2").to(device).eval()
     patched = copy.deepcopy(reference)
     patch_model(patched)
     input_ids = random_batch(device)["input_ids"]
@@ -266,6 +213,6 @@ def test_patched_model_deep_copies_pickles_and_generates(device):
         forwards = [m.__dict__["forward"] for m in clone.modules() if "forward" in m.__dict__]
         assert len(forwards) == 10 and all(f.module in set(clone.modules()) for f in forwards)
         with torch.no_grad():
-            assert_close(clone(input_ids).logits, reference(input_ids).logits, 1e-5)
+            assert_close_scaled(clone(input_ids).logits, reference(input_ids).logits, 1e-5)
     generate = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
     assert torch.equal(patched.generate(input_ids, **generate), reference.generate(input_ids, **generate))

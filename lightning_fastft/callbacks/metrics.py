@@ -229,8 +229,8 @@ def checkpoint_fraction_of(module: nn.Module) -> float:
 
 
 def _no_peak_message(device: torch.device, dtype: torch.dtype) -> str:
-    where = f"GPU {torch.cuda.get_device_name(device)!r}" if device.type == "cuda" else f"device type {device.type!r}"
-    if dtype is torch.float32 and device.type == "cuda":
+    where = f"GPU {torch.cuda.get_device_name(device)!r}"
+    if dtype is torch.float32:
         dtype_name = "tf32" if tf32_matmuls() else "fp32 (TF32 off)"
     else:
         dtype_name = str(dtype).removeprefix("torch.")
@@ -253,8 +253,8 @@ class FastFTMetrics(Callback):
             :func:`compute_dtype` (bf16-true/bf16-mixed: bf16, 16-mixed: fp16, 32-true: TF32 or fp32
             as ``torch.backends.cuda.matmul`` says, 4-/8-bit base weights: their compute dtype),
             found when training starts and kept in ``available_flops`` (the dtype in
-            ``compute_dtype``). Without one (CPU, unlisted GPU) tokens/s are logged but no MFU,
-            with one warning.
+            ``compute_dtype``). Without one tokens/s are logged but no MFU (on an unlisted GPU with
+            one warning; on a CPU silently).
         checkpoint_fraction: the share in [0, 1] of the decoder layers checkpointed (counts that
             much extra forward in MFU); default: :func:`checkpoint_fraction_of` the model when
             training starts (after every strategy/callback set-up).
@@ -284,7 +284,7 @@ class FastFTMetrics(Callback):
         if self.available_flops is None:
             self.compute_dtype = compute_dtype(trainer, pl_module)
             self.available_flops = peak_flops_for(pl_module.device, self.compute_dtype)
-            if self.available_flops is None:
+            if self.available_flops is None and pl_module.device.type == "cuda":  # CPUs have no MFU to miss
                 rank_zero_warn(_no_peak_message(pl_module.device, self.compute_dtype))
         self._flops_coefficients = flops_coefficients(pl_module, self.checkpoint_fraction)
 
