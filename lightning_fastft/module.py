@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
@@ -87,7 +88,10 @@ class CausalLMFineTune(pl.LightningModule):
         if self.model is not None:
             return
         devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
-        with torch.random.fork_rng(devices=devices):
+        # random weights from a config are drawn on the CPU (then moved by the strategy), so a reload
+        # on any device rebuilds the same base: the CUDA generator draws other numbers for a seed
+        random_base = not isinstance(self.hparams.model, str)
+        with torch.random.fork_rng(devices=devices), torch.device("cpu") if random_base else nullcontext():
             torch.manual_seed(self.hparams.init_seed)
             # from_pretrained returns eval mode, and Lightning keeps submodules' modes: without this
             # a loaded model would train with dropout and the fused loss off

@@ -79,6 +79,21 @@ def test_load_from_checkpoint_rebuilds_the_random_base_of_an_adapter_checkpoint(
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
 
 
+def test_random_base_is_drawn_on_the_cpu_whatever_the_init_device():
+    """Under a strategy's device context (e.g. CUDA) a config-built base is still drawn on the CPU,
+    so load_from_checkpoint rebuilds it bit for bit on any machine (the CUDA generator draws other
+    numbers for the same seed); the meta device stands in for that context here."""
+    on_cpu = CausalLMFineTune(lora_r=4, init_seed=7)
+    on_cpu.configure_model()
+    under_context = CausalLMFineTune(lora_r=4, init_seed=7)
+    with torch.device("meta"):
+        under_context.configure_model()
+    expected, got = _weights(on_cpu), _weights(under_context)
+    assert expected and got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+
+
 class _FreezeLoRAAAfterFirstEpoch(pl.Callback):
     def on_train_epoch_start(self, trainer, pl_module):
         if trainer.current_epoch == 1:

@@ -84,5 +84,7 @@ def test_cli_predict_generates_token_ids(device, tmp_path):
         "--data.init_args.batch_size=2",
     ]
     cli = build_cli(args)
-    (generated,) = cli.trainer.predict_loop.predictions
-    assert generated.shape == (2, 3) and generated.dtype == torch.long
+    # "1" may parse as the float 1.0 (100% of the batches) under another Lightning/jsonargparse
+    # (seen on the GPU image): every predicted batch is checked, however many ran
+    predictions = cli.trainer.predict_loop.predictions
+    assert predictions and all(g.shape == (2, 3) and g.dtype == torch.long for g in predictions)
