@@ -195,8 +195,9 @@ def test_token_exact_accumulation_matches_one_big_batch(device, gradient_clip_va
     # the logged loss is the last micro-batch's own mean, computed with the initial weights
     torch.manual_seed(1234)
     initial = _SGDFineTune()
-    with torch.device(device):  # as Lightning's init context: CUDA weights come from the CUDA RNG
+    with torch.device(device):  # as Lightning's init context; a config-built base is drawn on the CPU anyway
         initial.configure_model()
+    initial.to(device)  # as the strategy moves it
     with torch.no_grad():
         last_loss = initial(**{key: value.to(device) for key, value in micro_batches[-1].items()}).loss
     torch.testing.assert_close(trainer.callback_metrics["train_loss"].cpu(), last_loss.cpu(), rtol=1e-5, atol=1e-6)
