@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Optional, get_args
 
 import lightning.pytorch as pl
-import torch
 from torch.utils.data import DataLoader
 
 import lightning_fastft

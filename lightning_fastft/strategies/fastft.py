@@ -30,6 +30,7 @@ from lightning_fastft.training.adapter_checkpoint import (
 from lightning_fastft.training.optim import OPTIMIZER_CHOICES, convert_optimizers
 from lightning_fastft.training.token_exact import TokenExactAccumulator, scale_gradients_
 
+
 class FastFTStrategyMixin:
     """The fastft behaviour, mixed in front of a Lightning strategy class.
 
@@ -41,7 +42,7 @@ class FastFTStrategyMixin:
             8-bit AdamW; other optimizers stay as configured, with a warning.
         token_exact: with gradient accumulation and/or several ranks, make the gradient equal to
             the one of a single batch holding all tokens of the accumulation window. Needs
-            token-level labels (see :func:`.token_exact.count_target_tokens`); batches without
+            token-level labels (see :func:`lightning_fastft.training.token_exact.count_target_tokens`); batches without
             them (e.g. classification labels) get Lightning's averaging, with one warning.
         adapter_only_checkpoint: when some parameters are frozen, checkpoints hold only the
             weights that train, trained earlier in this run or came from the resumed checkpoint;
