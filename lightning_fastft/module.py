@@ -12,6 +12,7 @@ from lightning_fastft.data.synthetic import TINY_LLAMA_CONFIG, SyntheticCausalLM
 from lightning_fastft.qlora import QuantSettings, QuantType
 from lightning_fastft.training.adapter_checkpoint import check_adapter_state_dict
 
+
 def build_causal_lm(model: Any) -> torch.nn.Module:
     """A HF causal LM from a config dict (``model_type`` + fields), a ``PretrainedConfig`` (random
     init, no hub access), or a local directory or hub name (``from_pretrained``; no download
