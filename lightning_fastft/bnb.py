@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import sys
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -31,8 +32,10 @@ def bitsandbytes() -> Any:
 
 
 def is_4bit_linear(module: nn.Module) -> bool:
-    """Whether ``module`` is a ``bitsandbytes.nn.Linear4bit``."""
-    return isinstance(module, bitsandbytes().nn.Linear4bit)
+    """Whether ``module`` is a ``bitsandbytes.nn.Linear4bit``. Without bitsandbytes imported there is
+    none, and asking does not import it (slow, and it prints notices on machines without its kernels)."""
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
 
 
 def is_quantized(param: torch.Tensor) -> bool:
