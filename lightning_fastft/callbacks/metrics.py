@@ -36,6 +36,7 @@ from torch import nn
 
 from lightning_fastft.architectures import head_dim
 from lightning_fastft.bnb import logical_numel
+from lightning_fastft.patching.options import check_checkpoint_fraction
 
 _Peaks = dict[Union[torch.dtype, str], float]
 
@@ -136,10 +137,10 @@ def compute_dtype(trainer: pl.Trainer, module: nn.Module) -> torch.dtype:
     plugin_dtype = _plugin_to_compute_dtype(plugin)
     if plugin_dtype is not torch.float32:
         return plugin_dtype
-    return _weights_compute_dtype(module) or plugin_dtype
+    return weights_compute_dtype(module) or plugin_dtype
 
 
-def _weights_compute_dtype(module: nn.Module) -> Optional[torch.dtype]:
+def weights_compute_dtype(module: nn.Module) -> Optional[torch.dtype]:
     """The compute dtype of most matmul weights of ``module`` (by logical size; not the input
     embedding, a look-up, unless tied to the LM head); ``None`` without floating weights."""
     from lightning_fastft._hf import outermost_hf_model  # imports transformers: not at `import lightning_fastft`
@@ -184,9 +185,8 @@ def flops_coefficients(module: nn.Module, checkpoint_fraction: float = 0.0) -> O
     is recomputed in backward (0: no checkpointing). Formula in the module docstring; ``None`` when
     ``module`` holds no HF model.
     """
+    check_checkpoint_fraction(checkpoint_fraction, allow_zero=True)
     share = checkpoint_fraction
-    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
-        raise ValueError(f"checkpoint_fraction must be a number in [0, 1], got {checkpoint_fraction!r}")
     from lightning_fastft._hf import outermost_hf_model  # imports transformers: not at `import lightning_fastft`
 
     model = outermost_hf_model(module)

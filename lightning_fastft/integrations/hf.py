@@ -43,19 +43,19 @@ from transformers.trainer_callback import CallbackHandler
 
 from lightning_fastft._hf import unwrap_peft
 from lightning_fastft.callbacks.metrics import (
-    _weights_compute_dtype,
     checkpoint_fraction_of,
     count_real_tokens,
     flops_coefficients,
     peak_flops_for,
+    weights_compute_dtype,
 )
 from lightning_fastft.patching.model import (
     InstanceForward,
     PatchReport,
-    _is_causal_lm,
+    is_causal_lm,
     patch_model,
 )
-from lightning_fastft.patching.options import PatchOptions, takes_patch_options
+from lightning_fastft.patching.options import PatchOptions, check_checkpoint_fraction, takes_patch_options
 from lightning_fastft.training.checkpointing import (
     checkpointed_layers,
     disable_hf_gradient_checkpointing,
@@ -97,7 +97,7 @@ def prepare_model(model: nn.Module, **options: Any) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare_model expects a transformers causal LM or a PEFT model, got {type(model).__name__}")
     PatchOptions(**options)  # validate before anything changes
-    if not any(_is_causal_lm(module) for module in model.modules()):
+    if not any(is_causal_lm(module) for module in model.modules()):
         raise TypeError(
             f"prepare_model: no transformers causal LM (a PreTrainedModel with generate) inside "
             f"{type(model).__name__}; pass the *ForCausalLM model or the PEFT model around it"
@@ -204,12 +204,8 @@ class FastFTCallback(TrainerCallback):
             isinstance(peak_flops, bool) or not isinstance(peak_flops, (int, float)) or not peak_flops > 0
         ):
             raise ValueError(f"peak_flops must be a positive number of FLOP/s, got {peak_flops!r}")
-        if checkpoint_fraction is not None and (
-            isinstance(checkpoint_fraction, bool)
-            or not isinstance(checkpoint_fraction, (int, float))
-            or not 0 <= checkpoint_fraction <= 1
-        ):
-            raise ValueError(f"checkpoint_fraction must be a number in [0, 1], got {checkpoint_fraction!r}")
+        if checkpoint_fraction is not None:
+            check_checkpoint_fraction(checkpoint_fraction, allow_zero=True)
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be an int >= 1, got {window!r}")
         self.peak_flops = peak_flops
@@ -347,7 +343,7 @@ def _compute_dtype(args: Any, model: nn.Module) -> torch.dtype:
         return torch.bfloat16
     if getattr(args, "fp16", False):
         return torch.float16
-    return _weights_compute_dtype(model) or torch.float32
+    return weights_compute_dtype(model) or torch.float32
 
 
 def _move_to_front(callback: TrainerCallback) -> None:

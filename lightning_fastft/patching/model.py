@@ -382,7 +382,7 @@ def _install_forward(module: nn.Module, forward: Callable) -> None:
         module.forward = InstanceForward(forward, module)
 
 
-def _is_causal_lm(module: nn.Module) -> bool:
+def is_causal_lm(module: nn.Module) -> bool:
     return isinstance(module, PreTrainedModel) and isinstance(module, GenerationMixin)
 
 
@@ -509,7 +509,7 @@ def patch_model(model: nn.Module, **options: Any) -> PatchReport:
     switches = patch_options.kernel_switches()
     report = PatchReport()
     for path, module in model.named_modules():
-        if _is_causal_lm(module):
+        if is_causal_lm(module):
             report.models.append(_patch_causal_lm(path or type(model).__name__, module, switches))
             route_packed_batches(module)
     unpatched = [entry for entry in report.models if entry.model_type not in ARCHITECTURES]

@@ -34,11 +34,14 @@ def check_checkpointing(checkpointing: Any, *, optional: bool = True) -> None:
         raise ValueError(f"checkpointing must be one of {allowed}, got {checkpointing!r}")
 
 
-def check_checkpoint_fraction(checkpoint_fraction: Any) -> None:
-    """Raise ``ValueError`` unless ``checkpoint_fraction`` is a number in (0, 1]."""
+def check_checkpoint_fraction(checkpoint_fraction: Any, *, allow_zero: bool = False) -> None:
+    """Raise ``ValueError`` unless ``checkpoint_fraction`` is a number in (0, 1] (a share of layers
+    to checkpoint), or in [0, 1] with ``allow_zero`` (a share measured, 0 meaning none)."""
     fraction = checkpoint_fraction
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-        raise ValueError(f"checkpoint_fraction must be a number in (0, 1], got {fraction!r}")
+    low_ok = fraction >= 0 if allow_zero else fraction > 0
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (low_ok and fraction <= 1):
+        interval = "[0, 1]" if allow_zero else "(0, 1]"
+        raise ValueError(f"checkpoint_fraction must be a number in {interval}, got {fraction!r}")
 
 
 @dataclass(frozen=True)
