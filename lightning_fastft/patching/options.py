@@ -38,8 +38,8 @@ def check_checkpoint_fraction(checkpoint_fraction: Any, *, allow_zero: bool = Fa
     """Raise ``ValueError`` unless ``checkpoint_fraction`` is a number in (0, 1] (a share of layers
     to checkpoint), or in [0, 1] with ``allow_zero`` (a share measured, 0 meaning none)."""
     fraction = checkpoint_fraction
-    low_ok = fraction >= 0 if allow_zero else fraction > 0
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (low_ok and fraction <= 1):
+    is_number = isinstance(fraction, (int, float)) and not isinstance(fraction, bool)
+    if not (is_number and (0 <= fraction if allow_zero else 0 < fraction) and fraction <= 1):
         interval = "[0, 1]" if allow_zero else "(0, 1]"
         raise ValueError(f"checkpoint_fraction must be a number in {interval}, got {fraction!r}")
 
