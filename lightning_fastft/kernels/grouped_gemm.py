@@ -1,0 +1,258 @@
+"""Grouped matrix products for mixture-of-experts layers: one launch for all experts.
+
+Rows of ``x`` are sorted by expert; ``offsets`` (int32, one per expert) holds the cumulative end
+row of each expert's group, as ``torch._grouped_mm`` takes it. An expert with no rows has an
+empty group (equal consecutive offsets).
+
+* :func:`grouped_mm`: ``y[s] = x[s] @ m[e(s)]`` for each row ``s`` of expert ``e(s)``, with
+  ``m`` of shape (experts, K, N) in any strides (a weight stored (experts, N, K) is passed as its
+  ``transpose(1, 2)`` view, never copied). An optional second pair adds
+  ``scale2 * x2[s] @ m2[e(s)]`` in the same launch: the LoRA term
+  ``(x A_e^T) B_e^T`` accumulates into the base product's tile before the single store.
+* :func:`grouped_mm_weight_grad`: ``g[e] = dy[rows of e]^T @ x[rows of e]`` of shape
+  (experts, N, K), zero for an expert with no rows: the weight gradient of ``y = x @ W_e^T``.
+
+Both accumulate in fp32 and round once to the output dtype. The Triton kernels walk a tile map
+computed on the device (no host synchronisation): the row tiles of every expert laid end to end,
+at most ``cdiv(rows, BLOCK_M) + experts`` of them. On CUDA with bf16 operands and a torch that
+has ``torch._grouped_mm`` (compute capability 9.0 or later), :func:`grouped_mm` runs that
+instead; the weight gradient always runs the Triton kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._runtime import triton_enabled, warn_fallback
+
+
+def grouped_mm_reference(
+    x: torch.Tensor,
+    m: torch.Tensor,
+    offsets: torch.Tensor,
+    x2: torch.Tensor | None = None,
+    m2: torch.Tensor | None = None,
+    scale2: float = 1.0,
+) -> torch.Tensor:
+    """:func:`grouped_mm` in PyTorch, one matmul per expert group (fp32 accumulation)."""
+    _check(x, m, offsets, x2, m2)
+    y = torch.empty(x.shape[0], m.shape[2], dtype=x.dtype, device=x.device)
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        out = x[start:end].float() @ m[e].float()
+        if x2 is not None:
+            out = out + scale2 * (x2[start:end].float() @ m2[e].float())
+        y[start:end] = out.to(y.dtype)
+        start = end
+    return y
+
+
+def grouped_mm_weight_grad_reference(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """:func:`grouped_mm_weight_grad` in PyTorch, one matmul per expert group."""
+    g = torch.zeros(offsets.shape[0], dy.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        g[e] = (dy[start:end].float().t() @ x[start:end].float()).to(g.dtype)
+        start = end
+    return g
+
+
+def _check(x, m, offsets, x2, m2) -> None:
+    if x.dim() != 2 or m.dim() != 3 or x.shape[1] != m.shape[1]:
+        raise ValueError(f"grouped_mm: x must be (rows, K) and m (experts, K, N), got {tuple(x.shape)}, {tuple(m.shape)}")
+    if offsets.dim() != 1 or offsets.shape[0] != m.shape[0]:
+        raise ValueError(f"grouped_mm: offsets must hold one end row per expert ({m.shape[0]}), got {tuple(offsets.shape)}")
+    if (x2 is None) != (m2 is None):
+        raise ValueError("grouped_mm: x2 and m2 come together")
+    if x2 is not None and (
+        x2.shape[0] != x.shape[0] or m2.shape[0] != m.shape[0] or m2.shape[2] != m.shape[2] or x2.shape[1] != m2.shape[1]
+    ):
+        raise ValueError(
+            f"grouped_mm: the second pair {tuple(x2.shape)} @ {tuple(m2.shape)} does not match "
+            f"{tuple(x.shape)} @ {tuple(m.shape)}"
+        )
+
+
+def _use_torch_grouped_mm(*tensors: torch.Tensor) -> bool:
+    """``torch._grouped_mm`` takes these: CUDA bf16, sm90+, 16-byte aligned strides."""
+    if not hasattr(torch, "_grouped_mm") or not all(t.is_cuda and t.dtype == torch.bfloat16 for t in tensors):
+        return False
+    if torch.cuda.get_device_capability(tensors[0].device) < (9, 0):
+        return False
+    return all(
+        1 in t.stride()[-2:] and all(s % 8 == 0 for s in t.stride() if s != 1) and t.data_ptr() % 16 == 0
+        for t in tensors
+    )
+
+
+def _tiles(device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps): small tiles under the interpreter."""
+    return (64, 128, 64, 8) if device.type == "cuda" else (16, 16, 16, 1)
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def _grouped_mm_kernel(
+    X, M, Y, X2, M2, TILE_EXPERT, TILE_START, TILE_END,
+    stride_xs, stride_xk, stride_me, stride_mk, stride_mn, stride_ys, stride_yn,
+    stride_x2s, stride_x2k, stride_m2e, stride_m2k, stride_m2n,
+    N, K, K2, scale2,
+    HAS_SECOND: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    tile = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    row_start = tl.load(TILE_START + tile)
+    row_end = tl.load(TILE_END + tile)
+    if row_start < row_end:
+        e = tl.load(TILE_EXPERT + tile).to(tl.int64)
+        rows = row_start + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(
+                X + rows[:, None] * stride_xs + ks[None, :] * stride_xk,
+                mask=row_mask[:, None] & (ks[None, :] < K), other=0.0,
+            )  # fmt: skip
+            b = tl.load(
+                M + e * stride_me + ks[:, None] * stride_mk + cols[None, :] * stride_mn,
+                mask=(ks[:, None] < K) & col_mask[None, :], other=0.0,
+            )  # fmt: skip
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        if HAS_SECOND:
+            acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K2, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                a = tl.load(
+                    X2 + rows[:, None] * stride_x2s + ks[None, :] * stride_x2k,
+                    mask=row_mask[:, None] & (ks[None, :] < K2), other=0.0,
+                )  # fmt: skip
+                b = tl.load(
+                    M2 + e * stride_m2e + ks[:, None] * stride_m2k + cols[None, :] * stride_m2n,
+                    mask=(ks[:, None] < K2) & col_mask[None, :], other=0.0,
+                )  # fmt: skip
+                acc2 = tl.dot(a, b, acc2, input_precision=INPUT_PRECISION)
+            acc += scale2 * acc2
+        tl.store(
+            Y + rows[:, None] * stride_ys + cols[None, :] * stride_yn,
+            acc.to(Y.dtype.element_ty),
+            mask=row_mask[:, None] & col_mask[None, :],
+        )
+
+
+@triton.jit
+def _grouped_weight_grad_kernel(
+    DY, X, G, OFFSETS,
+    stride_dys, stride_dyn, stride_xs, stride_xk, stride_ge, stride_gn, stride_gk,
+    N, K,
+    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    e = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    start = tl.load(OFFSETS + e - 1, mask=e > 0, other=0)
+    end = tl.load(OFFSETS + e)
+    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for s0 in range(start, end, BLOCK_M):
+        rows = s0 + tl.arange(0, BLOCK_M)
+        row_mask = rows < end
+        dy = tl.load(
+            DY + rows[:, None] * stride_dys + ns[None, :] * stride_dyn,
+            mask=row_mask[:, None] & (ns[None, :] < N), other=0.0,
+        )  # fmt: skip
+        x = tl.load(
+            X + rows[:, None] * stride_xs + ks[None, :] * stride_xk,
+            mask=row_mask[:, None] & (ks[None, :] < K), other=0.0,
+        )  # fmt: skip
+        acc = tl.dot(tl.trans(dy), x, acc, input_precision=INPUT_PRECISION)
+    tl.store(
+        G + e.to(tl.int64) * stride_ge + ns[:, None] * stride_gn + ks[None, :] * stride_gk,
+        acc.to(G.dtype.element_ty),
+        mask=(ns[:, None] < N) & (ks[None, :] < K),
+    )
+
+
+def _tile_map(offsets: torch.Tensor, n_rows: int, block_m: int):
+    """Per row tile: its expert, first row and end row (start == end: an unused tile)."""
+    offsets = offsets.long()
+    n_experts = offsets.shape[0]
+    starts = torch.cat([offsets.new_zeros(1), offsets[:-1]])
+    tiles = (offsets - starts + block_m - 1) // block_m
+    tile_end_cum = torch.cumsum(tiles, 0)
+    n_tiles = triton.cdiv(n_rows, block_m) + n_experts
+    t = torch.arange(n_tiles, device=offsets.device)
+    expert = torch.searchsorted(tile_end_cum, t, right=True).clamp_(max=n_experts - 1)
+    first = tile_end_cum[expert] - tiles[expert]
+    row_start = starts[expert] + (t - first) * block_m
+    used = t < tile_end_cum[-1]
+    row_end = torch.where(used, offsets[expert], row_start)
+    return expert.to(torch.int32), row_start.to(torch.int32), row_end.to(torch.int32), n_tiles
+
+
+def grouped_mm(
+    x: torch.Tensor,
+    m: torch.Tensor,
+    offsets: torch.Tensor,
+    x2: torch.Tensor | None = None,
+    m2: torch.Tensor | None = None,
+    scale2: float = 1.0,
+) -> torch.Tensor:
+    """``y[s] = x[s] @ m[e(s)] + scale2 * x2[s] @ m2[e(s)]`` (no autograd; see module docstring)."""
+    _check(x, m, offsets, x2, m2)
+    operands = [x, m] + ([x2, m2] if x2 is not None else [])
+    if not triton_enabled(*operands):
+        warn_fallback("grouped_mm")
+        return grouped_mm_reference(x, m, offsets, x2, m2, scale2)
+    if _use_torch_grouped_mm(*operands):
+        y = torch._grouped_mm(x, m, offs=offsets)
+        if x2 is not None:
+            y.add_(torch._grouped_mm(x2, m2, offs=offsets), alpha=scale2)
+        return y
+    y = torch.empty(x.shape[0], m.shape[2], dtype=x.dtype, device=x.device)
+    if x.shape[0] == 0 or y.shape[1] == 0:
+        return y
+    block_m, block_n, block_k, num_warps = _tiles(x.device)
+    expert, row_start, row_end, n_tiles = _tile_map(offsets, x.shape[0], block_m)
+    second = (x2, m2) if x2 is not None else (x, m)
+    _grouped_mm_kernel[(n_tiles, triton.cdiv(y.shape[1], block_n))](
+        x, m, y, second[0], second[1], expert, row_start, row_end,
+        x.stride(0), x.stride(1), m.stride(0), m.stride(1), m.stride(2), y.stride(0), y.stride(1),
+        second[0].stride(0), second[0].stride(1), second[1].stride(0), second[1].stride(1), second[1].stride(2),
+        y.shape[1], x.shape[1], second[0].shape[1], float(scale2),
+        HAS_SECOND=x2 is not None, INPUT_PRECISION=_input_precision(x.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+    )  # fmt: skip
+    return y
+
+
+def grouped_mm_weight_grad(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``g[e] = dy[rows of e]^T @ x[rows of e]``, (experts, N, K); zeros for experts without rows."""
+    if dy.dim() != 2 or x.dim() != 2 or dy.shape[0] != x.shape[0]:
+        raise ValueError(f"grouped_mm_weight_grad: dy and x must be (rows, N), (rows, K), got {tuple(dy.shape)}, {tuple(x.shape)}")
+    if not triton_enabled(dy, x):
+        warn_fallback("grouped_mm_weight_grad")
+        return grouped_mm_weight_grad_reference(dy, x, offsets)
+    n_experts, n, k = offsets.shape[0], dy.shape[1], x.shape[1]
+    g = torch.empty(n_experts, n, k, dtype=x.dtype, device=x.device)
+    if g.numel() == 0:
+        return g
+    block_m, block_n, block_k, num_warps = _tiles(x.device)
+    block_n = block_k  # square (N, K) output tiles
+    _grouped_weight_grad_kernel[(n_experts, triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
+        dy, x, g, offsets,
+        dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), g.stride(0), g.stride(1), g.stride(2),
+        n, k,
+        INPUT_PRECISION=_input_precision(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=num_warps,
+    )  # fmt: skip
+    return g
