@@ -11,7 +11,10 @@ converter):
 * the extra keyword arguments the attention forward hands to the attention function
   (``sliding_window`` and Gemma2's ``softcap``), read from the attention module as HF does.
 * the config attribute holding the final-logit softcap (Gemma2).
-* GGUF: llama.cpp's architecture name, whether q/k rows are re-paired for llama.cpp's interleaved
+* mixture of experts: the sparse block (``<Prefix>SparseMoeBlock``) routes each token with its
+  ``<Prefix>TopKRouter`` to ``<Prefix>Experts`` (stacked ``gate_up_proj`` / ``down_proj``), plus
+  Qwen2-MoE's sigmoid-gated shared expert.
+* GGUF: llama.cpp's architecture name (None: no GGUF export), whether q/k rows are re-paired for llama.cpp's interleaved
   RoPE (Llama, Mistral), whether the LM head is always the tied embedding (Gemma).
 """
 
@@ -50,7 +53,8 @@ class ArchitectureSpec:
     activation_attribute: str = "hidden_act"
     attention_kwargs: Callable[[nn.Module], dict] = _no_attention_kwargs
     final_softcap_attribute: str | None = None
-    gguf_arch: str = "LLAMA"  # the ``gguf.MODEL_ARCH`` member llama.cpp loads it as
+    moe: bool = False  # the MLP of (some) layers is a sparse mixture-of-experts block
+    gguf_arch: str | None = "LLAMA"  # the ``gguf.MODEL_ARCH`` member llama.cpp loads it as
     gguf_permute_qk: bool = False  # HF rotate-half q/k rows -> llama.cpp interleaved pairs
     tied_lm_head: bool = False  # the LM head is always the embedding (never written to GGUF)
 
@@ -65,6 +69,18 @@ class ArchitectureSpec:
     @property
     def mlp_class(self) -> str:
         return f"{self.class_prefix}MLP"
+
+    @property
+    def moe_block_class(self) -> str | None:
+        return f"{self.class_prefix}SparseMoeBlock" if self.moe else None
+
+    @property
+    def router_class(self) -> str:
+        return f"{self.class_prefix}TopKRouter"
+
+    @property
+    def experts_class(self) -> str:
+        return f"{self.class_prefix}Experts"
 
 
 _GEMMA = {"norm_eps_attribute": "eps", "norm_offset": 1.0, "norm_casting": "gemma", "tied_lm_head": True}
@@ -83,6 +99,9 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         attention_kwargs=_layer_sliding_window_and_softcap,
         final_softcap_attribute="final_logit_softcapping",
     ),
+    "qwen3_moe": ArchitectureSpec("Qwen3Moe", attention_kwargs=_layer_sliding_window, moe=True, gguf_arch=None),
+    "qwen2_moe": ArchitectureSpec("Qwen2Moe", moe=True, gguf_arch=None),
+    "mixtral": ArchitectureSpec("Mixtral", attention_kwargs=_config_sliding_window, moe=True, gguf_arch=None),
 }
 """Supported ``config.model_type`` values. Qwen3's q_norm/k_norm are RMSNorm modules of the same
 class, found by the attention forward as ``q_norm``/``k_norm`` attributes."""

@@ -195,6 +195,8 @@ def export_gguf(
     if config.model_type not in ARCHITECTURES:
         raise NotImplementedError(f"GGUF export supports {sorted(ARCHITECTURES)}, not model_type={config.model_type!r}")
     spec = ARCHITECTURES[config.model_type]
+    if spec.gguf_arch is None:
+        raise NotImplementedError(f"GGUF export does not support model_type={config.model_type!r} (mixture of experts)")
     arch = gguf.MODEL_ARCH[spec.gguf_arch]
     tensor_type, file_type = _OUTPUT_TYPES[dtype]
     tied = spec.tied_lm_head or bool(getattr(config, "tie_word_embeddings", False))

@@ -1,4 +1,5 @@
-"""Patch HF causal LMs (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2) to run the fast kernels.
+"""Patch HF causal LMs (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2; Qwen3-MoE, Qwen2-MoE, Mixtral)
+to run the fast kernels.
 
 Only module *instances* are changed (``module.forward`` set to an :class:`InstanceForward`), never
 classes or module-level functions, so an unpatched model in the same process keeps HF's code.
@@ -25,7 +26,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.generation import GenerationMixin
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import (
+    CausalLMOutputWithPast,
+    MoeCausalLMOutputWithPast,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import can_return_tuple
 
@@ -46,35 +50,44 @@ from lightning_fastft.patching.lora import (
     fused_qkv,
     projection_plans,
 )
+from lightning_fastft.patching.moe import (
+    has_expert_lora,
+    patch_moe_block,
+    unsupported_moe_feature,
+)
 from lightning_fastft.patching.options import PatchOptions, takes_patch_options
 from lightning_fastft.training.checkpointing import apply_activation_checkpointing
 
 GLU_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
 """HF ``hidden_act`` names the GLU kernel computes, mapped to the kernel's activation name."""
 
-PATCH_KINDS = ("rms_norm", "attention", "rope", "mlp", "lora_qkv", "lora_o", "lora_mlp", "cross_entropy")
+PATCH_KINDS = (
+    "rms_norm",
+    "attention",
+    "rope",
+    "mlp",
+    "lora_qkv",
+    "lora_o",
+    "lora_mlp",
+    "moe",
+    "lora_experts",
+    "cross_entropy",
+)
 
 CACHE_ARGUMENT = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 """The KV cache's argument and output-field name in the installed transformers (renamed from
 ``past_key_values`` in 5.24). The patched forwards accept both names."""
 
 _CACHE = "<cache>"
+_LM_PARAMETERS = ("input_ids", "attention_mask", "position_ids", _CACHE, "inputs_embeds", "labels", "use_cache")
 HF_FORWARD_PARAMETERS: dict[str, tuple[tuple[str, ...], ...]] = {
     "rms_norm": (("hidden_states",), ("x",)),
     "attention": (("hidden_states", "position_embeddings", "attention_mask", _CACHE, "**kwargs"),),
     "mlp": (("x",),),
+    "moe": (("hidden_states",),),
     "cross_entropy": (
-        (
-            "input_ids",
-            "attention_mask",
-            "position_ids",
-            _CACHE,
-            "inputs_embeds",
-            "labels",
-            "use_cache",
-            "logits_to_keep",
-            "**kwargs",
-        ),
+        (*_LM_PARAMETERS, "logits_to_keep", "**kwargs"),
+        (*_LM_PARAMETERS, "output_router_logits", "logits_to_keep", "**kwargs"),  # mixture of experts
     ),
 }
 """The parameters of each Hugging Face forward a patch replaces, as every transformers release of
@@ -321,15 +334,24 @@ def _causal_lm_forward(
     use_cache: bool | None = None,
     logits_to_keep: int | torch.Tensor = 0,
     past_key_values=None,
+    output_router_logits: bool | None = None,
     **kwargs,
 ) -> CausalLMOutputWithPast:
     """HF's causal-LM forward; training with labels computes the loss by fused linear cross
     entropy straight from the hidden states and returns ``logits=None``.
 
     The KV cache is taken as ``cache`` or ``past_key_values`` and handed on (and returned) under
-    the name the installed transformers uses (:data:`CACHE_ARGUMENT`).
+    the name the installed transformers uses (:data:`CACHE_ARGUMENT`). A mixture-of-experts
+    model adds, with ``output_router_logits`` (default: the config's), Hugging Face's own
+    load-balancing loss (its modeling module's ``load_balancing_loss_func`` on the recorded
+    router logits) times ``router_aux_loss_coef`` to the loss, as its forward does.
     """
     cache = cache if cache is not None else past_key_values
+    spec: ArchitectureSpec = self._fastft_spec
+    if spec.moe:
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        kwargs["output_router_logits"] = output_router_logits
     outputs = getattr(self, self.base_model_prefix)(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -340,7 +362,7 @@ def _causal_lm_forward(
         **kwargs,
     )
     hidden_states = _slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-    spec: ArchitectureSpec = self._fastft_spec
+    kwargs.pop("output_router_logits", None)
     softcap = getattr(self.config, spec.final_softcap_attribute) if spec.final_softcap_attribute else None
 
     loss = logits = None
@@ -361,6 +383,24 @@ def _causal_lm_forward(
         if labels is not None:
             loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
 
+    if spec.moe:
+        aux_loss = None
+        if output_router_logits:
+            load_balancing_loss = sys.modules[type(self).__module__].load_balancing_loss_func
+            aux_loss = load_balancing_loss(
+                outputs.router_logits, self.num_experts, self.num_experts_per_tok, attention_mask
+            )
+            if loss is not None:
+                loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
+            **{CACHE_ARGUMENT: getattr(outputs, CACHE_ARGUMENT)},
+        )
     return CausalLMOutputWithPast(
         loss=loss,
         logits=logits,
@@ -374,6 +414,13 @@ def _plain_lm_head(model: nn.Module) -> nn.Linear | None:
     """The LM head when it is a bias-free ``nn.Linear`` (not PEFT-wrapped or quantised)."""
     head = getattr(model, "lm_head", None)
     return head if type(head) is nn.Linear and head.bias is None else None
+
+
+def computes_fused_loss(model: nn.Module) -> bool:
+    """Whether the training loss of the HF causal LM ``model`` (given labels) comes from fused linear
+    cross-entropy, without logits: the ``cross_entropy`` patch is installed and its LM head is plain."""
+    patched = getattr(model.__dict__.get("forward"), "function", None) is _causal_lm_forward
+    return patched and _plain_lm_head(model) is not None
 
 
 def _install_forward(module: nn.Module, forward: Callable) -> None:
@@ -452,6 +499,19 @@ def _patch_mlp(
     entry.patched["lora_mlp"] += fused
 
 
+def _patch_moe(block: nn.Module, spec: ArchitectureSpec, activation: str | None, fused_lora: bool, entry) -> None:
+    missing = unsupported_moe_feature(block, spec, activation)
+    if missing is not None:
+        reason = f"moe: {type(block).__name__} has {missing}; Hugging Face's forward is kept for these blocks"
+        if reason not in entry.skipped:
+            entry.skipped.append(reason)
+            warnings.warn(f"lightning_fastft: {reason}", stacklevel=5)
+        return
+    patch_moe_block(block, activation, fused_lora, _install_forward)
+    entry.patched["moe"] += 1
+    entry.patched["lora_experts"] += fused_lora and has_expert_lora(block)
+
+
 def _patch_causal_lm(path: str, model: PreTrainedModel, switches: dict[str, bool]) -> ModelPatchReport:
     model_type = getattr(model.config, "model_type", "?")
     entry = ModelPatchReport(path=path, architecture=type(model).__name__, model_type=model_type)
@@ -481,6 +541,9 @@ def _patch_causal_lm(path: str, model: PreTrainedModel, switches: dict[str, bool
         elif class_name == spec.mlp_class:
             if _replaceable("mlp", module, entry):
                 _patch_mlp(module, activation, switches["mlp"], switches["fused_lora"], entry, unfused, passes)
+        elif class_name == spec.moe_block_class and switches["mlp"]:
+            if _replaceable("moe", module, entry):
+                _patch_moe(module, spec, activation, switches["fused_lora"], entry)
     entry.skipped += [f"{kind}: {n} LoRA modules not fusable, PEFT's forward kept" for kind, n in unfused.items() if n]
 
     if switches["cross_entropy"] and _replaceable("cross_entropy", model, entry):
@@ -519,7 +582,5 @@ def patch_model(model: nn.Module, **options: Any) -> PatchReport:
             stacklevel=2,
         )
     if patch_options.checkpointing is not None:
-        apply_activation_checkpointing(
-            model, patch_options.checkpointing, checkpoint_fraction=patch_options.checkpoint_fraction
-        )
+        apply_activation_checkpointing(model, patch_options.checkpointing, **patch_options.checkpointing_options())
     return report

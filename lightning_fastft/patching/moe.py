@@ -1,0 +1,150 @@
+"""Patch the sparse mixture-of-experts blocks (Qwen3-MoE, Qwen2-MoE, Mixtral) to run every
+routed expert as grouped GEMMs (:func:`lightning_fastft.kernels.moe.moe_experts`).
+
+The block's own router module is still called, so routing is exactly the architecture's (top-k,
+softmax before or after selection, ``norm_topk_prob``) and Hugging Face's output recorder still
+collects its router logits for the load-balancing loss. Only the experts' loop is replaced; the
+Qwen2-MoE shared expert (a dense MLP, patched as one) keeps its sigmoid gate.
+
+LoRA on the experts is PEFT's ``target_parameters`` (``ParamWrapper`` around the experts module,
+one per targeted 3-D parameter, nested): its factors are read at every call and fused into the
+grouped GEMMs instead of PEFT materialising ``W + B A`` for every expert. Any PEFT state the
+fused path does not cover (several active adapters, merged, another parameter targeted) calls
+the experts module as it stands, which is PEFT's forward.
+
+A block that departs from the layout this was written for (another router, extra submodules,
+router jitter, biased, transposed or interleaved expert weights, a custom gate activation)
+keeps Hugging Face's forward; the patch report names the missing feature.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lightning_fastft.architectures import ArchitectureSpec
+from lightning_fastft.kernels.moe import ExpertLora, moe_experts
+
+EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
+_QWEN2_SHARED = ("shared_expert", "shared_expert_gate")
+
+
+@functools.cache
+def _param_wrapper_class():
+    from peft.tuners.lora.layer import ParamWrapper
+
+    return ParamWrapper
+
+
+@dataclass(frozen=True)
+class _MoePlan:
+    activation: str  # the GLU kernel's activation name
+    shared_expert: bool  # Qwen2-MoE: sigmoid(shared_expert_gate(x)) * shared_expert(x) added
+    fused_lora: bool
+
+
+def _base_experts(module: nn.Module) -> nn.Module:
+    while isinstance(module, _param_wrapper_class()):
+        module = module.base_layer
+    return module
+
+
+def _default_gate_activation(experts: nn.Module) -> bool:
+    from transformers.integrations import moe as hf_moe
+
+    return getattr(type(experts), "_apply_gate", None) is getattr(hf_moe, "_default_apply_gate", None)
+
+
+def unsupported_moe_feature(block: nn.Module, spec: ArchitectureSpec, activation: str | None) -> str | None:
+    """Why ``block`` cannot run the grouped-GEMM forward (the missing feature), or None."""
+    children = {name for name, _ in block.named_children()}
+    expected = {"gate", "experts"} | (set(_QWEN2_SHARED) if "shared_expert" in children else set())
+    if children != expected:
+        return f"submodules {sorted(children - expected) or sorted(expected - children)} besides gate/experts"
+    if type(block.gate).__name__ != spec.router_class:
+        return f"router {type(block.gate).__name__} (supported: {spec.router_class})"
+    if getattr(block, "jitter_noise", 0) > 0:
+        return "router jitter noise (router_jitter_noise > 0)"
+    experts = _base_experts(block.experts)
+    if type(experts).__name__ != spec.experts_class:
+        return f"experts {type(experts).__name__} (supported: {spec.experts_class})"
+    layout = {name: getattr(experts, name, None) for name in ("has_gate", "has_bias", "is_transposed", "is_concatenated")}
+    if layout != {"has_gate": True, "has_bias": False, "is_transposed": False, "is_concatenated": True}:
+        return f"expert weight layout {layout}"
+    if getattr(experts, "has_post_expert_norm", False) or not _default_gate_activation(experts):
+        return "a post-expert norm or custom gate activation"
+    if activation is None:
+        return "an expert activation without a GLU kernel"
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    if gate_up.dim() != 3 or down.dim() != 3 or down.shape[1:] != (gate_up.shape[2], gate_up.shape[1] // 2):
+        return f"expert weights gate_up_proj {tuple(gate_up.shape)} / down_proj {tuple(down.shape)}"
+    if gate_up.shape[0] != block.gate.num_experts:
+        return f"{gate_up.shape[0]} expert weights for a router over {block.gate.num_experts} experts"
+    return None
+
+
+@functools.cache
+def _warn_quantized_experts() -> None:
+    warnings.warn(
+        "lightning_fastft: quantised expert weights run Hugging Face's experts forward (dequantised per "
+        "expert); bf16 LoRA is advised for mixture-of-experts models, whose quantisation error is larger",
+        stacklevel=4,
+    )
+
+
+def _fused_experts(module: nn.Module) -> tuple[nn.Module, ExpertLora | None, ExpertLora | None] | None:
+    """(base experts, gate_up LoRA, down LoRA) read from PEFT's ParamWrappers, or None when the
+    fused path does not cover their state (then the module's own forward runs)."""
+    lora: dict[str, ExpertLora] = {}
+    while isinstance(module, _param_wrapper_class()):
+        if module._forward_hooks or module._forward_pre_hooks or module.parameter_name not in EXPERT_PARAMETERS:
+            return None
+        active = [name for name in module.active_adapters if name in module.lora_A]
+        if module.merged or len(active) > 1 or not module._did_swap_in_out_features:
+            return None
+        if active and not module.disable_adapters:
+            b, a, scale = module.get_delta_factors(active[0])
+            lora[module.parameter_name] = ExpertLora(b, a, scale)
+        module = module.base_layer
+    if module._forward_hooks or module._forward_pre_hooks or nn.utils.parametrize.is_parametrized(module):
+        return None
+    if not all(type(getattr(module, name)) in (nn.Parameter, torch.Tensor) for name in EXPERT_PARAMETERS):
+        _warn_quantized_experts()
+        return None
+    return module, lora.get("gate_up_proj"), lora.get("down_proj")
+
+
+def _moe_block_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The sparse block: the architecture's router, then all experts by grouped GEMMs."""
+    plan: _MoePlan = self._fastft_moe
+    shape = hidden_states.shape
+    flat = hidden_states.reshape(-1, shape[-1])
+    _, top_k_weights, top_k_index = self.gate(flat)
+    fused = _fused_experts(self.experts)
+    if fused is not None and not plan.fused_lora and (fused[1] is not None or fused[2] is not None):
+        fused = None  # LoRA on the experts with fused_lora off: PEFT's forward
+    if fused is None:
+        out = self.experts(flat, top_k_index, top_k_weights)
+    else:
+        experts, gate_up_lora, down_lora = fused
+        out = moe_experts(
+            flat, top_k_index, top_k_weights, experts.gate_up_proj, experts.down_proj, plan.activation,
+            gate_up_lora, down_lora,
+        )  # fmt: skip
+    if plan.shared_expert:
+        out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
+    return out.reshape(shape)
+
+
+def has_expert_lora(block: nn.Module) -> bool:
+    return isinstance(block.experts, _param_wrapper_class())
+
+
+def patch_moe_block(block: nn.Module, activation: str, fused_lora: bool, install) -> None:
+    """Install the grouped-GEMM forward on one checked block (``install(module, forward)``)."""
+    block._fastft_moe = _MoePlan(activation=activation, shared_expert=hasattr(block, "shared_expert"), fused_lora=fused_lora)
+    install(block, _moe_block_forward)
