@@ -73,13 +73,21 @@ def _no_other_options(function: str, options: dict[str, Any]) -> None:
 @takes_fields(LoraSettings)
 def attach_lora(model: nn.Module, **options: Any) -> Any:
     """Freeze every base parameter and wrap ``model`` with trainable LoRA adapters
-    (:class:`LoraSettings` as keywords); returns the ``PeftModel``."""
+    (:class:`LoraSettings` as keywords); returns the ``PeftModel``. On a mixture-of-experts model
+    ``"all-linear"`` also targets the stacked expert weights and leaves the routers frozen
+    (:func:`~lightning_fastft.patching.moe.moe_lora_targets`)."""
     from peft import get_peft_model
+
+    from lightning_fastft.patching.moe import moe_lora_targets
 
     lora = pop_fields(LoraSettings, options)
     _no_other_options("attach_lora", options)
     model.requires_grad_(False)
-    return get_peft_model(model, lora.peft_config())
+    config = lora.peft_config()
+    moe_targets = moe_lora_targets(model) if lora.target_modules == "all-linear" else None
+    if moe_targets is not None:  # mixture of experts: the stacked experts too, never the routers
+        config = dataclasses.replace(config, target_modules=moe_targets[0], target_parameters=moe_targets[1])
+    return get_peft_model(model, config)
 
 
 @takes_fields(QuantSettings, LoraSettings)

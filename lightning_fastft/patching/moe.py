@@ -148,3 +148,30 @@ def patch_moe_block(block: nn.Module, activation: str, fused_lora: bool, install
     """Install the grouped-GEMM forward on one checked block (``install(module, forward)``)."""
     block._fastft_moe = _MoePlan(activation=activation, shared_expert=hasattr(block, "shared_expert"), fused_lora=fused_lora)
     install(block, _moe_block_forward)
+
+
+_NOT_LORA_TARGETS = ("lm_head", "shared_expert_gate")
+"""Linear layers "all-linear" leaves frozen on a mixture-of-experts model: the LM head (as PEFT
+does) and Qwen2-MoE's one-output shared-expert gate, a router like the experts' own."""
+
+
+def moe_lora_targets(model: nn.Module) -> tuple[list[str], list[str]] | None:
+    """What ``target_modules="all-linear"`` means on a supported mixture-of-experts model:
+    ``(target_modules, target_parameters)`` = every linear layer's name but the LM head and the
+    shared-expert gate, and the stacked expert weights (PEFT's ``target_parameters``). PEFT's own
+    "all-linear" adapts the routers (their ``weight`` parameter) and none of the experts; routers
+    stay frozen here, as MoE fine-tuning usually keeps them. None for any other model:
+    "all-linear" keeps PEFT's meaning."""
+    from lightning_fastft.architectures import ARCHITECTURES
+
+    spec = ARCHITECTURES.get(getattr(getattr(model, "config", None), "model_type", None))
+    if spec is None or not spec.moe:
+        return None
+    from lightning_fastft.bnb import is_4bit_linear
+
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if (type(module) is nn.Linear or is_4bit_linear(module)) and name.rsplit(".", 1)[-1] not in _NOT_LORA_TARGETS
+    }
+    return sorted(names), [f"experts.{name}" for name in EXPERT_PARAMETERS]
