@@ -298,3 +298,47 @@ def lora_llama(device, dtype=torch.float32, target_modules="all-linear", **lora_
     lora_config.update(lora_kwargs)
     model = get_peft_model(model, LoraConfig(**lora_config)).to(device=device, dtype=dtype)
     return model, model.base_model.model.model.layers[1]
+
+
+# ---------------------------------------------------------------- moe (mixture-of-experts patching)
+
+MOE_VOCAB = 97  # PACKING_VOCAB: the packing helpers' samples fit
+MOE_FIELDS = dict(
+    hidden_size=36,
+    num_hidden_layers=2,
+    num_attention_heads=3,
+    num_key_value_heads=1,
+    head_dim=12,
+    vocab_size=MOE_VOCAB,
+    max_position_embeddings=64,
+    initializer_range=0.2,
+    num_experts_per_tok=2,
+    output_router_logits=True,  # the load-balancing loss is part of the training loss
+    router_aux_loss_coef=0.05,
+)
+# model_type: its own fields (odd expert widths; Qwen3-MoE with a dense layer; Qwen2-MoE without
+# top-k renormalisation and with its shared expert; Mixtral with 5 experts)
+MOE = {
+    "qwen3_moe": dict(
+        num_experts=7, moe_intermediate_size=19, intermediate_size=50, norm_topk_prob=True, num_hidden_layers=3,
+        mlp_only_layers=[1],
+    ),
+    "qwen2_moe": dict(
+        num_experts=6, moe_intermediate_size=21, intermediate_size=50, shared_expert_intermediate_size=27,
+        norm_topk_prob=False,
+    ),
+    "mixtral": dict(num_local_experts=5, intermediate_size=23),
+}  # fmt: skip
+
+
+def moe_config(model_type: str, **overrides) -> dict:
+    """Config fields (with ``model_type``) of the tiny mixture-of-experts model, as
+    ``CausalLMFineTune(model=...)`` takes them."""
+    return {"model_type": model_type, **MOE_FIELDS, **MOE[model_type], **overrides}
+
+
+def moe_lm(model_type: str, **overrides) -> nn.Module:
+    """Random-weight fp32 MoE causal LM: hidden 36, 3 heads / 1 KV head of 12, top-2 of 5-7 experts."""
+    fields = moe_config(model_type, **overrides)
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    return AutoModelForCausalLM.from_config(config)
