@@ -19,6 +19,8 @@ checkpointing 36 / 70 / 3 / 3 q + 1 kv, eager, dropout 0.1    101     test_check
 export        64 / 128 / 2 / 4 q + 2 kv, rope theta 5e4       301     test_export
               (Llama; Qwen3 and Gemma2 GGUF variants)
 lora          72 / 177 / 2 / 6 q + 2 kv of 12, PEFT r=8       61      test_lora
+moe           36 / experts 19-23 / 2-3 / 3 q + 1 kv of 12,    97      test_moe
+              top-2 of 5-7 experts (Qwen3-MoE, Qwen2-MoE, Mixtral)
 ============  ==============================================  ======  ==========================
 
 ``ARCHITECTURES`` lists the model types the patches support, in the order tests parametrize over.
@@ -279,6 +281,26 @@ def export_gemma2() -> Gemma2ForCausalLM:
         sliding_window=32,
     )
     return Gemma2ForCausalLM(config).eval()
+
+
+# model_type -> extra config fields of the llama.cpp check models (export_lm)
+EXPORT_LM_OVERRIDES = {
+    "mistral": {"sliding_window": None},
+    "gemma": {"hidden_act": "gelu_pytorch_tanh"},
+    "gemma2": {"query_pre_attn_scalar": 16, "sliding_window": 32, "attn_implementation": "eager"},
+}
+
+
+def export_lm(model_type: str, vocab_size: int, seed: int = 0) -> nn.Module:
+    """A model of any exported family for the llama.cpp checks: hidden 64, 2 layers, 4 q + 2 kv heads of 16,
+    weights drawn with std 0.1 from ``seed`` (spread-out logits, so greedy tokens are not near-ties)."""
+    fields = dict(EXPORT_LLAMA_FIELDS, vocab_size=vocab_size, head_dim=16, initializer_range=0.1)
+    fields.pop("rope_parameters")
+    overrides = dict(EXPORT_LM_OVERRIDES.get(model_type, {}))
+    attn = overrides.pop("attn_implementation", "sdpa")
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, **fields, **overrides)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
 
 
 # ---------------------------------------------------------------- lora (fused LoRA kernels)
