@@ -195,7 +195,7 @@ def test_fraction_out_of_range_raises(fraction):
     assert checkpointed_layers(model) == []
     with pytest.raises(ValueError, match=r"checkpoint_fraction must be a number in \(0, 1\]"):
         ActivationCheckpointing("recompute", checkpoint_fraction=fraction)
-    with pytest.raises(ValueError, match=r"checkpointing must be one of \('recompute', 'offload'\), got None"):
+    with pytest.raises(ValueError, match=r"checkpointing must be one of \('recompute', 'offload', 'auto'\), got None"):
         apply_activation_checkpointing(model, None)
 
 

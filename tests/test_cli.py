@@ -52,7 +52,11 @@ def test_cli_help_lists_the_fastft_strategy_options(capsys):
     assert exit_info.value.code == 0
     usage = " ".join(capsys.readouterr().out.split())
     assert "--trainer.strategy.NAME VALUE" in usage
-    for option in ("checkpointing: Optional[Literal['recompute', 'offload']] = None", "token_exact: bool = True"):
+    for option in (
+        "checkpointing: Optional[Literal['recompute', 'offload', 'auto']] = None",
+        "memory_budget_gib: Optional[float] = None",
+        "token_exact: bool = True",
+    ):
         assert option in usage
 
 

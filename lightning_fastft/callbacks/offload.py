@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import warnings
+from typing import Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from lightning_fastft.patching.options import Checkpointing, check_checkpoint_fraction, check_checkpointing
+from lightning_fastft.patching.options import Checkpointing, check_checkpointing
 from lightning_fastft.training.checkpointing import apply_activation_checkpointing
 
 
@@ -15,20 +16,31 @@ class ActivationCheckpointing(Callback):
     """Apply :func:`~lightning_fastft.training.checkpointing.apply_activation_checkpointing` before training.
 
     It runs in ``on_fit_start``: after ``configure_model`` built the model and the strategy moved
-    (and possibly DDP-wrapped) it, before the first training step. ``checkpointing`` and
-    ``checkpoint_fraction`` are those of :class:`~lightning_fastft.patching.options.PatchOptions`.
+    (and possibly DDP-wrapped) it, before the first training step. ``checkpointing``,
+    ``checkpoint_fraction`` and ``memory_budget_gib`` are those of
+    :class:`~lightning_fastft.patching.options.PatchOptions`.
     """
 
-    def __init__(self, checkpointing: Checkpointing, checkpoint_fraction: float = 1.0):
-        check_checkpointing(checkpointing, optional=False)
-        check_checkpoint_fraction(checkpoint_fraction)
+    def __init__(
+        self,
+        checkpointing: Checkpointing,
+        checkpoint_fraction: float = 1.0,
+        memory_budget_gib: Optional[float] = None,
+    ):
+        check_checkpointing(
+            checkpointing, checkpoint_fraction=checkpoint_fraction, memory_budget_gib=memory_budget_gib, optional=False
+        )
         self.checkpointing = checkpointing
         self.checkpoint_fraction = checkpoint_fraction
+        self.memory_budget_gib = memory_budget_gib
         self.wrapped_layers = 0
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         layers = apply_activation_checkpointing(
-            pl_module, self.checkpointing, checkpoint_fraction=self.checkpoint_fraction
+            pl_module,
+            self.checkpointing,
+            checkpoint_fraction=self.checkpoint_fraction,
+            memory_budget_gib=self.memory_budget_gib,
         )
         self.wrapped_layers = len(layers)
 

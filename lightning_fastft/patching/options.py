@@ -8,14 +8,21 @@ Imports nothing heavy: ``import lightning_fastft`` (strategies, callbacks) reads
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, get_args
 
 from lightning_fastft._settings import takes_fields
 
-Checkpointing = Literal["recompute", "offload"]
-"""Activation checkpointing of the decoder layers: ``"recompute"`` keeps each layer's input on the
-device, ``"offload"`` in pinned host memory (copied on a side stream, prefetched for backward)."""
+LayerCheckpointing = Literal["recompute", "offload"]
+"""How one decoder layer is checkpointed: ``"recompute"`` keeps the layer's input on the device,
+``"offload"`` in pinned host memory (copied on a side stream, prefetched for backward); either way
+the rest of its forward is recomputed in backward."""
+
+Checkpointing = Literal[LayerCheckpointing, "auto"]
+"""Activation checkpointing of the decoder layers: every layer ``"recompute"`` or ``"offload"``
+(:data:`LayerCheckpointing`), or ``"auto"``: per layer none, recompute or offload, the fastest plan
+whose estimated peak fits ``memory_budget_gib`` (see :mod:`lightning_fastft.training.memory_plan`)."""
 
 CHECKPOINTING: tuple[str, ...] = get_args(Checkpointing)
 
@@ -27,11 +34,36 @@ def check_bool_options(**options: Any) -> None:
             raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
 
 
-def check_checkpointing(checkpointing: Any, *, optional: bool = True) -> None:
-    """Raise ``ValueError`` unless ``checkpointing`` is one of :data:`CHECKPOINTING` (or None when ``optional``)."""
+def check_checkpointing(
+    checkpointing: Any,
+    *,
+    checkpoint_fraction: Any = 1.0,
+    memory_budget_gib: Any = None,
+    optional: bool = True,
+) -> None:
+    """Raise ``ValueError`` unless the checkpointing options go together: ``checkpointing`` one of
+    :data:`CHECKPOINTING` (or None when ``optional``), ``checkpoint_fraction`` in (0, 1] and left at
+    1 under ``"auto"`` (which picks the layers itself), ``memory_budget_gib`` None or a positive
+    number, and given only with ``"auto"``."""
     allowed = (None, *CHECKPOINTING) if optional else CHECKPOINTING
     if checkpointing not in allowed:
         raise ValueError(f"checkpointing must be one of {allowed}, got {checkpointing!r}")
+    check_checkpoint_fraction(checkpoint_fraction)
+    if checkpointing == "auto" and checkpoint_fraction != 1:
+        raise ValueError(
+            f"checkpoint_fraction={checkpoint_fraction!r} conflicts with checkpointing='auto', which chooses "
+            "the checkpointed layers itself (to fit memory_budget_gib); leave checkpoint_fraction at 1"
+        )
+    if memory_budget_gib is None:
+        return
+    if checkpointing != "auto":
+        raise ValueError(
+            f"memory_budget_gib={memory_budget_gib!r} is read by checkpointing='auto' only, "
+            f"got checkpointing={checkpointing!r}"
+        )
+    is_number = isinstance(memory_budget_gib, (int, float)) and not isinstance(memory_budget_gib, bool)
+    if not (is_number and math.isfinite(memory_budget_gib) and memory_budget_gib > 0):
+        raise ValueError(f"memory_budget_gib must be a positive number of GiB, got {memory_budget_gib!r}")
 
 
 def check_checkpoint_fraction(checkpoint_fraction: Any, *, allow_zero: bool = False) -> None:
@@ -54,9 +86,14 @@ class PatchOptions:
         mlp: gated MLPs run the SwiGLU/GeGLU kernel.
         cross_entropy: training losses come from fused linear cross-entropy (no logits).
         fused_lora: PEFT LoRA projections run the fused LoRA QKV / O / MLP kernels where fusable.
-        checkpointing: ``None`` (off), ``"recompute"`` or ``"offload"``: see :data:`Checkpointing`.
+        checkpointing: ``None`` (off), ``"recompute"``, ``"offload"`` or ``"auto"``: see :data:`Checkpointing`.
         checkpoint_fraction: share in (0, 1] of each decoder stack's layers checkpointed
             (``round(fraction * n)`` of ``n``, evenly spread; the others keep their activations).
+            Not with ``"auto"``.
+        memory_budget_gib: ``"auto"`` only: the peak device memory (GiB, as
+            ``torch.cuda.max_memory_allocated`` counts it) the plan must fit; default (None): the
+            device's free memory when the plan is made minus a margin
+            (:func:`~lightning_fastft.training.memory_plan.default_memory_budget`). Needed on a CPU.
     """
 
     rms_norm: bool = True
@@ -66,15 +103,26 @@ class PatchOptions:
     fused_lora: bool = True
     checkpointing: Optional[Checkpointing] = None
     checkpoint_fraction: float = 1.0
+    memory_budget_gib: Optional[float] = None
 
     def __post_init__(self) -> None:
         check_bool_options(**self.kernel_switches())
-        check_checkpointing(self.checkpointing)
-        check_checkpoint_fraction(self.checkpoint_fraction)
+        check_checkpointing(
+            self.checkpointing, checkpoint_fraction=self.checkpoint_fraction, memory_budget_gib=self.memory_budget_gib
+        )
+
+    def checkpointing_options(self) -> dict[str, Any]:
+        """The activation-checkpointing fields (:data:`CHECKPOINTING_FIELDS`) but ``checkpointing``,
+        as keywords of :func:`~lightning_fastft.training.checkpointing.apply_activation_checkpointing`."""
+        return {name: getattr(self, name) for name in CHECKPOINTING_FIELDS if name != "checkpointing"}
 
     def kernel_switches(self) -> dict[str, bool]:
-        """The on/off switches of the kernel patches (every field but the checkpointing ones)."""
-        return {name: value for name, value in dataclasses.asdict(self).items() if not name.startswith("checkpoint")}
+        """The on/off switches of the kernel patches (every field but :data:`CHECKPOINTING_FIELDS`)."""
+        return {name: value for name, value in dataclasses.asdict(self).items() if name not in CHECKPOINTING_FIELDS}
+
+
+CHECKPOINTING_FIELDS = ("checkpointing", "checkpoint_fraction", "memory_budget_gib")
+"""The :class:`PatchOptions` fields of activation checkpointing."""
 
 
 takes_patch_options = takes_fields(PatchOptions)

@@ -15,28 +15,51 @@ during training a layer keeps only its input hidden state and recomputes everyth
 Under ``no_grad``/``inference_mode``, or when nothing in a layer needs a gradient, the layer runs
 its plain forward. ``checkpoint_fraction < 1`` checkpoints only part of each decoder stack (see
 :func:`checkpointed_layer_indices`): less recompute for more activation memory.
+
+``checkpointing="auto"`` (:class:`AutoCheckpointing`) picks each layer's mode (none, recompute or
+offload) at the first training forward, when the batch shape is known, to fit ``memory_budget_gib``
+as fast as it can (the rule and the estimate: :mod:`lightning_fastft.training.memory_plan`), and
+plans again when a batch brings more tokens than planned for.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
 import warnings
 import weakref
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.utils._pytree as pytree
+from lightning.fabric.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
-from lightning_fastft.patching.options import Checkpointing, check_checkpoint_fraction, check_checkpointing
+from lightning_fastft.patching.options import (
+    Checkpointing,
+    LayerCheckpointing,
+    check_checkpoint_fraction,
+    check_checkpointing,
+)
+from lightning_fastft.training.memory_plan import (
+    GIB,
+    CheckpointPlan,
+    StackMemory,
+    default_memory_budget,
+    loss_workspace_bytes,
+    model_state_bytes,
+    plan_checkpointing,
+    saved_activation_bytes,
+    spread_indices,
+)
 
-_WRAPPED_ATTRIBUTE = "_fastft_checkpointing"  # (checkpointing, the instance forward it wraps or None)
+_WRAPPED_ATTRIBUTE = "_fastft_checkpointing"  # the layer's _Wrapping
 _warned_cpu_fallback = False
 _TENSOR_SLOT = object()  # stands for a tensor in a flattened call or output held by _LayerCall
 
@@ -65,8 +88,18 @@ def checkpointed_layer_indices(num_layers: int, checkpoint_fraction: float = 1.0
     layers (k=2 of n=4: layers 1 and 3; k=1 of n=3: layer 2).
     """
     check_checkpoint_fraction(checkpoint_fraction)
-    count = math.floor(checkpoint_fraction * num_layers + 0.5)
-    return [i for i in range(num_layers) if (i + 1) * count // num_layers > i * count // num_layers]
+    return spread_indices(num_layers, math.floor(checkpoint_fraction * num_layers + 0.5))
+
+
+@dataclass
+class _Wrapping:
+    """What :func:`apply_activation_checkpointing` did to one layer: how it is checkpointed now (None:
+    not, yet, under ``"auto"``), the planner of ``"auto"`` (or None) and the instance forward it
+    replaced (None: the class's)."""
+
+    mode: Optional[LayerCheckpointing]
+    planner: Optional[AutoCheckpointing]
+    inner_forward: Optional[Callable]
 
 
 def apply_activation_checkpointing(
@@ -74,6 +107,7 @@ def apply_activation_checkpointing(
     checkpointing: Checkpointing,
     *,
     checkpoint_fraction: float = 1.0,
+    memory_budget_gib: float | None = None,
     offloader: HostOffloader | None = None,
 ) -> list[nn.Module]:
     """Checkpoint the decoder layers of every HF model inside ``model``; returns the wrapped layers.
@@ -81,39 +115,62 @@ def apply_activation_checkpointing(
     ``model`` may be a HF model, a PEFT model, or any module containing them (a LightningModule).
     ``checkpoint_fraction`` (in (0, 1]) of the layers of each decoder stack are checkpointed, chosen by
     :func:`checkpointed_layer_indices`; the others keep their plain forward and save their
-    activations as usual. HF's own gradient checkpointing is switched off (with a warning) where it
-    was on. Applying again replaces the previous wrapping (layers no longer selected are unwrapped).
+    activations as usual. ``checkpointing="auto"`` wraps every layer and leaves the choice to an
+    :class:`AutoCheckpointing` planner (``memory_budget_gib``: see
+    :class:`~lightning_fastft.patching.options.PatchOptions`); its ``offloader`` must be a
+    :class:`HostOffloader` (an emulating one lets it offload on the CPU). HF's own gradient
+    checkpointing is switched off (with a warning) where it was on. Applying again replaces the
+    previous wrapping (layers no longer selected are unwrapped).
     """
-    check_checkpointing(checkpointing, optional=False)
-    check_checkpoint_fraction(checkpoint_fraction)
+    check_checkpointing(
+        checkpointing, checkpoint_fraction=checkpoint_fraction, memory_budget_gib=memory_budget_gib, optional=False
+    )
     stacks = find_decoder_layer_lists(model)
     if not stacks:
         raise ValueError(f"no decoder-layer ModuleList found inside {type(model).__name__}")
+    _turn_off_hf_gradient_checkpointing(model)
+    for stack in stacks:
+        for layer in stack:
+            _unwrap(layer)
+    if checkpointing == "auto":
+        if offloader is not None and not isinstance(offloader, HostOffloader):
+            raise TypeError(f"checkpointing='auto' offloads with a HostOffloader, got {type(offloader).__name__}")
+        AutoCheckpointing(model, stacks, memory_budget_gib, offloader or HostOffloader())
+        return [layer for stack in stacks for layer in stack]
+    if offloader is None:
+        offloader = HostOffloader() if checkpointing == "offload" else DeviceStore()
+    layers = [stack[i] for stack in stacks for i in checkpointed_layer_indices(len(stack), checkpoint_fraction)]
+    for layer in layers:
+        inner_forward = layer.__dict__.get("forward")  # another patch's instance forward, if any
+        layer.forward = partial(_offload_forward, layer, layer.forward, offloader, offloader.new_slot())
+        layer.__dict__[_WRAPPED_ATTRIBUTE] = _Wrapping(checkpointing, None, inner_forward)
+    return layers
+
+
+def _turn_off_hf_gradient_checkpointing(model: nn.Module) -> None:
     if hf_gradient_checkpointing_on(model):
         warnings.warn(
             "lightning_fastft: turning off HF gradient checkpointing; the decoder layers are "
             "checkpointed by apply_activation_checkpointing instead.",
-            stacklevel=2,
+            stacklevel=3,
         )
         disable_hf_gradient_checkpointing(model)
-    if offloader is None:
-        offloader = HostOffloader() if checkpointing == "offload" else DeviceStore()
-    layers = []
-    for stack in stacks:
-        for layer in stack:
-            _unwrap(layer)
-        layers += [stack[i] for i in checkpointed_layer_indices(len(stack), checkpoint_fraction)]
-    for layer in layers:
-        inner_forward = layer.__dict__.get("forward")  # another patch's instance forward, if any
-        run_layer = layer.forward
-        layer.forward = partial(_offload_forward, layer, run_layer, offloader, offloader.new_slot())
-        layer.__dict__[_WRAPPED_ATTRIBUTE] = (checkpointing, inner_forward)
-    return layers
 
 
 def checkpointed_layers(model: nn.Module) -> list[nn.Module]:
-    """The layers inside ``model`` currently wrapped by :func:`apply_activation_checkpointing`."""
-    return [module for module in model.modules() if _WRAPPED_ATTRIBUTE in module.__dict__]
+    """The layers inside ``model`` that :func:`apply_activation_checkpointing` checkpoints now (under
+    ``"auto"``: those its current plan checkpoints)."""
+    return [
+        module
+        for module in model.modules()
+        if _WRAPPED_ATTRIBUTE in module.__dict__ and module.__dict__[_WRAPPED_ATTRIBUTE].mode is not None
+    ]
+
+
+def checkpoint_planner_of(model: nn.Module) -> AutoCheckpointing | None:
+    """The :class:`AutoCheckpointing` planner of the layers inside ``model`` (``checkpointing="auto"``), or None."""
+    wrappings = (module.__dict__.get(_WRAPPED_ATTRIBUTE) for module in model.modules())
+    return next((wrapping.planner for wrapping in wrappings if wrapping and wrapping.planner), None)
 
 
 def remove_activation_checkpointing(model: nn.Module) -> int:
@@ -124,7 +181,7 @@ def remove_activation_checkpointing(model: nn.Module) -> int:
 def _unwrap(layer: nn.Module) -> bool:
     if _WRAPPED_ATTRIBUTE not in layer.__dict__:
         return False
-    _, inner_forward = layer.__dict__.pop(_WRAPPED_ATTRIBUTE)
+    inner_forward = layer.__dict__.pop(_WRAPPED_ATTRIBUTE).inner_forward
     if inner_forward is None:
         del layer.__dict__["forward"]
     else:
@@ -159,6 +216,10 @@ def _trainable_parameters(layer: nn.Module) -> list[nn.Parameter]:
     return [parameter for parameter in layer.parameters() if parameter.requires_grad]
 
 
+def _needs_grad(parameters: list[nn.Parameter], hidden_states: Tensor, other_inputs: list[Tensor]) -> bool:
+    return bool(parameters) or hidden_states.requires_grad or any(t.requires_grad for t in other_inputs)
+
+
 def _offload_forward(
     layer: nn.Module, run_layer: Callable, offloader: HostOffloader, slot: int, *args: Any, **kwargs: Any
 ) -> Any:
@@ -172,7 +233,7 @@ def _offload_forward(
     other_positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor) and i != hidden_index]
     other_inputs = [leaves[i] for i in other_positions]
     parameters = _trainable_parameters(layer)
-    if not (parameters or hidden_states.requires_grad or any(t.requires_grad for t in other_inputs)):
+    if not _needs_grad(parameters, hidden_states, other_inputs):
         return run_layer(*args, **kwargs)
     if not hidden_states.is_cuda and not offloader.runs_on_cpu:
         if not _warned_cpu_fallback:
@@ -195,6 +256,111 @@ def _offload_forward(
     )
     output_tensors = _OffloadedLayer.apply(call, hidden_states, *other_inputs, *parameters)
     return call.rebuild_output(output_tensors)
+
+
+class AutoCheckpointing:
+    """The planner of ``checkpointing="auto"`` for the decoder ``stacks`` inside ``model``.
+
+    Every layer's instance forward goes through the planner. A call with grad enabled that brings its
+    stack more tokens than the stack was last measured with (or is the stack's first) measures the
+    stack's saved bytes per layer: the layer's plain forward runs once more on the same inputs
+    (:func:`~lightning_fastft.training.memory_plan.saved_activation_bytes`, the RNG state forked so
+    the real call draws the same numbers). Then all stacks are planned again
+    (:func:`~lightning_fastft.training.memory_plan.plan_checkpointing`; the plan is logged, and kept
+    in :attr:`plan`) and the call runs in its layer's planned mode. Layers run their plain forward
+    before the first plan and in stacks never run with grad. Only a call that needs a gradient plans.
+
+    The budget (``memory_budget_gib`` or
+    :func:`~lightning_fastft.training.memory_plan.default_memory_budget`) and the model state
+    (:func:`~lightning_fastft.training.memory_plan.model_state_bytes`) are read at the first plan
+    and kept. Offload is planned on CUDA devices, and on the CPU with an emulating ``offloader``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        stacks: list[nn.ModuleList],
+        memory_budget_gib: float | None,
+        offloader: HostOffloader,
+    ):
+        self.model = model
+        self.stacks = stacks
+        self.memory_budget_gib = memory_budget_gib
+        self.offloader = offloader
+        self.plan: CheckpointPlan | None = None
+        self.measured: list[StackMemory | None] = [None] * len(stacks)
+        self.budget_bytes: int | None = None
+        self._measured_tokens = [0] * len(stacks)
+        self._state_bytes: int | None = None
+        self._device_store = DeviceStore()
+        self._run_layer = [[layer.forward for layer in stack] for stack in stacks]
+        self._forwards = [list(runs) for runs in self._run_layer]  # each layer's forward under the plan
+        self._slots = [[offloader.new_slot() for _ in stack] for stack in stacks]
+        for s, stack in enumerate(stacks):
+            for i, layer in enumerate(stack):
+                inner_forward = layer.__dict__.get("forward")  # another patch's instance forward, if any
+                layer.forward = partial(_auto_forward, self, s, i)
+                layer.__dict__[_WRAPPED_ATTRIBUTE] = _Wrapping(None, self, inner_forward)
+
+    def observe(self, s: int, i: int, args: tuple, kwargs: dict) -> None:
+        """Measure stack ``s`` and plan again if this call of its layer ``i`` brings more tokens than measured."""
+        hidden_states = args[0] if args else kwargs["hidden_states"]
+        tokens = hidden_states.numel() // hidden_states.shape[-1]
+        if tokens <= self._measured_tokens[s]:
+            return
+        layer = self.stacks[s][i]
+        args, kwargs = _without_cache(args, kwargs)
+        others = [leaf for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, Tensor)]
+        others = [tensor for tensor in others if tensor is not hidden_states]
+        if not _needs_grad(_trainable_parameters(layer), hidden_states, others):
+            return
+        device = hidden_states.device
+        run_layer = self._run_layer[s][i]
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            saved = saved_activation_bytes(
+                lambda: run_layer(*args, **kwargs), exclude=[*layer.parameters(), *layer.buffers(), *others]
+            )
+        self.measured[s] = StackMemory(len(self.stacks[s]), saved, hidden_states.numel() * hidden_states.element_size())
+        self._measured_tokens[s] = tokens
+        self._plan(device, tokens)
+
+    def _plan(self, device: torch.device, tokens: int) -> None:
+        _turn_off_hf_gradient_checkpointing(self.model)
+        if self._state_bytes is None:
+            self._state_bytes = model_state_bytes(self.model, device)
+            if self.memory_budget_gib is None:
+                self.budget_bytes = default_memory_budget(device)
+            else:
+                self.budget_bytes = round(self.memory_budget_gib * GIB)
+        measured = [s for s, memory in enumerate(self.measured) if memory is not None]
+        plan = plan_checkpointing(
+            [self.measured[s] for s in measured],
+            tokens=tokens,
+            fixed_bytes=self._state_bytes,
+            loss_workspace_bytes=loss_workspace_bytes(self.model, tokens),
+            budget_bytes=self.budget_bytes,
+            offload=device.type == "cuda" or self.offloader.runs_on_cpu,
+        )
+        modes = [(None,) * len(stack) for stack in self.stacks]
+        for s, stack_modes in zip(measured, plan.modes):
+            modes[s] = stack_modes
+        self.plan = dataclasses.replace(plan, modes=tuple(modes))
+        for s, stack in enumerate(self.stacks):
+            for i, (layer, mode) in enumerate(zip(stack, modes[s])):
+                run_layer = self._run_layer[s][i]
+                if mode is None:
+                    self._forwards[s][i] = run_layer
+                else:
+                    store = self.offloader if mode == "offload" else self._device_store
+                    self._forwards[s][i] = partial(_offload_forward, layer, run_layer, store, self._slots[s][i])
+                layer.__dict__[_WRAPPED_ATTRIBUTE].mode = mode
+        rank_zero_info(str(self.plan))
+
+
+def _auto_forward(planner: AutoCheckpointing, s: int, i: int, *args: Any, **kwargs: Any) -> Any:
+    if torch.is_grad_enabled():
+        planner.observe(s, i, args, kwargs)
+    return planner._forwards[s][i](*args, **kwargs)
 
 
 @dataclass

@@ -1,0 +1,288 @@
+"""Memory as a budget: the per-layer plan of ``checkpointing="auto"``.
+
+Each decoder layer runs one of three ways (see :mod:`lightning_fastft.training.checkpointing`):
+
+========== ================================= =================================================
+mode       device memory the layer keeps      time it adds to a step
+========== ================================= =================================================
+none       ``A``: every tensor its forward   nothing
+           saves for backward
+recompute  ``I``: its input hidden states     its forward again in backward (~1/3 of the
+                                             layer's forward + backward)
+offload    nothing (input in pinned host     recompute's, plus two host copies of ``I`` on a
+           memory)                           side stream, overlapped with compute
+========== ================================= =================================================
+
+**The rule** (:func:`plan_checkpointing`): keep as many layers as possible without checkpointing
+(every other layer offloaded); then, of the checkpointed layers, recompute as many as possible on the
+device and offload the rest. So it maximises the layers that cost nothing, counting an offload's
+copies as free against a recompute: on the H200, Llama-3-8B LoRA step at batch 4 x 2048 (issue 13),
+offload ran at recompute's speed (11484 vs 11480 tokens/s), its copies hidden behind the
+recomputation; an offloaded layer instead of a recomputed one frees ``I``, and ``A / I`` is 15-20
+on such layers, so one more layer without checkpointing is worth offloading ~15-20 others. Among
+checkpointed layers recompute still goes first: it moves nothing over PCIe and pins no host memory.
+Within a stack the layers of one mode are spread evenly (:func:`spread_indices`).
+
+**The estimate** (:func:`estimate_peak_bytes`), in bytes, for one batch shape::
+
+    peak = fixed + sum(kept bytes of every layer) + max(loss workspace, backward transient)
+
+* ``fixed``: the model state (:func:`model_state_bytes`: what is allocated on the device when the
+  plan is made, i.e. the weights and the batch, plus the gradients and AdamW's two moments of the
+  trainable parameters as long as they are not allocated yet).
+* kept bytes: ``A`` (none), ``I`` (recompute) or 0 (offload). ``A`` is measured, not modelled:
+  one layer's forward runs once more on the real batch under
+  ``torch.autograd.graph.saved_tensors_hooks`` and the distinct storages it saves are summed
+  (:func:`saved_activation_bytes`; the parameters and the inputs all layers share, such as the
+  rotary tables and the mask, are left out).
+* loss workspace (:func:`loss_workspace_bytes`): the head and the loss at the end of the forward.
+* backward transient: the backward of one layer needs, beyond what it keeps, about as much again as
+  it saves (the gradients of its activations), taken as ``A`` on top of the kept bytes; a
+  checkpointed layer first re-creates its ``A`` (its input among them: ``A - I`` new) and an offloaded
+  one also has the previous layer's input coming back (``I``). So ``A``, ``2A - I``, ``2A + I`` for
+  none, recompute, offload; the largest over the modes present.
+
+The budget is the peak of ``torch.cuda.max_memory_allocated`` (every tensor of the process on the
+device). Without ``memory_budget_gib`` it is the device's free memory when the plan is made plus what
+PyTorch's caching allocator already holds, minus :data:`DEFAULT_MARGIN_FRACTION` of the device's
+memory (:func:`default_memory_budget`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from lightning_fastft.patching.options import LayerCheckpointing
+
+GIB = 2**30
+
+DEFAULT_MARGIN_FRACTION = 0.1
+"""The default budget leaves this share of the device's total memory unplanned: the caching
+allocator's fragmentation (reserved but not allocated), memory outside it (CUDA context, cuBLAS and
+Triton workspaces, NCCL) and the estimate's own error."""
+
+HF_LOSS_BYTES_PER_LOGIT = 12
+"""Bytes per logit, beyond the logits themselves, of Hugging Face's causal-LM loss: the fp32 copy,
+its log-softmax and that one's gradient."""
+
+MODES: tuple[Optional[LayerCheckpointing], ...] = (None, "recompute", "offload")
+
+
+@dataclass(frozen=True)
+class StackMemory:
+    """One decoder stack for one batch shape: ``layers`` alike, each saving ``saved_bytes`` (``A``)
+    for backward without checkpointing and taking an input of ``input_bytes`` (``I``)."""
+
+    layers: int
+    saved_bytes: int
+    input_bytes: int
+
+
+@dataclass(frozen=True)
+class CheckpointPlan:
+    """A plan of ``checkpointing="auto"``: the mode of every layer (None: not checkpointed), by stack,
+    for batches of up to ``tokens`` tokens, and the numbers it was made from (bytes)."""
+
+    modes: tuple[tuple[Optional[LayerCheckpointing], ...], ...]
+    tokens: int
+    budget_bytes: int
+    fixed_bytes: int
+    peak_bytes: int
+
+    def count(self, mode: Optional[LayerCheckpointing]) -> int:
+        return sum(stack.count(mode) for stack in self.modes)
+
+    @property
+    def checkpoint_fraction(self) -> float:
+        """The share of the layers whose forward is recomputed in backward (recompute and offload)."""
+        total = sum(len(stack) for stack in self.modes)
+        return (total - self.count(None)) / total if total else 0.0
+
+    def __str__(self) -> str:
+        layers = ", ".join(f"{self.count(mode)} {mode or 'none'}" for mode in MODES)
+        return (
+            f"lightning_fastft: checkpointing='auto' for up to {self.tokens} tokens a batch: decoder layers "
+            f"{layers}; estimated peak {self.peak_bytes / GIB:.2f} GiB of the {self.budget_bytes / GIB:.2f} GiB "
+            f"budget (fixed memory {self.fixed_bytes / GIB:.2f} GiB)"
+        )
+
+
+def spread_indices(num_layers: int, count: int) -> list[int]:
+    """``count`` of ``range(num_layers)`` spread evenly: ``i`` when ``floor((i + 1) k / n) > floor(i k / n)``,
+    the last index of each of ``k`` equal runs (k=2 of n=4: 1 and 3; k=1 of n=3: 2)."""
+    if not 0 <= count <= num_layers:
+        raise ValueError(f"count must be in [0, {num_layers}], got {count}")
+    return [i for i in range(num_layers) if (i + 1) * count // num_layers > i * count // num_layers]
+
+
+def estimate_peak_bytes(
+    stacks: Sequence[StackMemory],
+    counts: Sequence[Sequence[int]],
+    fixed_bytes: int,
+    loss_workspace_bytes: int,
+) -> int:
+    """The estimated peak (module docstring) with ``counts[s] = (none, recompute, offload)`` layers of
+    ``stacks[s]``."""
+    kept = transient = 0
+    for stack, (plain, recomputed, offloaded) in zip(stacks, counts):
+        saved, hidden = stack.saved_bytes, stack.input_bytes
+        kept += plain * saved + recomputed * hidden
+        transient = max(
+            transient,
+            saved if plain else 0,
+            2 * saved - hidden if recomputed else 0,
+            2 * saved + hidden if offloaded else 0,
+        )
+    return fixed_bytes + kept + max(loss_workspace_bytes, transient)
+
+
+def plan_checkpointing(
+    stacks: Sequence[StackMemory],
+    *,
+    tokens: int,
+    fixed_bytes: int,
+    loss_workspace_bytes: int,
+    budget_bytes: int,
+    offload: bool = True,
+) -> CheckpointPlan:
+    """The fastest plan by the module docstring's rule whose :func:`estimate_peak_bytes` fits ``budget_bytes``.
+
+    Stacks are filled in order of their layers' saved bytes, smallest first: first the count of
+    layers without checkpointing (each count tried from the most down, as the transient term makes
+    the fit non-monotone), with every later layer offloaded; then recompute instead of offload, the
+    same way. ``offload=False`` (no CUDA): only none and recompute.
+
+    Raises:
+        ValueError: the budget is below the fixed memory, or below the least any plan needs (every
+            layer offloaded, or recomputed without ``offload``); both numbers are named.
+    """
+    cheapest = "offload" if offload else "recompute"
+    counts = [[0, 0, stack.layers] if offload else [0, stack.layers, 0] for stack in stacks]
+
+    def peak() -> int:
+        return estimate_peak_bytes(stacks, counts, fixed_bytes, loss_workspace_bytes)
+
+    if fixed_bytes > budget_bytes:
+        raise ValueError(
+            f"memory_budget_gib={budget_bytes / GIB:.2f} GiB is below the fixed memory of training, "
+            f"{fixed_bytes / GIB:.2f} GiB (weights, gradients, optimizer states and whatever else is on the device)"
+        )
+    if peak() > budget_bytes:
+        raise ValueError(
+            f"memory_budget_gib={budget_bytes / GIB:.2f} GiB is below the {peak() / GIB:.2f} GiB that training "
+            f"needs with every decoder layer {'offloaded' if offload else 'recomputed'} (checkpointing="
+            f"{cheapest!r}), of which {fixed_bytes / GIB:.2f} GiB fixed memory; give a larger budget or "
+            "smaller batches"
+        )
+    order = sorted(range(len(stacks)), key=lambda s: stacks[s].saved_bytes)
+    # (from, to) count indices: none 0, recompute 1, offload 2
+    phases = ((2, 0), (2, 1)) if offload else ((1, 0),)
+    for source, target in phases:
+        for s in order:
+            available = counts[s][source]
+            for moved in range(available, 0, -1):
+                counts[s][source] -= moved
+                counts[s][target] += moved
+                if peak() <= budget_bytes:
+                    break
+                counts[s][source] += moved
+                counts[s][target] -= moved
+    modes = []
+    for stack, (plain, _, offloaded) in zip(stacks, counts):
+        layer_modes: list[Optional[LayerCheckpointing]] = [None] * stack.layers
+        checkpointed = spread_indices(stack.layers, stack.layers - plain)
+        for index in checkpointed:
+            layer_modes[index] = "recompute"
+        for position in spread_indices(len(checkpointed), offloaded):
+            layer_modes[checkpointed[position]] = "offload"
+        modes.append(tuple(layer_modes))
+    return CheckpointPlan(
+        modes=tuple(modes), tokens=tokens, budget_bytes=budget_bytes, fixed_bytes=fixed_bytes, peak_bytes=peak()
+    )
+
+
+def _storage_key(tensor: Tensor) -> tuple[torch.device, int]:
+    return tensor.device, tensor.untyped_storage().data_ptr()
+
+
+def saved_activation_bytes(run: Callable[[], Any], exclude: Iterable[Tensor] = ()) -> int:
+    """Bytes of the distinct storages autograd saves for backward while ``run()`` runs with grad
+    enabled (one layer's forward), leaving out the storages of ``exclude`` (parameters, inputs
+    shared by all layers). A view keeps its whole storage alive and counts as that storage."""
+    excluded = {_storage_key(tensor) for tensor in exclude}
+    saved: dict[tuple[torch.device, int], int] = {}
+
+    def pack(tensor: Tensor) -> Tensor:
+        key = _storage_key(tensor)
+        if key not in excluded:
+            saved[key] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = run()
+    del output
+    return sum(saved.values())
+
+
+def loss_workspace_bytes(model: nn.Module, tokens: int) -> int:
+    """The memory of the LM head and loss for a batch of ``tokens`` tokens, for the outermost
+    Hugging Face model inside ``model`` (0 without one).
+
+    Fused linear cross-entropy (the ``cross_entropy`` patch): the final norm's input and output and
+    the hidden-state gradient (``tokens x hidden`` each), one chunk of logits
+    (:data:`~lightning_fastft.kernels.cross_entropy.LOGITS_CHUNK_BYTES` at most), fp32 row losses,
+    and the head's weight gradient if it trains. Otherwise the ``tokens x vocab`` logits plus
+    :data:`HF_LOSS_BYTES_PER_LOGIT` per logit.
+    """
+    from lightning_fastft._hf import outermost_hf_model
+    from lightning_fastft.kernels.cross_entropy import LOGITS_CHUNK_BYTES
+    from lightning_fastft.patching.model import computes_fused_loss
+
+    hf_model = outermost_hf_model(model)
+    head = hf_model.get_output_embeddings() if hf_model is not None else None
+    if head is None:
+        return 0
+    vocab, hidden = head.weight.shape
+    itemsize = head.weight.element_size()
+    if not computes_fused_loss(hf_model):
+        return tokens * vocab * (itemsize + HF_LOSS_BYTES_PER_LOGIT)
+    head_gradient = head.weight.numel() * itemsize if head.weight.requires_grad else 0
+    return 3 * tokens * hidden * itemsize + min(LOGITS_CHUNK_BYTES, tokens * vocab * itemsize) + 4 * tokens + head_gradient
+
+
+def model_state_bytes(model: nn.Module, device: torch.device) -> int:
+    """The memory training needs whatever the activations: on CUDA what is allocated on ``device`` now
+    (weights, the batch, anything else), elsewhere the parameters and buffers of ``model``; plus, for
+    trainable parameters, the gradients not allocated yet and AdamW's two moments (the parameter's
+    size each; counted as not allocated yet, which overcounts after the first optimizer step)."""
+    if device.type == "cuda":
+        resident = torch.cuda.memory_allocated(device)
+    else:
+        storages = {_storage_key(t): t.untyped_storage().nbytes() for t in (*model.parameters(), *model.buffers())}
+        resident = sum(storages.values())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    gradients = sum(p.numel() * p.element_size() for p in trainable if p.grad is None)
+    moments = 2 * sum(p.numel() * p.element_size() for p in trainable)
+    return resident + gradients + moments
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """The default budget in bytes on ``device``: its free memory plus what PyTorch's caching allocator
+    holds (reserved, reusable), minus :data:`DEFAULT_MARGIN_FRACTION` of its total memory.
+
+    Raises:
+        ValueError: ``device`` is not a CUDA device (no free-memory reading: give ``memory_budget_gib``).
+    """
+    if device.type != "cuda":
+        raise ValueError(
+            f"checkpointing='auto' on a {device.type} device needs memory_budget_gib (the free memory of "
+            "CUDA devices only is read for the default budget)"
+        )
+    free, total = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - math.ceil(DEFAULT_MARGIN_FRACTION * total)
