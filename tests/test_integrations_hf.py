@@ -1,6 +1,7 @@
 """lightning_fastft.integrations.hf with the real ``transformers.Trainer`` on CPU (tiny random Llama)."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from lightning_fastft.training.checkpointing import (
 )
 
 BATCH, ACCUMULATE, STEPS = 2, 2, 10
+EXAMPLES_ASSETS = Path(__file__).resolve().parents[1] / "examples" / "assets"
 
 
 def _dataset(n: int) -> list[dict]:
@@ -42,7 +44,7 @@ def _collate(samples: list[dict]) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def _train(model, tmp_path, callbacks=(), steps=STEPS, **arg_overrides):
+def _train(model, tmp_path, callbacks=(), steps=STEPS, attach=None, **arg_overrides):
     args = TrainingArguments(
         output_dir=str(tmp_path),
         per_device_train_batch_size=BATCH,
@@ -67,6 +69,8 @@ def _train(model, tmp_path, callbacks=(), steps=STEPS, **arg_overrides):
         data_collator=_collate,
         callbacks=list(callbacks),
     )
+    if attach is not None:
+        attach.attach(trainer)
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return trainer, losses
@@ -109,7 +113,7 @@ def test_callback_logs_tokens_per_sec(tmp_path):
     _, model = _models(lora=False)
     model = prepare_model(model)
     callback = FastFTCallback(window=100, peak_flops=1e12)
-    trainer, _ = _train(model, tmp_path, callbacks=[callback], steps=3)
+    trainer, _ = _train(model, tmp_path, attach=callback, steps=3)
 
     step_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(step_logs) == 3
@@ -117,13 +121,13 @@ def test_callback_logs_tokens_per_sec(tmp_path):
         assert entry["tokens_per_sec"] > 0 and entry["tokens_per_sec_total"] >= entry["tokens_per_sec"]
         assert 0 < entry["mfu"] < 1  # with the peak given; without it a CPU has none (test_unprepared_model_warns)
         assert ("peak_mem_gib" in entry) == torch.cuda.is_available()
-    # it runs before the reporting callbacks, so they get the metrics too
+    # attached, it runs before the reporting callbacks, so they get the metrics too
     assert trainer.callback_handler.callbacks[0] is callback
     # every non-padding token of the 3 steps was counted
     data = _dataset(3 * BATCH * ACCUMULATE)
-    counted = sum(batch[0] for _, batches in callback._steps for batch in batches)
+    counted = sum(batch[0] for _, batches in callback.throughput.steps for batch in batches)
     assert counted == sum(len(sample["input_ids"]) for sample in data)
-    assert sum(len(batches) for _, batches in callback._steps) == 3 * ACCUMULATE
+    assert sum(len(batches) for _, batches in callback.throughput.steps) == 3 * ACCUMULATE
 
 
 def test_model_is_patched_and_checkpointed(tmp_path):
@@ -194,3 +198,49 @@ def test_bad_inputs_raise():
         FastFTCallback(checkpoint_fraction=1.5)
     with pytest.raises(ValueError, match="window"):
         FastFTCallback(window=0)
+
+
+def test_sft_trainer_losses_match_plain_sft_trainer(tmp_path):
+    """TRL's SFTTrainer, prepared before the trainer is built (SFTTrainer then wraps the patched
+    forward with its own fused LM head), trains with the losses of a plain SFTTrainer."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(EXAMPLES_ASSETS)  # its pad id (0) only: the data is tokenised
+    data = Dataset.from_list([{"input_ids": sample["input_ids"].tolist()} for sample in _dataset(6 * BATCH * ACCUMULATE)])
+
+    def train(model, out, callback=None):
+        args = SFTConfig(
+            output_dir=str(out),
+            per_device_train_batch_size=BATCH,
+            gradient_accumulation_steps=ACCUMULATE,
+            max_steps=6,
+            learning_rate=1e-3,
+            lr_scheduler_type="constant",
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            seed=0,
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            max_length=None,
+            bf16=False,  # SFTConfig's default is bf16 autocast: compare in fp32
+        )
+        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+        if callback is not None:
+            callback.attach(trainer)
+        trainer.train()
+        return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+    plain, fast = _models(lora=True)
+    fast = prepare_model(fast, checkpointing="recompute")
+    plain_logs = train(plain, tmp_path / "plain")
+    fast_logs = train(fast, tmp_path / "fast", FastFTCallback())
+
+    assert is_prepared(fast) and len(plain_logs) == 6
+    torch.testing.assert_close(
+        torch.tensor([e["loss"] for e in fast_logs]), torch.tensor([e["loss"] for e in plain_logs]), rtol=1e-5, atol=0
+    )
+    assert all(e["tokens_per_sec"] > 0 for e in fast_logs)

@@ -178,6 +178,52 @@ def count_real_tokens(batch: Any) -> int:
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
+def batch_tokens(batch: Any) -> tuple[int, int, int]:
+    """``(non-padding tokens, all tokens, row length)`` of one (micro-)batch with ``input_ids``."""
+    input_ids = batch["input_ids"]
+    return count_real_tokens(batch), input_ids.numel(), input_ids.shape[-1]
+
+
+class ThroughputWindow:
+    """The rates over the last ``window`` timed steps, shared by :class:`FastFTMetrics` (a step = a
+    Lightning batch) and the Hugging Face ``FastFTCallback`` (a step = an optimizer step of several
+    micro-batches).
+
+    A step is its seconds and the :func:`batch_tokens` of each (micro-)batch it ran. Set
+    ``flops_coefficients`` (:func:`flops_coefficients`) and ``available_flops`` (peak FLOP/s) for MFU.
+    """
+
+    def __init__(self, window: int = 10) -> None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be an int >= 1, got {window!r}")
+        self.steps: deque[tuple[float, list[tuple[int, int, int]]]] = deque(maxlen=window)
+        self.flops_coefficients: Optional[tuple[float, float]] = None
+        self.available_flops: Optional[float] = None
+
+    def add(self, seconds: float, batches: list[tuple[int, int, int]]) -> None:
+        """Record a step of ``seconds`` that ran ``batches`` (each :func:`batch_tokens`)."""
+        self.steps.append((seconds, batches))
+
+    def metrics(self, device: Optional[torch.device] = None) -> dict[str, float]:
+        """``tokens_per_sec``, ``tokens_per_sec_total``, ``mfu`` (with a peak and coefficients) and
+        ``peak_mem_gib`` (a CUDA ``device``) over the window; empty before the first timed step."""
+        seconds = sum(step[0] for step in self.steps)
+        if not self.steps or seconds <= 0:
+            return {}
+        batches = [batch for step in self.steps for batch in step[1]]
+        metrics = {
+            "tokens_per_sec": sum(b[0] for b in batches) / seconds,
+            "tokens_per_sec_total": sum(b[1] for b in batches) / seconds,
+        }
+        if self.available_flops and self.flops_coefficients is not None:
+            fixed, per_position = self.flops_coefficients
+            flops = sum(b[1] * (fixed + per_position * b[2]) for b in batches)
+            metrics["mfu"] = flops / seconds / self.available_flops
+        if device is not None and device.type == "cuda":
+            metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        return metrics
+
+
 def flops_coefficients(module: nn.Module, checkpoint_fraction: float = 0.0) -> Optional[tuple[float, float]]:
     """``(a, b)`` with training FLOPs per token ``= a + b * seq_len`` for the HF causal LM inside ``module``.
 
@@ -266,9 +312,8 @@ class FastFTMetrics(Callback):
     ) -> None:
         self.peak_flops = peak_flops
         self.checkpoint_fraction = checkpoint_fraction
-        self._batches: deque[tuple[float, int, int, int]] = deque(maxlen=window)
+        self.throughput = ThroughputWindow(window)
         self._batch_start = 0.0
-        self._flops_coefficients: Optional[tuple[float, float]] = None
         self.available_flops: Optional[float] = None  # the peak MFU divides by: peak_flops or looked up
         self.compute_dtype: Optional[torch.dtype] = None  # the dtype it was looked up for
 
@@ -286,7 +331,8 @@ class FastFTMetrics(Callback):
             self.available_flops = peak_flops_for(pl_module.device, self.compute_dtype)
             if self.available_flops is None and pl_module.device.type == "cuda":  # CPUs have no MFU to miss
                 rank_zero_warn(_no_peak_message(pl_module.device, self.compute_dtype))
-        self._flops_coefficients = flops_coefficients(pl_module, self.checkpoint_fraction)
+        self.throughput.flops_coefficients = flops_coefficients(pl_module, self.checkpoint_fraction)
+        self.throughput.available_flops = self.available_flops
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._synchronize(pl_module)
@@ -297,20 +343,8 @@ class FastFTMetrics(Callback):
     ) -> None:
         self._synchronize(pl_module)
         elapsed = time.perf_counter() - self._batch_start
-        input_ids = batch["input_ids"]
-        self._batches.append((elapsed, count_real_tokens(batch), input_ids.numel(), input_ids.shape[-1]))
-
-        seconds = sum(b[0] for b in self._batches)
-        metrics = {
-            "tokens_per_sec": sum(b[1] for b in self._batches) / seconds,
-            "tokens_per_sec_total": sum(b[2] for b in self._batches) / seconds,
-        }
-        if self.available_flops and self._flops_coefficients is not None:
-            fixed, per_position = self._flops_coefficients
-            flops = sum(b[2] * (fixed + per_position * b[3]) for b in self._batches)
-            metrics["mfu"] = flops / seconds / self.available_flops
-        if pl_module.device.type == "cuda":
-            metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+        self.throughput.add(elapsed, [batch_tokens(batch)])
+        metrics = self.throughput.metrics(pl_module.device)
         pl_module.log_dict(
             metrics, on_step=True, on_epoch=False, prog_bar=True, logger=bool(trainer.loggers), batch_size=1
         )

@@ -3,15 +3,17 @@
     from lightning_fastft.integrations.hf import FastFTCallback, prepare_model
 
     model = prepare_model(model, checkpointing="recompute")  # a HF causal LM or a PEFT model
-    trainer = Trainer(model=model, args=args, train_dataset=..., callbacks=[FastFTCallback()])
+    trainer = FastFTCallback().attach(Trainer(model=model, args=args, train_dataset=...))
 
 :func:`prepare_model` patches the model in place (per instance, as
 :func:`~lightning_fastft.patching.model.patch_model`) with the
 :class:`~lightning_fastft.patching.options.PatchOptions` given as keywords. :class:`FastFTCallback`
 adds ``tokens_per_sec``, ``tokens_per_sec_total``, ``mfu`` (where the device's peak is known) and
-``peak_mem_gib`` (CUDA only) to every log the Trainer writes, so each logger it reports to
-(wandb, tensorboard, ...) gets them; the metrics are those of the Lightning callback
-:class:`~lightning_fastft.callbacks.metrics.FastFTMetrics`, computed by the same functions.
+``peak_mem_gib`` (CUDA only) to every log the Trainer writes; :meth:`FastFTCallback.attach` puts
+it ahead of the reporting callbacks (``report_to``: wandb, tensorboard, ...), so they get the
+metrics too. The metrics are those of the Lightning callback
+:class:`~lightning_fastft.callbacks.metrics.FastFTMetrics`, computed by the same
+:class:`~lightning_fastft.callbacks.metrics.ThroughputWindow`.
 
 Token-exact gradient accumulation: the Trainer passes ``num_items_in_batch`` (the target tokens of
 the whole accumulation window) to the model's forward when that forward takes ``**kwargs``. The
@@ -33,18 +35,17 @@ from __future__ import annotations
 import functools
 import time
 import warnings
-from collections import deque
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, TrainerCallback
-from transformers.trainer_callback import CallbackHandler
+from transformers import PreTrainedModel, Trainer, TrainerCallback
 
 from lightning_fastft._hf import unwrap_peft
 from lightning_fastft.callbacks.metrics import (
+    ThroughputWindow,
+    batch_tokens,
     checkpoint_fraction_of,
-    count_real_tokens,
     flops_coefficients,
     peak_flops_for,
     weights_compute_dtype,
@@ -63,6 +64,8 @@ from lightning_fastft.training.checkpointing import (
 )
 
 __all__ = ["FastFTCallback", "is_prepared", "patch_report", "prepare_model"]
+
+_TrainerT = TypeVar("_TrainerT", bound=Trainer)
 
 REPORT_ATTRIBUTE = "fastft_patch_report"
 """The attribute :func:`prepare_model` stores its :class:`PatchReport` under, on the model it returns."""
@@ -164,7 +167,7 @@ class FastFTCallback(TrainerCallback):
     """``transformers.TrainerCallback`` adding throughput, MFU and peak memory to the Trainer's logs.
 
     Every time the Trainer logs (``logging_steps``), the log gets, per device, over the last
-    ``window`` optimizer steps:
+    ``window`` optimizer steps (:class:`~lightning_fastft.callbacks.metrics.ThroughputWindow`):
 
     * ``tokens_per_sec``: non-padding tokens (:func:`~lightning_fastft.callbacks.metrics.count_real_tokens`
       of each micro-batch the model is called with) per second of step time;
@@ -178,10 +181,13 @@ class FastFTCallback(TrainerCallback):
 
     Step time runs from ``on_step_begin`` to ``on_step_end`` (CUDA synchronized): the forward,
     backward and optimizer step of all micro-batches of the step, not data loading or logging.
-    The metrics go into the ``logs`` dict of ``on_log`` and into ``state.log_history``. So that
-    logging callbacks the Trainer created before it (``report_to``: wandb, tensorboard, ...) see
-    them, the callback moves itself to the front of the Trainer's callback list when the Trainer
-    is built (or training starts).
+    The metrics go into the ``logs`` dict of ``on_log`` and into ``state.log_history``.
+
+    Add it with :meth:`attach` (``FastFTCallback().attach(trainer)``): the Trainer calls the
+    reporting callbacks it makes from ``report_to`` (wandb, tensorboard, ...) before the callbacks
+    passed as ``Trainer(callbacks=[...])``, which would add the metrics to a log those have already
+    sent; ``attach`` puts this callback first. Passed in ``callbacks=`` with ``report_to`` set, it
+    warns when training starts that the reporters miss the metrics.
 
     It also switches off Hugging Face's gradient checkpointing where the model's decoder layers are
     checkpointed by lightning_fastft (:func:`prepare_model` ``checkpointing``), with a warning, and
@@ -206,30 +212,40 @@ class FastFTCallback(TrainerCallback):
             raise ValueError(f"peak_flops must be a positive number of FLOP/s, got {peak_flops!r}")
         if checkpoint_fraction is not None:
             check_checkpoint_fraction(checkpoint_fraction, allow_zero=True)
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be an int >= 1, got {window!r}")
         self.peak_flops = peak_flops
         self.checkpoint_fraction = checkpoint_fraction
-        self.window = window
+        self.throughput = ThroughputWindow(window)
         self.available_flops: float | None = None  # the peak MFU divides by: peak_flops or looked up
         self.compute_dtype: torch.dtype | None = None  # the dtype it was looked up for
         self.metrics: dict[str, float] = {}  # the latest metrics, as last added to the logs
-        self._steps: deque[tuple[float, list[tuple[int, int, int]]]] = deque(maxlen=window)
-        self._micro_batches: list[tuple[int, int, int]] = []  # (real tokens, all tokens, row length)
+        self._micro_batches: list[tuple[int, int, int]] = []  # batch_tokens of this step's micro-batches
         self._step_start: float | None = None
-        self._flops_coefficients: tuple[float, float] | None = None
         self._device: torch.device | None = None
         self._hook: Any = None
+        self._first = False  # attached ahead of the reporting callbacks
+
+    def attach(self, trainer: _TrainerT) -> _TrainerT:
+        """Add this callback to ``trainer`` ahead of every other callback (so the reporting callbacks
+        see its metrics in the same log) and return ``trainer``."""
+        callbacks = trainer.callback_handler.callbacks
+        if self in callbacks:
+            callbacks.remove(self)
+        callbacks.insert(0, self)
+        self._first = True
+        return trainer
 
     # ------------------------------------------------------------------ set-up
 
-    def on_init_end(self, args, state, control, **kwargs):
-        _move_to_front(self)
-
     def on_train_begin(self, args, state, control, model: nn.Module | None = None, **kwargs):
-        _move_to_front(self)
         if model is None:
             raise ValueError("FastFTCallback: the Trainer passed no model to on_train_begin")
+        if not self._first and _reporting_to(args):
+            warnings.warn(
+                f"FastFTCallback was passed in Trainer(callbacks=...): the reporting callbacks ({args.report_to}) "
+                "run before it and log without tokens_per_sec/mfu; add it with FastFTCallback().attach(trainer) "
+                "to have them reported.",
+                stacklevel=2,
+            )
         if checkpointed_layers(model) and hf_gradient_checkpointing_on(model):
             warnings.warn(
                 "lightning_fastft: turning off Hugging Face gradient checkpointing; the decoder layers are "
@@ -248,7 +264,7 @@ class FastFTCallback(TrainerCallback):
         fraction = self.checkpoint_fraction
         if fraction is None:
             fraction = checkpoint_fraction_of(model)
-        self._flops_coefficients = flops_coefficients(model, fraction)
+        self.throughput.flops_coefficients = flops_coefficients(model, fraction)
         self.available_flops = self.peak_flops
         if self.available_flops is None:
             self.compute_dtype = _compute_dtype(args, model)
@@ -260,7 +276,8 @@ class FastFTCallback(TrainerCallback):
                     "FastFTCallback(peak_flops=...), the peak FLOP/s of one device, for MFU)",
                     stacklevel=2,
                 )
-        self._steps.clear()
+        self.throughput.available_flops = self.available_flops
+        self.throughput.steps.clear()
         self._remove_hook()
         self._hook = model.register_forward_pre_hook(self._count_batch, with_kwargs=True)
 
@@ -280,10 +297,9 @@ class FastFTCallback(TrainerCallback):
         batch = dict(kwargs)
         if "input_ids" not in batch and args and isinstance(args[0], torch.Tensor):
             batch["input_ids"] = args[0]
-        input_ids = batch.get("input_ids")
-        if not isinstance(input_ids, torch.Tensor):
+        if not isinstance(batch.get("input_ids"), torch.Tensor):
             return  # inputs_embeds only: nothing to count tokens by
-        self._micro_batches.append((count_real_tokens(batch), input_ids.numel(), input_ids.shape[-1]))
+        self._micro_batches.append(batch_tokens(batch))
 
     def _synchronize(self) -> None:
         if self._device is not None and self._device.type == "cuda":
@@ -301,26 +317,12 @@ class FastFTCallback(TrainerCallback):
         elapsed = time.perf_counter() - self._step_start
         self._step_start = None
         if self._micro_batches:
-            self._steps.append((elapsed, self._micro_batches))
+            self.throughput.add(elapsed, self._micro_batches)
         self._micro_batches = []
 
     def current_metrics(self) -> dict[str, float]:
         """The metrics over the last ``window`` optimizer steps (empty before the first step)."""
-        seconds = sum(step[0] for step in self._steps)
-        if not self._steps or seconds <= 0:
-            return {}
-        micro_batches = [batch for step in self._steps for batch in step[1]]
-        metrics = {
-            "tokens_per_sec": sum(b[0] for b in micro_batches) / seconds,
-            "tokens_per_sec_total": sum(b[1] for b in micro_batches) / seconds,
-        }
-        if self.available_flops and self._flops_coefficients is not None:
-            fixed, per_position = self._flops_coefficients
-            flops = sum(b[1] * (fixed + per_position * b[2]) for b in micro_batches)
-            metrics["mfu"] = flops / seconds / self.available_flops
-        if self._device is not None and self._device.type == "cuda":
-            metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(self._device) / 2**30
-        return metrics
+        return self.throughput.metrics(self._device)
 
     def on_log(self, args, state, control, logs: dict | None = None, **kwargs):
         if logs is None or "loss" not in logs:  # training logs only: not eval/predict/final summary
@@ -336,6 +338,14 @@ class FastFTCallback(TrainerCallback):
                 last.update(self.metrics)
 
 
+def _reporting_to(args: Any) -> bool:
+    """Whether the Trainer arguments name reporting integrations (``report_to`` other than none)."""
+    report_to = getattr(args, "report_to", None) or []
+    if isinstance(report_to, str):
+        report_to = [report_to]
+    return any(name not in ("none", None) for name in report_to)
+
+
 def _compute_dtype(args: Any, model: nn.Module) -> torch.dtype:
     """The dtype the model's matmuls run in under ``args``: the autocast dtype with ``bf16`` /
     ``fp16``, else the dtype of most matmul weights (quantised ones by their compute dtype)."""
@@ -344,23 +354,3 @@ def _compute_dtype(args: Any, model: nn.Module) -> torch.dtype:
     if getattr(args, "fp16", False):
         return torch.float16
     return weights_compute_dtype(model) or torch.float32
-
-
-def _move_to_front(callback: TrainerCallback) -> None:
-    """Move ``callback`` to the front of the ``CallbackHandler`` dispatching the current event, so
-    its ``on_log`` runs before the reporting callbacks the Trainer added ahead of user callbacks.
-    A no-op when no handler is found among the calling frames."""
-    import sys
-
-    frame = sys._getframe(1)
-    for _ in range(8):
-        if frame is None:
-            return
-        handler = frame.f_locals.get("self")
-        if isinstance(handler, CallbackHandler):
-            callbacks = handler.callbacks
-            if callback in callbacks and callbacks[0] is not callback:
-                callbacks.remove(callback)
-                callbacks.insert(0, callback)
-            return
-        frame = frame.f_back
