@@ -56,7 +56,6 @@ from lightning_fastft.training.memory_plan import (
     model_state_bytes,
     plan_checkpointing,
     saved_activation_bytes,
-    spread_indices,
 )
 
 _WRAPPED_ATTRIBUTE = "_fastft_checkpointing"  # the layer's _Wrapping
@@ -88,7 +87,8 @@ def checkpointed_layer_indices(num_layers: int, checkpoint_fraction: float = 1.0
     layers (k=2 of n=4: layers 1 and 3; k=1 of n=3: layer 2).
     """
     check_checkpoint_fraction(checkpoint_fraction)
-    return spread_indices(num_layers, math.floor(checkpoint_fraction * num_layers + 0.5))
+    count = math.floor(checkpoint_fraction * num_layers + 0.5)
+    return [i for i in range(num_layers) if (i + 1) * count // num_layers > i * count // num_layers]
 
 
 @dataclass

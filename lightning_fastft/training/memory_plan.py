@@ -21,11 +21,22 @@ offload ran at recompute's speed (11484 vs 11480 tokens/s), its copies hidden be
 recomputation; an offloaded layer instead of a recomputed one frees ``I``, and ``A / I`` is 15-20
 on such layers, so one more layer without checkpointing is worth offloading ~15-20 others. Among
 checkpointed layers recompute still goes first: it moves nothing over PCIe and pins no host memory.
-Within a stack the layers of one mode are spread evenly (:func:`spread_indices`).
 
-**The estimate** (:func:`estimate_peak_bytes`), in bytes, for one batch shape::
+**Where**: the checkpointed layers are the lowest of their stack (offloaded ones lowest, then the
+recomputed ones), the layers without checkpointing the top ones. The backward of a layer runs while
+every layer below it still holds what it keeps and those above have freed theirs, so what the low
+layers keep weighs on every later backward, while the top layer's recomputation would run first,
+next to everything kept: checkpointing it saves no peak memory at all.
 
-    peak = fixed + sum(kept bytes of every layer) + max(loss workspace, backward transient)
+**The estimate** (:func:`estimate_peak_bytes`), in bytes, for one batch shape, the largest of
+
+* the end of the forward: ``fixed + sum(kept bytes of every layer) + loss workspace``;
+* the backward of each layer: ``fixed + sum(kept bytes of the layers below it) + its own``, where a
+  layer's own memory while its backward runs is its activations ``A`` and about as much again for
+  their gradients: ``2A`` without checkpointing and with recompute (the kept input ``I`` and the
+  recomputed rest), ``2A + I`` offloaded (the previous offloaded layer's input is being prefetched).
+
+The terms:
 
 * ``fixed``: the model state (:func:`model_state_bytes`: what is allocated on the device when the
   plan is made, i.e. the weights and the batch, plus the gradients and AdamW's two moments of the
@@ -36,11 +47,6 @@ Within a stack the layers of one mode are spread evenly (:func:`spread_indices`)
   (:func:`saved_activation_bytes`; the parameters and the inputs all layers share, such as the
   rotary tables and the mask, are left out).
 * loss workspace (:func:`loss_workspace_bytes`): the head and the loss at the end of the forward.
-* backward transient: the backward of one layer needs, beyond what it keeps, about as much again as
-  it saves (the gradients of its activations), taken as ``A`` on top of the kept bytes; a
-  checkpointed layer first re-creates its ``A`` (its input among them: ``A - I`` new) and an offloaded
-  one also has the previous layer's input coming back (``I``). So ``A``, ``2A - I``, ``2A + I`` for
-  none, recompute, offload; the largest over the modes present.
 
 The budget is the peak of ``torch.cuda.max_memory_allocated`` (every tensor of the process on the
 device). Without ``memory_budget_gib`` it is the device's free memory when the plan is made plus what
@@ -113,12 +119,13 @@ class CheckpointPlan:
         )
 
 
-def spread_indices(num_layers: int, count: int) -> list[int]:
-    """``count`` of ``range(num_layers)`` spread evenly: ``i`` when ``floor((i + 1) k / n) > floor(i k / n)``,
-    the last index of each of ``k`` equal runs (k=2 of n=4: 1 and 3; k=1 of n=3: 2)."""
-    if not 0 <= count <= num_layers:
-        raise ValueError(f"count must be in [0, {num_layers}], got {count}")
-    return [i for i in range(num_layers) if (i + 1) * count // num_layers > i * count // num_layers]
+def stack_modes(layers: int, counts: Sequence[int]) -> tuple[Optional[LayerCheckpointing], ...]:
+    """The mode of each of ``layers`` layers, bottom first, for ``counts = (none, recompute, offload)``:
+    offloaded lowest, then recomputed, then the layers without checkpointing."""
+    plain, recomputed, offloaded = counts
+    if plain + recomputed + offloaded != layers:
+        raise ValueError(f"counts {tuple(counts)} do not add up to {layers} layers")
+    return ("offload",) * offloaded + ("recompute",) * recomputed + (None,) * plain
 
 
 def estimate_peak_bytes(
@@ -128,18 +135,16 @@ def estimate_peak_bytes(
     loss_workspace_bytes: int,
 ) -> int:
     """The estimated peak (module docstring) with ``counts[s] = (none, recompute, offload)`` layers of
-    ``stacks[s]``."""
-    kept = transient = 0
-    for stack, (plain, recomputed, offloaded) in zip(stacks, counts):
+    ``stacks[s]`` placed by :func:`stack_modes`, the stacks running in their order."""
+    kept_below = backward_peak = 0
+    for stack, stack_counts in zip(stacks, counts):
         saved, hidden = stack.saved_bytes, stack.input_bytes
-        kept += plain * saved + recomputed * hidden
-        transient = max(
-            transient,
-            saved if plain else 0,
-            2 * saved - hidden if recomputed else 0,
-            2 * saved + hidden if offloaded else 0,
-        )
-    return fixed_bytes + kept + max(loss_workspace_bytes, transient)
+        plain, recomputed, offloaded = stack_counts
+        for number, kept, own in ((offloaded, 0, 2 * saved + hidden), (recomputed, hidden, 2 * saved), (plain, saved, 2 * saved)):
+            if number:  # the top layer of the run has the most kept below it
+                backward_peak = max(backward_peak, kept_below + (number - 1) * kept + own)
+                kept_below += number * kept
+    return fixed_bytes + max(kept_below + loss_workspace_bytes, backward_peak)
 
 
 def plan_checkpointing(
@@ -154,9 +159,8 @@ def plan_checkpointing(
     """The fastest plan by the module docstring's rule whose :func:`estimate_peak_bytes` fits ``budget_bytes``.
 
     Stacks are filled in order of their layers' saved bytes, smallest first: first the count of
-    layers without checkpointing (each count tried from the most down, as the transient term makes
-    the fit non-monotone), with every later layer offloaded; then recompute instead of offload, the
-    same way. ``offload=False`` (no CUDA): only none and recompute.
+    layers without checkpointing (each count tried from the most down: the fit is not monotone in
+    it), with every later layer offloaded; then recompute instead of offload, the same way. ``offload=False`` (no CUDA): only none and recompute.
 
     Raises:
         ValueError: the budget is below the fixed memory, or below the least any plan needs (every
@@ -193,17 +197,12 @@ def plan_checkpointing(
                     break
                 counts[s][source] += moved
                 counts[s][target] -= moved
-    modes = []
-    for stack, (plain, _, offloaded) in zip(stacks, counts):
-        layer_modes: list[Optional[LayerCheckpointing]] = [None] * stack.layers
-        checkpointed = spread_indices(stack.layers, stack.layers - plain)
-        for index in checkpointed:
-            layer_modes[index] = "recompute"
-        for position in spread_indices(len(checkpointed), offloaded):
-            layer_modes[checkpointed[position]] = "offload"
-        modes.append(tuple(layer_modes))
     return CheckpointPlan(
-        modes=tuple(modes), tokens=tokens, budget_bytes=budget_bytes, fixed_bytes=fixed_bytes, peak_bytes=peak()
+        modes=tuple(stack_modes(stack.layers, stack_counts) for stack, stack_counts in zip(stacks, counts)),
+        tokens=tokens,
+        budget_bytes=budget_bytes,
+        fixed_bytes=fixed_bytes,
+        peak_bytes=peak(),
     )
 
 
