@@ -291,15 +291,16 @@ EXPORT_LM_OVERRIDES = {
 }
 
 
-def export_lm(model_type: str, vocab_size: int, seed: int = 0) -> nn.Module:
+def export_lm(model_type: str, vocab_size: int, seed: int = 0, **overrides) -> nn.Module:
     """A model of any exported family for the llama.cpp checks: hidden 64, 2 layers, 4 q + 2 kv heads of 16,
-    weights drawn with std 0.1 from ``seed`` (spread-out logits, so greedy tokens are not near-ties)."""
-    fields = dict(EXPORT_LLAMA_FIELDS, vocab_size=vocab_size, head_dim=16, initializer_range=0.1)
+    weights drawn with std 0.1 from ``seed`` (spread-out logits, so greedy tokens are not near-ties);
+    ``overrides`` replace config fields."""
+    fields = dict(EXPORT_LLAMA_FIELDS, vocab_size=vocab_size, head_dim=16, initializer_range=0.1, **overrides)
     fields.pop("rope_parameters")
-    overrides = dict(EXPORT_LM_OVERRIDES.get(model_type, {}))
-    attn = overrides.pop("attn_implementation", "sdpa")
+    extra = dict(EXPORT_LM_OVERRIDES.get(model_type, {}))
+    attn = extra.pop("attn_implementation", "sdpa")
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(model_type, **fields, **overrides)
+    config = AutoConfig.for_model(model_type, **{**fields, **extra})
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
 
 

@@ -10,35 +10,41 @@ Follows the conventions of llama.cpp's ``convert_hf_to_gguf.py`` for the support
 * gemma / gemma2 RMSNorm scales by ``1 + w``; llama.cpp uses plain ``w``, so ``1`` is added to
   every ``*norm.weight``. Their ``lm_head`` is tied to the embeddings and not written.
 * 1-D tensors (norms, biases) are stored as F32; 2-D tensors in the requested type, with
-  Q8_0 falling back to F16 (with a warning naming them) for rows not a multiple of the 32-wide block.
+  Q8_0 falling back to F16 (with a warning naming them) for rows not a multiple of the 32-wide block;
+  the k-quant mixtures (q4_k_m, q5_k_m, q6_k) pick each tensor's type as llama.cpp's quantiser
+  does (:mod:`lightning_fastft.export.quants`).
+* The tokenizer is written as the llama.cpp tokenizer family that tokenises like it
+  (:mod:`lightning_fastft.export.gguf_tokenizer`).
 """
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import warnings
 from pathlib import Path
 
 import gguf
+import numpy as np
 import torch
 from torch import nn
 
 from lightning_fastft._hf import unwrap_peft
 from lightning_fastft.architectures import ARCHITECTURES, ArchitectureSpec, head_dim
+from lightning_fastft.export.gguf_tokenizer import GGUFWriter, check_tokenizer, write_tokenizer
 from lightning_fastft.export.merged import merged_state_dict
+from lightning_fastft.export.modelfile import modelfile_text
+from lightning_fastft.export.quants import K_QUANTS, MIXTURES, mixture_type, quantize_k
 
 
 _OUTPUT_TYPES = {
     "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
     "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
     "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    **MIXTURES,
 }
 
 _Q8_0_BLOCK = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]  # Q8_0 quantises rows in blocks this wide
-
-# tokenizer.ggml.pre for byte-level BPE vocabularies (llama.cpp picks the pre-tokenizer regex by it)
-_BPE_PRE_TOKENIZERS = {"llama": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2"}
 
 
 def permute_rotary_halves(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -102,59 +108,6 @@ def _write_hyperparameters(writer: gguf.GGUFWriter, config, spec: ArchitectureSp
         writer.add_sliding_window(config.sliding_window)
 
 
-def _write_tokenizer(writer: gguf.GGUFWriter, tokenizer, config) -> None:
-    """Tokens, token types and scores padded to the model's vocab size; merges for BPE; special ids."""
-    if not getattr(tokenizer, "is_fast", False):
-        raise NotImplementedError("GGUF tokenizer export needs a fast (tokenizer.json) tokenizer")
-    model_spec = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
-    if model_spec["type"] != "BPE":
-        raise NotImplementedError(f"GGUF tokenizer export handles BPE vocabularies, not {model_spec['type']}")
-    byte_fallback = bool(model_spec.get("byte_fallback", False))
-
-    vocab = tokenizer.get_vocab()
-    vocab_size = max(config.vocab_size, max(vocab.values()) + 1)
-    id_to_token = {i: t for t, i in vocab.items()}
-    added = {t.content: t for t in tokenizer.added_tokens_decoder.values()}
-    special_ids = set(tokenizer.all_special_ids)
-    tokens, scores, token_types = [], [], []
-    for token_id in range(vocab_size):
-        text = id_to_token.get(token_id)
-        if text is None:
-            tokens.append(f"[PAD{token_id}]")
-            token_types.append(gguf.TokenType.UNUSED)
-            scores.append(0.0)
-            continue
-        tokens.append(text)
-        if token_id in special_ids or (text in added and added[text].special):
-            token_types.append(gguf.TokenType.CONTROL)
-        elif text in added:
-            token_types.append(gguf.TokenType.USER_DEFINED)
-        elif byte_fallback and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
-            token_types.append(gguf.TokenType.BYTE)
-        else:
-            token_types.append(gguf.TokenType.NORMAL)
-        # SentencePiece-BPE ranks pieces by score; the HF vocab is in rank order.
-        scores.append(-float(token_id) if token_types[-1] == gguf.TokenType.NORMAL else 0.0)
-
-    if byte_fallback:  # SentencePiece-style BPE (Llama 2, Mistral, Gemma)
-        writer.add_tokenizer_model("llama")
-        writer.add_tokenizer_pre("default")
-    else:  # byte-level BPE (GPT-2 style: Llama 3, Qwen)
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(_BPE_PRE_TOKENIZERS.get(config.model_type, "default"))
-        merges = [m if isinstance(m, str) else " ".join(m) for m in model_spec.get("merges", [])]
-        writer.add_token_merges(merges)
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(token_types)
-    for kind in ("bos", "eos", "unk", "pad"):
-        token_id = getattr(tokenizer, f"{kind}_token_id", None)
-        if token_id is not None:
-            getattr(writer, f"add_{kind}_token_id")(token_id)
-    if isinstance(getattr(tokenizer, "chat_template", None), str):
-        writer.add_chat_template(tokenizer.chat_template)
-
-
 def _load(model_or_dir, tokenizer):
     if not isinstance(model_or_dir, (str, os.PathLike)):
         return model_or_dir, tokenizer
@@ -168,6 +121,26 @@ def _load(model_or_dir, tokenizer):
     return model, tokenizer
 
 
+def _tensor_type(dtype: str, gguf_name: str, array_shape, n_layers: int, tied: bool):
+    """The stored type of one tensor: F32 for 1-D tensors and norms, else the file type's choice
+    (``q8_0`` rows not a multiple of its block stay F16; the k-quant mixtures follow llama.cpp)."""
+    if len(array_shape) <= 1 or gguf_name.endswith("_norm.weight"):
+        return gguf.GGMLQuantizationType.F32
+    if dtype in MIXTURES:
+        layer = re.match(r"blk\.(\d+)\.", gguf_name)
+        return mixture_type(dtype, gguf_name, array_shape[-1], layer and int(layer[1]), n_layers, tied)
+    qtype = _OUTPUT_TYPES[dtype][0]
+    if qtype == gguf.GGMLQuantizationType.Q8_0 and array_shape[-1] % _Q8_0_BLOCK:
+        return gguf.GGMLQuantizationType.F16
+    return qtype
+
+
+def _quantize(data: torch.Tensor, qtype) -> np.ndarray:
+    if qtype in K_QUANTS:
+        return quantize_k(data, qtype)
+    return gguf.quants.quantize(data.numpy(), qtype)
+
+
 def export_gguf(
     model_or_dir: nn.Module | str | os.PathLike,
     out_path: str | os.PathLike,
@@ -175,40 +148,50 @@ def export_gguf(
     dtype: str = "f16",
     tokenizer=None,
     overwrite: bool = False,
+    modelfile: bool = False,
 ) -> Path:
-    """Write ``model_or_dir`` as a GGUF file (``dtype`` in ``"f16"``, ``"bf16"``, ``"q8_0"``).
+    """Write ``model_or_dir`` as a GGUF file; returns its path.
 
+    ``dtype``: ``"f16"``, ``"bf16"``, ``"q8_0"``, or the k-quant mixtures ``"q4_k_m"``,
+    ``"q5_k_m"``, ``"q6_k"`` (quantised here, tensor types chosen as llama.cpp's quantiser does).
     ``model_or_dir`` is a transformers causal LM (a PEFT LoRA / QLoRA model is merged on the
     fly, without modifying it) or a directory saved by ``save_pretrained`` (its tokenizer is
-    picked up when present). An existing ``out_path`` is replaced only with ``overwrite=True``.
-    Returns the output path.
+    picked up when present). ``tokenizer``: a HF fast tokenizer (see
+    :mod:`lightning_fastft.export.gguf_tokenizer` for the families llama.cpp runs). With
+    ``modelfile=True`` an Ollama ``Modelfile`` is written beside the file (see
+    :mod:`lightning_fastft.export.modelfile`). Existing outputs are replaced only with
+    ``overwrite=True``; an unsupported architecture or tokenizer fails before anything is written.
     """
     if dtype not in _OUTPUT_TYPES:
         raise ValueError(f"dtype must be one of {sorted(_OUTPUT_TYPES)}, got {dtype!r}")
     out_path = Path(out_path)
-    if out_path.is_dir():
-        raise IsADirectoryError(f"export_gguf: out_path {str(out_path)!r} is a directory, not a file")
-    if out_path.exists() and not overwrite:
-        raise FileExistsError(f"export_gguf: {str(out_path)!r} already exists; pass overwrite=True to replace it")
+    modelfile_path = out_path.parent / "Modelfile"
+    for path in (out_path, modelfile_path) if modelfile else (out_path,):
+        if path.is_dir():
+            raise IsADirectoryError(f"export_gguf: {str(path)!r} is a directory, not a file")
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"export_gguf: {str(path)!r} already exists; pass overwrite=True to replace it")
     model, tokenizer = _load(model_or_dir, tokenizer)
     config = unwrap_peft(model).config
     if config.model_type not in ARCHITECTURES:
         raise NotImplementedError(f"GGUF export supports {sorted(ARCHITECTURES)}, not model_type={config.model_type!r}")
+    if tokenizer is not None:
+        check_tokenizer(tokenizer)
+    generation_config = getattr(unwrap_peft(model), "generation_config", None)
+    modelfile_content = modelfile_text(out_path.name, tokenizer, generation_config) if modelfile else None
     spec = ARCHITECTURES[config.model_type]
-    if spec.gguf_arch is None:
-        raise NotImplementedError(f"GGUF export does not support model_type={config.model_type!r} (mixture of experts)")
     arch = gguf.MODEL_ARCH[spec.gguf_arch]
-    tensor_type, file_type = _OUTPUT_TYPES[dtype]
+    file_type = _OUTPUT_TYPES[dtype][1]
     tied = spec.tied_lm_head or bool(getattr(config, "tie_word_embeddings", False))
     n_heads = config.num_attention_heads
     n_kv_heads = getattr(config, "num_key_value_heads", None) or n_heads
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(out_path, gguf.MODEL_ARCH_NAMES[arch], use_temp_file=True)
+    writer = GGUFWriter(out_path, gguf.MODEL_ARCH_NAMES[arch], use_temp_file=True)
     _write_hyperparameters(writer, config, spec, file_type)
     if tokenizer is not None:
-        _write_tokenizer(writer, tokenizer, config)
+        write_tokenizer(writer, tokenizer, config.vocab_size)
 
     if _rope_scaling(config).get("rope_type") == "llama3":
         rope_freqs_name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
@@ -227,20 +210,18 @@ def export_gguf(
             data = permute_rotary_halves(data, n_kv_heads)
         if spec.norm_offset and hf_name.endswith("norm.weight"):
             data = data + spec.norm_offset
-        array = data.numpy()
-        qtype = tensor_type
-        if array.ndim <= 1 or gguf_name.endswith("_norm.weight"):
-            qtype = gguf.GGMLQuantizationType.F32
-        elif qtype == gguf.GGMLQuantizationType.Q8_0 and array.shape[-1] % _Q8_0_BLOCK:
-            qtype = gguf.GGMLQuantizationType.F16
-            f16_fallbacks.append(f"{gguf_name} (rows of {array.shape[-1]})")
+        qtype = _tensor_type(dtype, gguf_name, tuple(data.shape), config.num_hidden_layers, tied)
+        if dtype == "q8_0" and qtype == gguf.GGMLQuantizationType.F16:
+            f16_fallbacks.append(f"{gguf_name} (rows of {data.shape[-1]})")
         q8_0_count += qtype == gguf.GGMLQuantizationType.Q8_0
-        writer.add_tensor(gguf_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+        writer.add_tensor(gguf_name, _quantize(data, qtype), raw_dtype=qtype)
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    if modelfile_content is not None:
+        modelfile_path.write_text(modelfile_content, encoding="utf-8")
     if f16_fallbacks:
         if q8_0_count == 0:
             stay = f"none of the {len(f16_fallbacks)} weight matrices is Q8_0, the file is effectively f16"
