@@ -6,6 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q torch==2.13.0
 python3 -m pip install -q -c constraints.txt -e ".[dev]"
+bash scripts/install_llamacpp.sh  # the real llama.cpp for the GGUF tests (node-llama-cpp, pinned)
 export WANDB_MODE=offline HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export FASTFT_REQUIRE_LLAMACPP=1  # a missing llama.cpp fails the GGUF tests instead of skipping them
 python3 -m pytest -q tests "$@"
 bash scripts/test_oldest.sh
