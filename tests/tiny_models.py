@@ -338,6 +338,9 @@ MOE_FIELDS = dict(
     num_experts_per_tok=2,
     output_router_logits=True,  # the load-balancing loss is part of the training loss
     router_aux_loss_coef=0.05,
+    # HF's own per-expert loop as the reference: its default "grouped_mm" needs 16-byte aligned
+    # strides, which these odd widths in fp32 do not have (torch's CPU grouped_mm raises)
+    experts_implementation="eager",
 )
 # model_type: its own fields (odd expert widths; Qwen3-MoE with a dense layer; Qwen2-MoE without
 # top-k renormalisation and with its shared expert; Mixtral with 5 experts)

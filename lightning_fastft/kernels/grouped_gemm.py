@@ -93,7 +93,7 @@ def _tiles(device: torch.device) -> tuple[int, int, int, int]:
 
 
 def _input_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
 
 
 @triton.jit

@@ -28,6 +28,7 @@ from torch import nn
 
 from lightning_fastft.architectures import ArchitectureSpec
 from lightning_fastft.kernels.moe import ExpertLora, moe_experts
+from lightning_fastft.training.checkpointing import keep_differentiable
 
 EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
 _QWEN2_SHARED = ("shared_expert", "shared_expert_gate")
@@ -61,6 +62,8 @@ def _default_gate_activation(experts: nn.Module) -> bool:
 
 def unsupported_moe_feature(block: nn.Module, spec: ArchitectureSpec, activation: str | None) -> str | None:
     """Why ``block`` cannot run the grouped-GEMM forward (the missing feature), or None."""
+    if not isinstance(getattr(block, "gate", None), nn.Module) or not isinstance(getattr(block, "experts", None), nn.Module):
+        return "no gate/experts submodules"
     children = {name for name, _ in block.named_children()}
     expected = {"gate", "experts"} | (set(_QWEN2_SHARED) if "shared_expert" in children else set())
     if children != expected:
@@ -138,6 +141,22 @@ def _moe_block_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Te
     if plan.shared_expert:
         out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
     return out.reshape(shape)
+
+
+def _keep_router_logits(router: nn.Module, args, output) -> None:
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        keep_differentiable(output[0])
+
+
+def keep_router_logits_differentiable(block: nn.Module) -> None:
+    """A forward hook on the block's router (once): its logits, which Hugging Face records for the
+    load-balancing loss, keep their gradient when the decoder layer is checkpointed by
+    :mod:`lightning_fastft.training.checkpointing` (patched or not, the block's routing runs
+    inside the layer's no-grad forward there)."""
+    router = _base_experts(block.gate)
+    if not router.__dict__.get("_fastft_router_hook", False):
+        router.register_forward_hook(_keep_router_logits)
+        router._fastft_router_hook = True
 
 
 def has_expert_lora(block: nn.Module) -> bool:

@@ -61,6 +61,27 @@ from lightning_fastft.training.memory_plan import (
 _WRAPPED_ATTRIBUTE = "_fastft_checkpointing"  # the layer's _Wrapping
 _warned_cpu_fallback = False
 _TENSOR_SLOT = object()  # stands for a tensor in a flattened call or output held by _LayerCall
+_side_outputs: list[list[Tensor]] = []  # one list per checkpointed layer call running (see keep_differentiable)
+
+
+def keep_differentiable(tensor: Tensor) -> None:
+    """Give ``tensor`` -- made inside a decoder layer and read outside it, e.g. router logits
+    that Hugging Face records for the load-balancing loss -- its gradient under activation
+    checkpointing: the checkpointed layer returns it as an extra output of its autograd Function
+    (the same tensor object, which so gains the layer's backward), and the backward recompute
+    takes its gradient into the layer's vector-Jacobian product. A no-op outside checkpointed
+    layers (there the tensor keeps its graph anyway)."""
+    if _side_outputs:
+        _side_outputs[-1].append(tensor)
+
+
+@contextlib.contextmanager
+def _collecting_side_outputs():
+    _side_outputs.append([])
+    try:
+        yield _side_outputs[-1]
+    finally:
+        _side_outputs.pop()
 
 
 def find_decoder_layer_lists(model: nn.Module) -> list[nn.ModuleList]:
@@ -438,6 +459,7 @@ class _OffloadedLayer(torch.autograd.Function):
     backward: x is fetched back (the previous layer's input is prefetched meanwhile), the layer is
     re-run with grad under the recorded RNG/autocast state, and
     (dL/dx, dL/dothers, dL/dparams) = vjp(layer at x, dL/dy) by ``torch.autograd.grad``.
+    Tensors handed to :func:`keep_differentiable` during the call are extra outputs (y includes them).
     The trainable parameters are explicit inputs, so their grads flow even when no input requires
     grad (LoRA over frozen embeddings) and reach DDP's gradient hooks like any other grad.
     """
@@ -450,10 +472,11 @@ class _OffloadedLayer(torch.autograd.Function):
         ctx.autocast = _AutocastState(hidden_states.device.type)
         ctx.stored_input = call.offloader.offload(hidden_states, call.slot)
         ctx.save_for_backward(*other_inputs)
-        output = call.run(hidden_states, list(other_inputs))
+        with _collecting_side_outputs() as side_outputs:
+            output = call.run(hidden_states, list(other_inputs))
         leaves, call.output_spec = pytree.tree_flatten(output)
         call.output_leaves = [_TENSOR_SLOT if isinstance(leaf, Tensor) else leaf for leaf in leaves]
-        return tuple(leaf for leaf in leaves if isinstance(leaf, Tensor))
+        return (*(leaf for leaf in leaves if isinstance(leaf, Tensor)), *side_outputs)
 
     @staticmethod
     def backward(ctx, *grad_outputs: Tensor | None):
@@ -464,9 +487,9 @@ class _OffloadedLayer(torch.autograd.Function):
             tensor.detach().requires_grad_(needs)
             for tensor, needs in zip(ctx.saved_tensors, needs_grad[1 : 1 + len(call.other_positions)])
         ]
-        with torch.enable_grad(), ctx.rng.restored(), ctx.autocast.restored():
+        with torch.enable_grad(), ctx.rng.restored(), ctx.autocast.restored(), _collecting_side_outputs() as side:
             output = call.run(hidden_states, other_inputs)
-        output_tensors = [leaf for leaf in pytree.tree_leaves(output) if isinstance(leaf, Tensor)]
+        output_tensors = [leaf for leaf in pytree.tree_leaves(output) if isinstance(leaf, Tensor)] + side
         differentiable = [
             (tensor, grad)
             for tensor, grad in zip(output_tensors, grad_outputs)

@@ -1,0 +1,290 @@
+"""Mixture-of-experts fine-tuning: the grouped GEMMs, the experts op and the patched Qwen3-MoE,
+Qwen2-MoE and Mixtral blocks against Hugging Face.
+
+Kernels: fp32 against an fp64 PyTorch reference, forward and backward, odd sizes, experts that
+receive no rows. Models (``tiny_models.MOE``): the patched model's loss (cross entropy plus HF's
+load-balancing loss), aux loss, router logits, eval logits and every trainable gradient equal the
+unpatched HF model in fp32, full fine-tuning and LoRA on the stacked experts; one batch is so
+short (tokens x top-k < experts) that some experts get no token. Blocks the patch does not know
+keep HF's forward with a warning and train the same. Packed (varlen) batches and offloaded
+checkpointing work through MoE layers; 20 Lightning steps follow plain HF training.
+"""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from test_convergence import STEPS, _assert_same_run, run_fit
+from test_packing import check_packed_equals_unpacked
+from tiny_models import CONVERGENCE_VOCAB, MOE, MOE_VOCAB, moe_config, moe_lm
+
+from lightning_fastft.kernels.grouped_gemm import (
+    grouped_mm,
+    grouped_mm_reference,
+    grouped_mm_weight_grad,
+    grouped_mm_weight_grad_reference,
+)
+from lightning_fastft.kernels.moe import ExpertLora, moe_experts, moe_experts_reference
+from lightning_fastft.patching import patch_model
+from lightning_fastft.qlora import attach_lora
+
+ARCHS = sorted(MOE)
+
+
+def assert_close(actual, expected, rtol=1e-5, msg=None, scale=None):
+    """Relative to the reference's largest entry (rounding scales with magnitude, not per entry),
+    or to ``scale``."""
+    expected = expected.to(actual.dtype)
+    scale = scale or max(expected.abs().max().item(), 1e-30)
+    torch.testing.assert_close(
+        actual, expected, rtol=rtol, atol=rtol * scale, msg=None if msg is None else lambda m: f"{msg}: {m}"
+    )
+
+
+def _offsets(counts, device):
+    return torch.tensor(counts, device=device).cumsum(0).to(torch.int32)
+
+
+# ---------------------------------------------------------------- kernels
+
+
+def test_grouped_mm_matches_reference(device):
+    counts = [5, 0, 17, 1, 0, 14]  # odd groups, two experts without rows
+    rows, k, n, rank = sum(counts), 23, 29, 3
+    offsets = _offsets(counts, device)
+    x, x2 = torch.randn(rows, k, device=device), torch.randn(rows, rank, device=device)
+    weight = torch.randn(6, n, k, device=device)  # stored (experts, out, in): passed as its transpose
+    m2 = torch.randn(6, rank, n, device=device)
+    want = grouped_mm_reference(x.double(), weight.double().transpose(1, 2), offsets)
+    assert_close(grouped_mm(x, weight.transpose(1, 2), offsets), want)
+    want = grouped_mm_reference(x.double(), weight.double().transpose(1, 2), offsets, x2.double(), m2.double(), 0.37)
+    assert_close(grouped_mm(x, weight.transpose(1, 2), offsets, x2, m2, 0.37), want)
+
+    dy = torch.randn(rows, n, device=device)
+    grad = grouped_mm_weight_grad(dy, x, offsets)
+    assert_close(grad, grouped_mm_weight_grad_reference(dy.double(), x.double(), offsets))
+    assert grad[1].abs().max() == 0 and grad[4].abs().max() == 0
+
+
+def test_grouped_mm_rejects_bad_shapes(device):
+    x, m = torch.randn(6, 4, device=device), torch.randn(3, 4, 5, device=device)
+    with pytest.raises(ValueError, match="one end row per expert"):
+        grouped_mm(x, m, _offsets([6, 0], device))
+    with pytest.raises(ValueError, match=r"x must be \(rows, K\)"):
+        grouped_mm(x, m.transpose(1, 2), _offsets([2, 2, 2], device))
+
+
+def _routing(tokens, experts, top_k, unused, device):
+    logits = torch.randn(tokens, experts, device=device)
+    logits[:, unused] -= 100.0  # these experts get no token
+    weights, index = torch.softmax(logits, -1).topk(top_k)
+    return index, weights
+
+
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_moe_experts_matches_reference(device, with_lora):
+    tokens, hidden_size, inter, experts, top_k, rank = 13, 21, 11, 7, 2, 3
+    index, weights = _routing(tokens, experts, top_k, [2, 5], device)
+    inputs = {
+        "hidden": torch.randn(tokens, hidden_size, device=device),
+        "weights": weights,
+        "gate_up": torch.randn(experts, 2 * inter, hidden_size, device=device) * 0.3,
+        "down": torch.randn(experts, hidden_size, inter, device=device) * 0.3,
+    }
+    if with_lora:
+        inputs |= {
+            "gu_b": torch.randn(experts, 2 * inter, rank, device=device),
+            "gu_a": torch.randn(experts, rank, hidden_size, device=device),
+            "d_b": torch.randn(experts, hidden_size, rank, device=device),
+            "d_a": torch.randn(experts, rank, inter, device=device),
+        }
+    dout = torch.randn(tokens, hidden_size, device=device)
+
+    def run(op, dtype):
+        leaves = {name: t.to(dtype).requires_grad_() for name, t in inputs.items()}
+        lora = {}
+        if with_lora:
+            lora = {
+                "gate_up_lora": ExpertLora(leaves["gu_b"], leaves["gu_a"], 0.5),
+                "down_lora": ExpertLora(leaves["d_b"], leaves["d_a"], 0.25),
+            }
+        out = op(leaves["hidden"], index, leaves["weights"], leaves["gate_up"], leaves["down"], "silu", **lora)
+        grads = torch.autograd.grad((out * dout.to(dtype)).sum(), list(leaves.values()))
+        return out, dict(zip(leaves, grads))
+
+    out, grads = run(moe_experts, torch.float32)
+    want_out, want_grads = run(moe_experts_reference, torch.float64)
+    assert_close(out, want_out)
+    for name, grad in grads.items():
+        assert_close(grad, want_grads[name], msg=name)
+    assert grads["gate_up"][2].abs().max() == 0 and grads["down"][5].abs().max() == 0
+
+
+def test_moe_experts_rejects_bad_shapes(device):
+    hidden = torch.randn(4, 6, device=device)
+    index, weights = _routing(4, 3, 2, [], device)
+    with pytest.raises(ValueError, match="gate_up must be"):
+        moe_experts(hidden, index, weights, torch.randn(3, 8, 6, device=device), torch.randn(3, 6, 5, device=device))
+    with pytest.raises(ValueError, match="top_k_index"):
+        moe_experts(hidden, index[:3], weights[:3], torch.randn(3, 8, 6, device=device), torch.randn(3, 6, 4, device=device))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 grouped GEMMs (torch._grouped_mm on sm90) need a GPU")
+def test_moe_experts_bf16_on_gpu():
+    """bf16 (torch._grouped_mm where the GPU has it, else the Triton kernel) against fp32: a few bf16 roundings."""
+    tokens, hidden_size, inter, experts, top_k, rank = 1000, 256, 128, 16, 4, 16
+    index, weights = _routing(tokens, experts, top_k, [3], "cuda")
+    leaves = [
+        torch.randn(tokens, hidden_size, device="cuda"),
+        weights,
+        torch.randn(experts, 2 * inter, hidden_size, device="cuda") * hidden_size**-0.5,
+        torch.randn(experts, hidden_size, inter, device="cuda") * inter**-0.5,
+        torch.randn(experts, 2 * inter, rank, device="cuda") * 0.1,
+        torch.randn(experts, rank, hidden_size, device="cuda") * hidden_size**-0.5,
+    ]
+    dout = torch.randn(tokens, hidden_size, device="cuda")
+
+    def run(dtype):
+        ts = [t.to(dtype).requires_grad_() for t in leaves]
+        out = moe_experts(ts[0], index, ts[1], ts[2], ts[3], "silu", ExpertLora(ts[4], ts[5], 2.0))
+        return [out, *torch.autograd.grad((out * dout.to(dtype)).sum(), ts)]
+
+    for got, want in zip(run(torch.bfloat16), run(torch.float32)):
+        assert_close(got.float(), want, rtol=3e-2)
+
+
+# ---------------------------------------------------------------- patched models vs HF
+
+
+def _moe_layers(model) -> int:
+    return sum(type(m).__name__.endswith("SparseMoeBlock") for m in model.modules())
+
+
+def _batches(device):
+    """A padded batch of 2 x 9, and 2 tokens (2 x top-2 < 5 experts: some experts get none)."""
+    ids = torch.randint(0, MOE_VOCAB, (2, 9), device=device)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    short = torch.randint(0, MOE_VOCAB, (1, 2), device=device)
+    return [(ids, mask), (short, torch.ones_like(short))]
+
+
+def _loss_and_grads(model, ids, mask):
+    model.zero_grad()
+    out = model(input_ids=ids, attention_mask=mask, labels=ids)
+    out.loss.backward()
+    return out, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same_training(model, reference, device):
+    for ids, mask in _batches(device):
+        out, grads = _loss_and_grads(model, ids, mask)
+        ref_out, ref_grads = _loss_and_grads(reference, ids, mask)
+        assert_close(out.loss, ref_out.loss)
+        assert_close(out.aux_loss, ref_out.aux_loss)
+        assert len(out.router_logits) == len(ref_out.router_logits) > 0
+        for got, want in zip(out.router_logits, ref_out.router_logits):
+            assert_close(got, want)
+        assert grads.keys() == ref_grads.keys() and grads
+        # relative to the largest gradient: some are exactly 0 in exact arithmetic (a query attending
+        # to one key), rounding noise in both runs
+        scale = max(grad.abs().max().item() for grad in ref_grads.values())
+        for name, grad in grads.items():
+            assert_close(grad, ref_grads[name], msg=name, scale=scale)
+    used = torch.cat([logits.topk(2).indices.flatten() for logits in ref_out.router_logits]).unique()
+    assert used.numel() < ref_out.router_logits[0].shape[-1]  # the short batch left experts without tokens
+    model.eval(), reference.eval()
+    with torch.no_grad():
+        ids, mask = _batches(device)[0]
+        assert_close(model(input_ids=ids, attention_mask=mask).logits, reference(input_ids=ids, attention_mask=mask).logits)
+
+
+def _patch(model, **options):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # one-time kernel fallback notices
+        return patch_model(model, **options).models[0]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_patched_moe_matches_hf(arch, device):
+    reference = moe_lm(arch).to(device).train()
+    model = copy.deepcopy(reference)
+    entry = _patch(model)
+    assert entry.patched["moe"] == _moe_layers(model) > 0 and entry.patched["attention"] > 0, str(entry)
+    assert not entry.skipped, str(entry)
+    _assert_same_training(model, reference, device)
+
+
+def _lora_model(arch, device):
+    """LoRA by the project's attach_lora: all-linear = attention (+ dense/shared MLP) and the stacked experts."""
+    model = attach_lora(moe_lm(arch), lora_r=4, lora_alpha=8)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, 0.2)
+    return model.to(device).train()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_patched_moe_lora_matches_hf(arch, device):
+    reference = _lora_model(arch, device)
+    trainable = [name for name, p in reference.named_parameters() if p.requires_grad]
+    assert any("experts" in name for name in trainable) and not any("mlp.gate." in name for name in trainable)
+    model = copy.deepcopy(reference)
+    entry = _patch(model)
+    assert entry.patched["moe"] == entry.patched["lora_experts"] == _moe_layers(model) > 0, str(entry)
+    assert entry.patched["lora_qkv"] > 0, str(entry)
+    _assert_same_training(model, reference, device)
+
+
+def test_unknown_router_keeps_hf_forward_and_trains(device):
+    reference = moe_lm("qwen2_moe").to(device).train()
+    blocks = [m for m in reference.modules() if type(m).__name__ == "Qwen2MoeSparseMoeBlock"]
+    other_router = type("OtherRouter", (type(blocks[0].gate),), {})
+    for block in blocks:
+        block.gate.__class__ = other_router
+    model = copy.deepcopy(reference)
+    with pytest.warns(UserWarning, match="Qwen2MoeSparseMoeBlock has router OtherRouter"):
+        entry = patch_model(model).models[0]
+    assert entry.patched["moe"] == 0 and entry.patched["attention"] > 0
+    assert not any("forward" in m.__dict__ for m in model.modules() if type(m).__name__ == "Qwen2MoeSparseMoeBlock")
+    _assert_same_training(model, reference, device)
+
+
+def test_router_jitter_keeps_hf_forward(device):
+    model = moe_lm("mixtral", router_jitter_noise=0.1).to(device)
+    with pytest.warns(UserWarning, match="router jitter noise"):
+        entry = patch_model(model).models[0]
+    assert entry.patched["moe"] == 0 and entry.patched["cross_entropy"] == 1
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_packed_moe_batch_equals_samples_run_alone(arch, device):
+    """Packed (varlen) batch through patched MoE layers == HF per sample (the aux loss is a batch statistic: off)."""
+    model = moe_lm(arch, output_router_logits=False, num_hidden_layers=1).to(device)
+    reference = copy.deepcopy(model)
+    _patch(model)
+    check_packed_equals_unpacked(model, device, reference, position_ids_only_too=False)
+
+
+def test_offloaded_checkpointing_through_moe_layers(device):
+    reference = _lora_model("qwen3_moe", device)
+    model = copy.deepcopy(reference)
+    entry = _patch(model, checkpointing="offload")
+    assert entry.patched["lora_experts"] > 0
+    _assert_same_training(model, reference, device)
+
+
+# ---------------------------------------------------------------- Lightning training vs plain HF
+
+MOE_CONVERGENCE = {"qwen3_moe": 0, "qwen2_moe": 4, "mixtral": 4}  # LoRA rank; 0: full fine-tuning
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fastft_moe_matches_plain_training(device, arch):
+    config = moe_config(arch, num_hidden_layers=2, vocab_size=CONVERGENCE_VOCAB)
+    fast = run_fit(config, MOE_CONVERGENCE[arch], "fastft", STEPS, device)
+    reference = run_fit(config, MOE_CONVERGENCE[arch], "auto", STEPS, device)
+    _assert_same_run(fast, reference)
