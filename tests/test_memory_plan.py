@@ -271,3 +271,36 @@ def test_patched_model_under_auto_matches_plain_training():
     assert_same_training(reference, wrapped, "cpu", steps=2)
     result = checkpoint_planner_of(wrapped).plan
     assert (result.count(None), result.count("recompute")) == (2, 1)
+
+
+def test_lightning_fit_plans_and_metrics_count_the_recomputed_share(tmp_path):
+    import lightning.pytorch as pl
+    from helpers import quiet_trainer
+
+    from lightning_fastft import FastFTMetrics
+    from lightning_fastft.callbacks.metrics import flops_coefficients
+
+    model = lora_llama()
+    stack, fixed, loss = probe(model)
+
+    class TinyLM(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = copy.deepcopy(model)
+
+        def training_step(self, batch, batch_idx):
+            return self.model(**batch).loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    budget_gib = estimate_peak_bytes([stack], [(2, 1, 0)], fixed, loss) / GIB
+    metrics = FastFTMetrics()
+    module = TinyLM()
+    trainer = quiet_trainer("cpu", max_steps=2, default_root_dir=tmp_path, callbacks=[
+        ActivationCheckpointing("auto", memory_budget_gib=budget_gib), metrics])  # fmt: skip
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([make_batch("cpu")] * 2, batch_size=None))
+    plan = checkpoint_planner_of(module).plan
+    assert (plan.count(None), plan.count("recompute")) == (2, 1)
+    assert metrics.checkpoint_fraction == plan.checkpoint_fraction == 1 / 3
+    assert metrics.throughput.flops_coefficients == flops_coefficients(module, 1 / 3)

@@ -13,7 +13,8 @@ Model FLOPs per token (matmuls only, multiply-add = 2 FLOPs), for a sequence of 
   forward ``4 L d T`` plus backward ``8 L d T`` (PaLM's convention, causal masking not
   discounted). Packed sequences are counted at the full row length ``T``.
 * recomputation (activation checkpointing) repeats the forward: ``+2N + 4 L d T``, times the share
-  ``r`` of recomputed layers (``checkpoint_fraction``; 1 when every layer is checkpointed).
+  ``r`` of recomputed layers (``checkpoint_fraction``; 1 when every layer is checkpointed; under
+  ``checkpointing="auto"`` the current plan's recomputed and offloaded layers).
 
 MFU = flops/token x tokens/s (all tokens, padding included: the matmuls run on it) / peak device
 FLOP/s. The peak is given as ``peak_flops``, or is the GPU's dense peak (:func:`peak_flops_for`) for
@@ -261,7 +262,8 @@ def flops_coefficients(module: nn.Module, checkpoint_fraction: float = 0.0) -> O
 def checkpoint_fraction_of(module: nn.Module) -> float:
     """Share of the decoder layers inside ``module`` that are checkpointed (forward recomputed in backward): those
     wrapped by :func:`~lightning_fastft.training.checkpointing.apply_activation_checkpointing` (however it
-    was applied), or all of them under HF's own gradient checkpointing."""
+    was applied; under ``checkpointing="auto"`` those its current plan checkpoints, none before the first
+    training forward), or all of them under HF's own gradient checkpointing."""
     from lightning_fastft.training.checkpointing import (
         checkpointed_layers,
         find_decoder_layer_lists,
@@ -303,7 +305,8 @@ class FastFTMetrics(Callback):
             one warning; on a CPU silently).
         checkpoint_fraction: the share in [0, 1] of the decoder layers checkpointed (counts that
             much extra forward in MFU); default: :func:`checkpoint_fraction_of` the model when
-            training starts (after every strategy/callback set-up).
+            training starts (after every strategy/callback set-up), and again after each batch in
+            which ``checkpointing="auto"`` made a plan (the first, and any that brought more tokens).
         window: number of recent batches the rates are averaged over.
     """
 
@@ -316,6 +319,8 @@ class FastFTMetrics(Callback):
         self._batch_start = 0.0
         self.available_flops: Optional[float] = None  # the peak MFU divides by: peak_flops or looked up
         self.compute_dtype: Optional[torch.dtype] = None  # the dtype it was looked up for
+        self._planner: Any = None  # the checkpointing="auto" planner whose plans set checkpoint_fraction
+        self._plan: Any = None  # the plan of the counted checkpoint_fraction
 
     @staticmethod
     def _synchronize(pl_module: pl.LightningModule) -> None:
@@ -324,6 +329,9 @@ class FastFTMetrics(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.checkpoint_fraction is None:
+            from lightning_fastft.training.checkpointing import checkpoint_planner_of
+
+            self._planner = checkpoint_planner_of(pl_module)
             self.checkpoint_fraction = checkpoint_fraction_of(pl_module)
         self.available_flops = self.peak_flops
         if self.available_flops is None:
@@ -343,6 +351,10 @@ class FastFTMetrics(Callback):
     ) -> None:
         self._synchronize(pl_module)
         elapsed = time.perf_counter() - self._batch_start
+        if self._planner is not None and self._planner.plan is not self._plan:
+            self._plan = self._planner.plan
+            self.checkpoint_fraction = checkpoint_fraction_of(pl_module)
+            self.throughput.flops_coefficients = flops_coefficients(pl_module, self.checkpoint_fraction)
         self.throughput.add(elapsed, [batch_tokens(batch)])
         metrics = self.throughput.metrics(pl_module.device)
         pl_module.log_dict(
