@@ -51,6 +51,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="activation checkpointing of the decoder layers (default: none)")  # fmt: skip
     parser.add_argument("--checkpoint_fraction", type=float, default=1.0,
                         help="share of the decoder layers checkpointed; less recompute, more memory")  # fmt: skip
+    parser.add_argument("--memory_budget_gib", type=float, default=None,
+                        help="--checkpointing auto: peak GPU memory to fit (default: free memory minus 10%%)")  # fmt: skip
     parser.add_argument("--optimizer", choices=("adamw", "adamw_8bit"), default="adamw")
     parser.add_argument("--learning_rate", type=float, default=2e-4)
     parser.add_argument("--warmup_steps", type=int, default=10)
@@ -150,6 +152,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     strategy = FastFTStrategy(
         checkpointing=args.checkpointing,
         checkpoint_fraction=args.checkpoint_fraction,
+        memory_budget_gib=args.memory_budget_gib,
         optimizer="adamw_8bit" if args.optimizer == "adamw_8bit" else None,
     )
     trainer = pl.Trainer(
