@@ -49,6 +49,7 @@ def llamacpp(jobs: list[dict], timeout: float = 300) -> list[dict]:
         capture_output=True,
         text=True,
         timeout=timeout,
+        check=False,  # the error is raised below with node's stderr
         env=env,
         cwd=LLAMACPP_DIR,
     )

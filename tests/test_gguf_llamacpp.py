@@ -186,10 +186,20 @@ def as_stored(model, path):
             tensor = stored.get(names.get_name(name, try_suffixes=(".weight", ".bias")) or "")
             if tensor is None or parameter.dim() != 2:
                 continue
-            blocks = gguf.quants.quantize(parameter.numpy(), tensor.tensor_type) if tensor.tensor_type in (
-                gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q5_0,
-                gguf.GGMLQuantizationType.Q5_1) else quantize_k(parameter, tensor.tensor_type)
-            parameter.copy_(torch.from_numpy(gguf.quants.dequantize(blocks, tensor.tensor_type).reshape(parameter.shape)))
+            blocks = (
+                gguf.quants.quantize(parameter.numpy(), tensor.tensor_type)
+                if tensor.tensor_type
+                in (
+                    gguf.GGMLQuantizationType.F16,
+                    gguf.GGMLQuantizationType.Q8_0,
+                    gguf.GGMLQuantizationType.Q5_0,
+                    gguf.GGMLQuantizationType.Q5_1,
+                )
+                else quantize_k(parameter, tensor.tensor_type)
+            )
+            parameter.copy_(
+                torch.from_numpy(gguf.quants.dequantize(blocks, tensor.tensor_type).reshape(parameter.shape))
+            )
     return copied
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -107,7 +107,9 @@ def _byte_level(pre_tokenizer, specials, bos, eos, add_bos, chat_template, vocab
         tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
         )
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos, eos_token=eos, chat_template=chat_template)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=bos, eos_token=eos, chat_template=chat_template
+    )
 
 
 def _sentencepiece(cls, specials, chat_template, vocab_size=800, **kwargs):
@@ -124,14 +126,17 @@ def wordlevel_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-@lru_cache(maxsize=None)
+@cache
 def family_tokenizer(name: str):
     if name == "gpt2":
         pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         return _byte_level(pre, ["<|endoftext|>"], "<|endoftext|>", "<|endoftext|>", False, CHATML)
     if name == "llama3":
         pre = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+            [
+                pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
         )
         specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
         return _byte_level(pre, specials, "<|begin_of_text|>", "<|eot_id|>", True, LLAMA3_CHAT)
@@ -139,7 +144,10 @@ def family_tokenizer(name: str):
         from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
         pre = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+            [
+                pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
         )
         specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
         vocab, merges = _vocab_merges(_train_bpe(pre, specials, 700, byte_level=True))

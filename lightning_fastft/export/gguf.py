@@ -36,7 +36,6 @@ from lightning_fastft.export.merged import merged_state_dict
 from lightning_fastft.export.modelfile import modelfile_text
 from lightning_fastft.export.quants import K_QUANTS, MIXTURES, mixture_type, quantize_k
 
-
 _OUTPUT_TYPES = {
     "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
     "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),

@@ -46,10 +46,10 @@ import gguf
 
 # The split regexes of the byte-level BPE families llama.cpp knows, as they appear in tokenizer.json,
 # by the ``tokenizer.ggml.pre`` name that selects llama.cpp's copy of them.
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _BYTE_LEVEL_PRE = {_LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2"}
 _SPACE_MARK = "\u2581"  # SentencePiece's "▁"
 _PROBE = "probe text"  # encoded with and without special tokens to see which the tokenizer adds
@@ -130,7 +130,9 @@ def vocab_family(tokenizer_json: dict) -> VocabFamily:
         pre = _BYTE_LEVEL_PRE.get(_pattern(splits[0]))
         if pre is not None:
             return VocabFamily("gpt2", pre)
-        raise NotImplementedError(f"GGUF export: llama.cpp knows no pre-tokenizer with the split regex {_pattern(splits[0])!r}")
+        raise NotImplementedError(
+            f"GGUF export: llama.cpp knows no pre-tokenizer with the split regex {_pattern(splits[0])!r}"
+        )
     raise NotImplementedError(f"GGUF export: llama.cpp knows no byte-level BPE pre-tokenizer like {pre_types}")
 
 
@@ -175,7 +177,9 @@ def write_tokenizer(writer: GGUFWriter, tokenizer, vocab_size: int) -> VocabFami
         if text is None:
             text, token_type = f"[PAD{token_id}]", gguf.TokenType.UNUSED
         elif token_id in special_ids or (text in added and added[text].special):
-            token_type = gguf.TokenType.UNKNOWN if token_id == unk_id and family.model == "llama" else gguf.TokenType.CONTROL
+            token_type = (
+                gguf.TokenType.UNKNOWN if token_id == unk_id and family.model == "llama" else gguf.TokenType.CONTROL
+            )
         elif text in added:
             token_type = gguf.TokenType.USER_DEFINED
         elif family.model == "llama" and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
@@ -195,7 +199,9 @@ def write_tokenizer(writer: GGUFWriter, tokenizer, vocab_size: int) -> VocabFami
     writer.add_token_scores(scores)
     writer.add_token_types(token_types)
     # written even when empty (add_token_merges skips an empty list); needs this module's GGUFWriter
-    writer.add_key_value(gguf.Keys.Tokenizer.MERGES, merges, gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.STRING)
+    writer.add_key_value(
+        gguf.Keys.Tokenizer.MERGES, merges, gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.STRING
+    )
     if family.add_space_prefix is not None:
         writer.add_add_space_prefix(family.add_space_prefix)
     for kind in ("bos", "eos", "unk", "pad"):

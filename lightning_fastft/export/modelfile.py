@@ -18,7 +18,8 @@ marker when it is a special token. Parameters: the generation config's ``tempera
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
+
+from jinja2.exceptions import TemplateError
 
 from lightning_fastft.export.gguf_tokenizer import add_special_flags
 
@@ -57,7 +58,7 @@ class ChatPieces:
             f'{"{{ if" if i == 0 else "{{ else if"} eq .Role "{role}" }}}}{before}{{{{ .Content }}}}{after}'
             for i, (role, (before, after)) in enumerate(branches)
         )
-        last = "{{ if and (eq (len (slice $.Messages $i)) 1) (ne .Role \"assistant\") }}" + self.generation + "{{ end }}"
+        last = '{{ if and (eq (len (slice $.Messages $i)) 1) (ne .Role "assistant") }}' + self.generation + "{{ end }}"
         return f"{self.start}{{{{ range $i, $_ := .Messages }}}}{body}{{{{ end }}}}{last}{{{{ end }}}}"
 
 
@@ -67,7 +68,16 @@ def _between(text: str, left: str, right: str) -> str:
 
 def chat_pieces(tokenizer, strip_bos: bool) -> ChatPieces:
     """The pieces of ``tokenizer.chat_template``, checked by re-rendering a probe conversation."""
+    try:
+        return _chat_pieces(tokenizer, strip_bos)
+    except ValueError as error:  # a marker missing where fixed text around messages would put it
+        raise NotImplementedError(
+            f"Modelfile: the chat template does not render as fixed text around each message ({error}); "
+            "write the TEMPLATE by hand"
+        ) from error
 
+
+def _chat_pieces(tokenizer, strip_bos: bool) -> ChatPieces:
     def render(messages, add_generation_prompt=False):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
@@ -84,20 +94,22 @@ def chat_pieces(tokenizer, strip_bos: bool) -> ChatPieces:
     generation = render([user], add_generation_prompt=True)[len(one) :]
     try:
         with_system = render([{"role": "system", "content": _SYSTEM}, user])
-    except Exception:  # templates that refuse a system message (Gemma's raise)
+    except TemplateError:  # templates that refuse a system message (Gemma's raise)
+        with_system = None
+    if with_system is None or _SYSTEM not in with_system:  # refused or dropped: Ollama drops it too
         system = None
     else:
         system_after = _between(with_system, _SYSTEM, _USER)
-        system = (with_system[len(start) : with_system.index(_SYSTEM)], system_after[: len(system_after) - len(user_before)])
+        system = (
+            with_system[len(start) : with_system.index(_SYSTEM)],
+            system_after[: len(system_after) - len(user_before)],
+        )
     bos = getattr(tokenizer, "bos_token", None)
     pieces = ChatPieces(start, (user_before, user_after), (assistant_before, assistant_after), system, generation)
     probe = ([{"role": "system", "content": _SYSTEM}] if system else []) + [user, assistant, user_2]
     expected = render(probe, add_generation_prompt=True)
     if pieces.render(probe, True) != expected:
-        raise NotImplementedError(
-            "Modelfile: the chat template does not render as fixed text around each message "
-            f"(probe rendering {expected!r} vs re-assembled {pieces.render(probe, True)!r}); write the TEMPLATE by hand"
-        )
+        raise ValueError(f"probe rendering {expected!r}, re-assembled from the pieces {pieces.render(probe, True)!r}")
     if strip_bos and bos and start.startswith(bos):
         pieces = ChatPieces(start[len(bos) :], pieces.user, pieces.assistant, pieces.system, pieces.generation)
     return pieces

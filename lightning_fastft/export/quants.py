@@ -154,7 +154,9 @@ def quantize_k(weight: torch.Tensor, qtype: Q) -> np.ndarray:
     if qtype not in _KQUANTIZERS:
         raise ValueError(f"quantize_k handles {sorted(t.name for t in K_QUANTS)}, not {qtype.name}")
     if weight.dim() != 2 or weight.shape[1] % QK_K:
-        raise ValueError(f"{qtype.name} needs a 2-D weight with rows a multiple of {QK_K}, got shape {tuple(weight.shape)}")
+        raise ValueError(
+            f"{qtype.name} needs a 2-D weight with rows a multiple of {QK_K}, got shape {tuple(weight.shape)}"
+        )
     rows, cols = weight.shape
     block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
     out = torch.empty(rows, cols // QK_K * block_bytes, dtype=torch.uint8)
@@ -185,16 +187,15 @@ def _more_bits(layer: int, n_layers: int) -> bool:
 
 def mixture_type(mixture: str, gguf_name: str, row_width: int, layer: int | None, n_layers: int, tied: bool) -> Q:
     """The tensor type llama.cpp's quantiser gives the 2-D weight ``gguf_name`` in a ``mixture`` file."""
-    base = MIXTURES[mixture][0]
-    qtype = base
+    qtype = MIXTURES[mixture][0]
+    more_bits = mixture in ("q4_k_m", "q5_k_m") and layer is not None and _more_bits(layer, n_layers)
     is_output = gguf_name == "output.weight" or (tied and gguf_name == "token_embd.weight")
     if is_output:
         if row_width % QK_K:
             return Q.Q8_0 if row_width % 32 == 0 else Q.F16
         qtype = Q.Q6_K
-    elif mixture in ("q4_k_m", "q5_k_m") and layer is not None and _more_bits(layer, n_layers):
-        if gguf_name.endswith(("attn_v.weight", "ffn_down.weight")):
-            qtype = Q.Q6_K
+    elif more_bits and gguf_name.endswith(("attn_v.weight", "ffn_down.weight")):
+        qtype = Q.Q6_K
     if row_width % QK_K:
         qtype = _FALLBACK[qtype]
         if row_width % gguf.GGML_QUANT_SIZES[qtype][0]:
