@@ -401,3 +401,79 @@ def test_grpo_validation(device):
     bad[1, 2] = 10_000  # a completion token (row 1 has 4)
     with pytest.raises(ValueError, match=r"completion_ids\[1, 2\] = 10000 is not a token id"):
         loss_fn(hidden, weight, bad, mask, advantages)
+
+
+# ----------------------------------------------------------------------------- against TRL's own code
+
+
+def trl_compute_loss(inputs, *, beta, eps_low, eps_high, loss_type, level, temperature, max_completion_length):
+    """TRL's ``GRPOTrainer._compute_loss`` itself (trl pinned in the locks), on an instance carrying
+    only the attributes that method reads; its per-token log-probs and entropies come from the fp64
+    materialised logits of ``hidden @ weight.T`` (what TRL's model forward computes)."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from trl import GRPOTrainer
+
+    hidden, weight, ids, mask, advantages, old, ref = inputs
+    trainer = GRPOTrainer.__new__(GRPOTrainer)
+    accelerator = SimpleNamespace(
+        num_processes=1, reduce=lambda t, reduction: t, gather=lambda t: t, gather_for_metrics=lambda t: t
+    )
+    vars(trainer).update(
+        beta=beta, epsilon_low=eps_low, epsilon_high=eps_high, loss_type=loss_type,
+        importance_sampling_level=level, temperature=temperature, max_completion_length=max_completion_length,
+        top_entropy_quantile=1.0, off_policy_mask_threshold=None, use_vllm=False,
+        vllm_importance_sampling_correction=False, aux_loss_enabled=False, _entropy_bonus_enabled=False,
+        current_gradient_accumulation_steps=1, model=torch.nn.Linear(1, 1).train(), accelerator=accelerator,
+        args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1),
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+    )
+    leaves = [t.detach().double().requires_grad_() for t in (hidden, weight)]
+
+    def logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, **_):
+        logp, entropy = reference_logprobs(*leaves, ids, temperature=temperature)
+        return logp, entropy, None
+
+    trainer._get_per_token_logps_and_entropies = logps_and_entropies
+    batch = {
+        "prompt_ids": torch.zeros(ids.shape[0], 2, dtype=torch.long, device=ids.device),
+        "prompt_mask": torch.ones(ids.shape[0], 2, dtype=torch.long, device=ids.device),
+        "completion_ids": ids, "completion_mask": mask, "advantages": advantages.double(),
+        "num_items_in_batch": mask.sum(),
+    }
+    if old is not None:
+        batch["old_per_token_logps"] = old.double()
+    if beta != 0.0:
+        batch["ref_per_token_logps"] = ref.double()
+    loss = trainer._compute_loss(None, batch)
+    grads = torch.autograd.grad(loss, leaves)
+    metrics = {name: values[0] for name, values in trainer._metrics["train"].items()}
+    return loss.detach(), grads, metrics
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "bnpo"])
+def test_grpo_matches_trl(device, loss_type, level, beta):
+    inputs = list(make_grpo_inputs(device, batch=4, width=8, off_policy=True, with_ref=beta > 0, old_noise=0.3))
+    # the sampling policy less likely where A > 0 and more where A < 0: ratios clip on both sides
+    inputs[5] = inputs[5] - 0.6 * inputs[4].sign().unsqueeze(1)
+    options = dict(beta=beta, eps_low=0.2, eps_high=0.28, loss_type=loss_type, level=level, temperature=0.9,
+                   max_completion_length=11)
+    expected_loss, expected_grads, trl_metrics = trl_compute_loss(inputs, **options)
+    loss_fn = FusedLinearGRPOLoss(
+        beta=beta, epsilon_low=0.2, epsilon_high=0.28, loss_type=loss_type, importance_sampling_level=level,
+        temperature=0.9, max_completion_length=11, chunk_size=16,
+    )
+    hidden, weight, ids, mask, advantages, old, ref = inputs
+    loss, metrics = loss_fn(hidden, weight, ids, mask, advantages, old, ref)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    torch.testing.assert_close(loss.double(), expected_loss, rtol=1e-5, atol=1e-6)
+    for grad, expected in zip(grads, expected_grads):
+        assert_max_relative_close(grad, expected.float(), torch.float32)
+    assert metrics["clip_ratio/low_mean"] + metrics["clip_ratio/high_mean"] > 0  # clipping is exercised
+    for name in ("entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "kl"):
+        if name in trl_metrics:
+            assert float(metrics[name]) == pytest.approx(float(trl_metrics[name]), rel=1e-5, abs=1e-6), name
+    assert ("kl" in trl_metrics) == (beta > 0)

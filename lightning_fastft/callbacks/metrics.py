@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Mapping
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
@@ -351,6 +352,12 @@ class FastFTMetrics(Callback):
     ) -> None:
         self._synchronize(pl_module)
         elapsed = time.perf_counter() - self._batch_start
+        if not (isinstance(batch, Mapping) and "input_ids" in batch):
+            # batches of another kind (GRPO's prompts): the token rows the step trained on, as
+            # training_step returned them; a step that returned none trained on nothing
+            if not (isinstance(outputs, Mapping) and "input_ids" in outputs):
+                return
+            batch = outputs
         if self._planner is not None and self._planner.plan is not self._plan:
             self._plan = self._planner.plan
             self.checkpoint_fraction = checkpoint_fraction_of(pl_module)
