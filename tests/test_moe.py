@@ -50,7 +50,7 @@ def _offsets(counts, device):
 
 
 def test_grouped_mm_matches_reference(device):
-    counts = [5, 0, 17, 1, 0, 14]  # odd groups, two experts without rows
+    counts = [5, 0, 70, 1, 0, 14]  # odd groups (one over several row tiles), two experts without rows
     rows, k, n, rank = sum(counts), 23, 29, 3
     offsets = _offsets(counts, device)
     x, x2 = torch.randn(rows, k, device=device), torch.randn(rows, rank, device=device)
@@ -226,9 +226,9 @@ def _lora_model(arch, device):
     return model.to(device).train()
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_patched_moe_lora_matches_hf(arch, device):
-    reference = _lora_model(arch, device)
+def test_patched_moe_lora_matches_hf(device):
+    """LoRA on attention, the shared expert and the stacked experts (mixtral: the offload test below)."""
+    reference = _lora_model("qwen2_moe", device)
     trainable = [name for name, p in reference.named_parameters() if p.requires_grad]
     assert any("experts" in name for name in trainable) and not any("mlp.gate." in name for name in trainable)
     model = copy.deepcopy(reference)
@@ -259,17 +259,18 @@ def test_router_jitter_keeps_hf_forward(device):
     assert entry.patched["moe"] == 0 and entry.patched["cross_entropy"] == 1
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_packed_moe_batch_equals_samples_run_alone(arch, device):
-    """Packed (varlen) batch through patched MoE layers == HF per sample (the aux loss is a batch statistic: off)."""
-    model = moe_lm(arch, output_router_logits=False, num_hidden_layers=1).to(device)
+def test_packed_moe_batch_equals_samples_run_alone(device):
+    """Packed (varlen) batch through patched MoE layers (with a shared expert) == HF per sample
+    (the load-balancing loss is a statistic of the whole batch: off)."""
+    model = moe_lm("qwen2_moe", output_router_logits=False, num_hidden_layers=1).to(device)
     reference = copy.deepcopy(model)
     _patch(model)
     check_packed_equals_unpacked(model, device, reference, position_ids_only_too=False)
 
 
 def test_offloaded_checkpointing_through_moe_layers(device):
-    reference = _lora_model("qwen3_moe", device)
+    """Router logits leave the layer for the load-balancing loss: their gradient survives offload."""
+    reference = _lora_model("mixtral", device)
     model = copy.deepcopy(reference)
     entry = _patch(model, checkpointing="offload")
     assert entry.patched["lora_experts"] > 0
@@ -284,7 +285,9 @@ MOE_CONVERGENCE = {"qwen3_moe": 0, "qwen2_moe": 4, "mixtral": 4}  # LoRA rank; 0
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fastft_moe_matches_plain_training(device, arch):
-    config = moe_config(arch, num_hidden_layers=2, vocab_size=CONVERGENCE_VOCAB)
+    """20 steps, loss per step, final logits and weights within 1e-4 (one MoE layer: the kernels run
+    in the Triton interpreter on CPU, a few seconds a step)."""
+    config = moe_config(arch, num_hidden_layers=1, vocab_size=CONVERGENCE_VOCAB)
     fast = run_fit(config, MOE_CONVERGENCE[arch], "fastft", STEPS, device)
     reference = run_fit(config, MOE_CONVERGENCE[arch], "auto", STEPS, device)
     _assert_same_run(fast, reference)

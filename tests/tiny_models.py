@@ -346,8 +346,7 @@ MOE_FIELDS = dict(
 # top-k renormalisation and with its shared expert; Mixtral with 5 experts)
 MOE = {
     "qwen3_moe": dict(
-        num_experts=7, moe_intermediate_size=19, intermediate_size=50, norm_topk_prob=True, num_hidden_layers=3,
-        mlp_only_layers=[1],
+        num_experts=7, moe_intermediate_size=19, intermediate_size=50, norm_topk_prob=True, mlp_only_layers=[1],
     ),
     "qwen2_moe": dict(
         num_experts=6, moe_intermediate_size=21, intermediate_size=50, shared_expert_intermediate_size=27,

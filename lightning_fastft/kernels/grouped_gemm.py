@@ -88,8 +88,8 @@ def _use_torch_grouped_mm(*tensors: torch.Tensor) -> bool:
 
 
 def _tiles(device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps): small tiles under the interpreter."""
-    return (64, 128, 64, 8) if device.type == "cuda" else (16, 16, 16, 1)
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps); under the interpreter few, wide programs."""
+    return (64, 128, 64, 8) if device.type == "cuda" else (32, 64, 64, 1)
 
 
 def _input_precision(dtype: torch.dtype) -> str:

@@ -13,7 +13,8 @@ token of pair ``s``, ``e(s)`` its expert, ``w_s`` its routing weight):
 * ``u_s = x_s W_e^T + scale (x_s a_e^T) b_e^T`` (S, 2I), ``g_s, p_s`` its gate and up halves
 * ``h_s = act(g_s) * p_s`` (the GLU kernel)
 * ``d_s = h_s D_e^T + scale_d (h_s a_e^T) b_e^T`` (S, H)
-* ``out[t] = sum over the k pairs s of token t of w_s d_s`` (un-permuted, summed in fp32)
+* ``out[t] = sum over the k pairs s of token t of w_s d_s`` (``w_s d_s`` rounded once to the
+  input dtype as Hugging Face does, un-permuted, the k terms summed in fp32)
 
 Backward, from ``dout`` (T, H), with ``dy_s = dout[tok[s]]``:
 
@@ -86,10 +87,15 @@ def _sort_by_expert(top_k_index: torch.Tensor, n_experts: int):
 
 
 def _unsort_sum(sorted_rows: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
-    """Rows back in (token, slot) order, summed over the k slots of each token."""
+    """Rows back in (token, slot) order, summed (in fp32) over the k slots of each token."""
     rows = torch.empty_like(sorted_rows)
     rows[order] = sorted_rows
-    return rows.view(-1, k, *rows.shape[1:]).sum(1)
+    return rows.view(-1, k, *rows.shape[1:]).sum(1, dtype=torch.float32)
+
+
+def _scale_rows(rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``weights[s] * rows[s]``, one rounding to the rows' dtype."""
+    return rows * weights.to(rows.dtype)[:, None]
 
 
 def _project(x, weight, offsets, lora: ExpertLora | None, lora_in: torch.Tensor | None) -> torch.Tensor:
@@ -116,7 +122,7 @@ class _MoEExpertsFunction(torch.autograd.Function):
         d = _project(h, down, offsets, d_lora, ha)
         del h
         weights = top_k_weights.reshape(-1)[order]
-        out = _unsort_sum(d.float() * weights.float()[:, None], order, k)
+        out = _unsort_sum(_scale_rows(d, weights), order, k)
         ctx.save_for_backward(hidden, top_k_weights, gate_up, down, gu_b, gu_a, d_b, d_a, order, offsets, u, xa, ha)
         ctx.scales, ctx.activation, ctx.k = (gu_scale, d_scale), activation, k
         return out.to(hidden.dtype)
@@ -134,20 +140,19 @@ class _MoEExpertsFunction(torch.autograd.Function):
         # down projection, transposed: G = dy D_e + scale (dy b_e) a_e
         dyb = grouped_mm(dy, d_b, offsets) if d_b is not None else None
         big_g = grouped_mm(dy, down, offsets, dyb, d_a, d_scale) if d_b is not None else grouped_mm(dy, down, offsets)
-        dh = (big_g.float() * weights.float()[:, None]).to(u.dtype)
+        dh = _scale_rows(big_g, weights)
         gate, up = u[:, :inter], u[:, inter:]
         h, dgate, dup = glu_backward(dh, gate, up, ctx.activation, return_h=True)
         d_weights = torch.empty(order.shape[0], dtype=top_k_weights.dtype, device=dout.device)
-        d_weights[order] = (big_g.float() * h.float()).sum(-1).to(top_k_weights.dtype)
+        d_weights[order] = torch.bmm(big_g.unsqueeze(1), h.unsqueeze(2)).view(-1).to(top_k_weights.dtype)
         del big_g
 
-        dd = (dy.float() * weights.float()[:, None]).to(u.dtype) if (need[4] or need[7]) else None
+        dd = _scale_rows(dy, weights) if (need[4] or need[7]) else None
         grad_down = grouped_mm_weight_grad(dd, h, offsets) if need[4] else None
         grad_d_b = grouped_mm_weight_grad(dd, ha, offsets) * d_scale if need[7] else None
         grad_d_a = None
         if need[8]:
-            dyb_weighted = (dyb.float() * weights.float()[:, None]).to(u.dtype)
-            grad_d_a = grouped_mm_weight_grad(dyb_weighted, h, offsets) * d_scale
+            grad_d_a = grouped_mm_weight_grad(_scale_rows(dyb, weights), h, offsets) * d_scale
         del dd, dy, dyb, h
 
         # gate/up projection, transposed: dx = du W_e + scale (du b_e) a_e, du = [dgate | dup]
@@ -159,7 +164,7 @@ class _MoEExpertsFunction(torch.autograd.Function):
             dx = grouped_mm(dgate, gate_up[:, :inter], offsets, dup, gate_up[:, inter:], 1.0)
             if dub is not None:
                 dx += grouped_mm(dub, gu_a, offsets) * gu_scale
-            grad_hidden = _unsort_sum(dx.float(), order, k).to(hidden.dtype)
+            grad_hidden = _unsort_sum(dx, order, k).to(hidden.dtype)
             del dx
         x = hidden[tok] if (need[3] or need[6]) else None
         grad_gate_up = grad_gu_b = grad_gu_a = None

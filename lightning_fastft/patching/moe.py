@@ -110,8 +110,8 @@ def _fused_experts(module: nn.Module) -> tuple[nn.Module, ExpertLora | None, Exp
         if module.merged or len(active) > 1 or not module._did_swap_in_out_features:
             return None
         if active and not module.disable_adapters:
-            b, a, scale = module.get_delta_factors(active[0])
-            lora[module.parameter_name] = ExpertLora(b, a, scale)
+            b, a, scale = module.get_delta_factors(active[0])  # b: a permuted view of lora_B's weight
+            lora[module.parameter_name] = ExpertLora(b.contiguous(), a.contiguous(), scale)
         module = module.base_layer
     if module._forward_hooks or module._forward_pre_hooks or nn.utils.parametrize.is_parametrized(module):
         return None

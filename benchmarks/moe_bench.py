@@ -1,0 +1,249 @@
+"""Mixture-of-experts LoRA training on the Qwen3-30B-A3B shape: Hugging Face vs lightning_fastft
+(and Liger-Kernel where it patches qwen3_moe), same process, same weights; plus the grouped-GEMM
+experts op against the dense arithmetic floor of the active parameters.
+
+Shape (the published Qwen3-30B-A3B ``config.json``; transformers' ``Qwen3MoeConfig()`` defaults
+differ: 24 layers, head_dim 2048/32 = 64, ``norm_topk_prob=False``): 48 layers, hidden 2048,
+32 query / 4 KV heads of 128, 128 experts, top-8 renormalised, ``moe_intermediate_size`` 768,
+vocab 151936, untied LM head. Random bf16 weights are allocated on the meta device and
+materialised on the GPU (``to_empty`` + in-place normal draws): ~61 GB at 48 layers, seconds to
+build. bf16 LoRA r16 (alpha 16) on the attention projections and the stacked experts (PEFT
+``target_parameters``), routers frozen: what :func:`lightning_fastft.qlora.attach_lora` makes of
+"all-linear" on this model.
+
+Training rows: random tokens, seq 2048, batch 1 and 4, AdamW on the LoRA parameters; each
+implementation's tokens/s (median step after warm-up) and peak CUDA memory (absolute, and above
+the allocation before the measured steps: activations, gradients and transients). Checkpointing:
+Hugging Face's gradient checkpointing for HF/Liger, ours (``--checkpointing``) for fastft.
+
+Experts rows (``--experts-tokens``): one MoE layer's experts, forward + backward (frozen base,
+LoRA on both projections), fastft's grouped GEMMs vs Hugging Face's experts module (its default
+``grouped_mm`` implementation with PEFT's materialised ``W + B A``), both against the dense floor:
+plain ``torch.mm`` with the same rows (tokens x top-k) and the same weight shapes (what one expert
+receiving every routed row would cost). FLOPs counted: forward 2·S·3·H·I, backward (input
+gradient only, the base is frozen) the same again; LoRA adds 2·S·r·(3H + 3I) each way, not counted.
+
+    source benchmarks/gpu_env.sh
+    python benchmarks/moe_bench.py --layers 8 --out benchmarks/results/moe_qwen3_30b_a3b_8l
+    python benchmarks/moe_bench.py --out benchmarks/results/moe_qwen3_30b_a3b     # all 48 layers
+    python benchmarks/moe_bench.py --layers 8 --impls liger --out benchmarks/results/moe_liger_8l
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+QWEN3_30B_A3B = dict(
+    hidden_size=2048, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+    num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, intermediate_size=6144,
+    norm_topk_prob=True, vocab_size=151936, max_position_embeddings=40960, tie_word_embeddings=False,
+    rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    output_router_logits=True, router_aux_loss_coef=0.001, use_cache=False,
+)  # fmt: skip
+LORA_R = 16
+TRAIN_COLUMNS = ("impl", "batch", "seq", "layers", "tok_s", "step_s", "peak_gib", "above_start_gib", "loss", "note")
+EXPERT_COLUMNS = ("impl", "tokens", "rows", "fwd_ms", "fwd_bwd_ms", "tflops", "dense_floor_ms", "vs_dense_floor")
+
+
+def qwen3_moe_config(layers: int):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model("qwen3_moe", **{**QWEN3_30B_A3B, "num_hidden_layers": layers})
+
+
+def build_model(config, device: str = "cuda"):
+    """Random bf16 weights on ``device``: built on the meta device, then materialised in place."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    model.to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.dim() == 1:  # RMSNorm weights
+                parameter.fill_(1.0)
+            else:
+                parameter.normal_(0.0, 0.02, generator=generator)
+        rotary = model.model.rotary_emb  # buffers are not parameters: rebuild the rotary embedding
+        with torch.device(device):
+            model.model.rotary_emb = type(rotary)(config)
+    model.config.use_cache = False
+    return model
+
+
+def attach_expert_lora(model):
+    from lightning_fastft.qlora import attach_lora
+
+    return attach_lora(model, lora_r=LORA_R, lora_alpha=LORA_R, lora_dropout=0.0)
+
+
+def train_rows(model, impl: str, batch: int, seq: int, steps: int, warmup: int, layers: int, note: str) -> dict:
+    vocab = QWEN3_30B_A3B["vocab_size"]
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    ids = torch.randint(0, vocab, (batch, seq), device="cuda", generator=generator)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=1e-5)
+    model.train()
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    row = {"impl": impl, "batch": batch, "seq": seq, "layers": layers, "note": note}
+    try:
+        for _ in range(warmup):
+            step()
+        memory = harness.PeakMemory().start()
+        stopwatch = harness.Stopwatch("cuda")
+        for _ in range(steps):
+            with stopwatch:
+                loss = step()
+        memory.stop()
+        step_s = stopwatch.median()
+        row |= {
+            "tok_s": batch * seq / step_s, "step_s": step_s, "peak_gib": memory.peak_gib,
+            "above_start_gib": memory.above_baseline / harness.GIB, "loss": loss.item(),
+        }  # fmt: skip
+    except torch.OutOfMemoryError:
+        row["note"] = (note + "; " if note else "") + "OOM"
+    del optimizer
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+def expert_rows(model, token_counts: list[int]) -> list[dict]:
+    """One layer's experts, fwd+bwd: fastft grouped GEMMs, HF's experts module, the dense floor."""
+    from lightning_fastft.kernels.moe import moe_experts
+    from lightning_fastft.patching.moe import _fused_experts
+
+    block = model.get_base_model().model.layers[0].mlp
+    experts, gate_up_lora, down_lora = _fused_experts(block.experts)
+    hidden_size, inter = experts.gate_up_proj.shape[2], experts.gate_up_proj.shape[1] // 2
+    top_k, n_experts = QWEN3_30B_A3B["num_experts_per_tok"], QWEN3_30B_A3B["num_experts"]
+    rows = []
+    for tokens in token_counts:
+        generator = torch.Generator(device="cuda").manual_seed(2)
+        hidden = torch.randn(tokens, hidden_size, device="cuda", dtype=torch.bfloat16, generator=generator)
+        hidden.requires_grad_()
+        logits = torch.randn(tokens, n_experts, device="cuda", generator=generator)
+        weights, index = torch.softmax(logits, -1).topk(top_k)
+        weights = (weights / weights.sum(-1, keepdim=True)).to(torch.bfloat16)
+        dout = torch.randn(tokens, hidden_size, device="cuda", dtype=torch.bfloat16, generator=generator)
+        s = tokens * top_k
+        flops = 2 * (2 * s * 3 * hidden_size * inter)  # forward + input-gradient backward
+
+        def fastft_forward():
+            return moe_experts(
+                hidden, index, weights, experts.gate_up_proj, experts.down_proj, "silu", gate_up_lora, down_lora
+            )
+
+        def hf_forward():
+            return block.experts(hidden, index, weights)
+
+        x = torch.randn(s, hidden_size, device="cuda", dtype=torch.bfloat16)
+        h = torch.randn(s, inter, device="cuda", dtype=torch.bfloat16)
+        du = torch.randn(s, 2 * inter, device="cuda", dtype=torch.bfloat16)
+        dd = torch.randn(s, hidden_size, device="cuda", dtype=torch.bfloat16)
+        w_gate_up, w_down = experts.gate_up_proj[0].detach(), experts.down_proj[0].detach()
+
+        def dense_floor():
+            x @ w_gate_up.t()
+            h @ w_down.t()
+            du @ w_gate_up
+            dd @ w_down
+
+        dense_ms = harness.launch_ms(dense_floor)
+        for impl, forward in (("fastft", fastft_forward), ("hf", hf_forward)):
+            row = {"impl": impl, "tokens": tokens, "rows": s, "dense_floor_ms": dense_ms}
+            try:
+                row["fwd_ms"] = harness.launch_ms(lambda: forward())
+                row["fwd_bwd_ms"] = harness.launch_ms(
+                    lambda: torch.autograd.backward(forward(), dout), grad_to_none=[hidden]
+                )
+                row["tflops"] = flops / (row["fwd_bwd_ms"] * 1e-3) / 1e12
+                row["vs_dense_floor"] = dense_ms / row["fwd_bwd_ms"]
+            except torch.OutOfMemoryError:
+                row["fwd_ms"] = "OOM"
+            rows.append(row)
+            gc.collect()
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=48, help="decoder layers (48: the full model, ~61 GB)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--impls", nargs="+", default=["hf", "fastft"], choices=["hf", "fastft", "liger"])
+    parser.add_argument("--checkpointing", default="recompute", choices=["none", "recompute", "offload"])
+    parser.add_argument("--experts-tokens", type=int, nargs="*", default=[2048, 8192])
+    parser.add_argument("--out", type=Path, default=harness.RESULTS_DIR / "moe_qwen3_30b_a3b")
+    args = parser.parse_args()
+    if "liger" in args.impls and len(args.impls) > 1:
+        parser.error("run --impls liger alone: Liger-Kernel rebinds transformers module globals")
+
+    from lightning_fastft.patching import patch_model
+
+    config = qwen3_moe_config(args.layers)
+    with harness.Stopwatch("cuda") as build:
+        model = attach_expert_lora(build_model(config))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    rows, expert_table = [], []
+    impls = sorted(args.impls, key=["hf", "liger", "fastft"].index)  # HF before fastft patches the instance
+    hf_checkpointing = "none" if args.checkpointing == "none" else "hf"
+    for impl in impls:
+        if impl == "liger":
+            import liger_kernel.transformers as liger
+
+            if not hasattr(liger, "apply_liger_kernel_to_qwen3_moe"):
+                rows.append({"impl": "liger", "note": "this Liger-Kernel has no qwen3_moe patch"})
+                continue
+            liger.apply_liger_kernel_to_qwen3_moe(
+                rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True,
+                model=model.get_base_model(),
+            )  # fmt: skip
+        if impl == "fastft":
+            print(patch_model(model), flush=True)
+            harness.set_checkpointing(model, args.checkpointing)
+            expert_table = expert_rows(model, args.experts_tokens) if args.experts_tokens else []
+        else:
+            harness.set_checkpointing(model, hf_checkpointing)
+        mode = args.checkpointing if impl == "fastft" else hf_checkpointing
+        for batch in args.batches:
+            rows.append(
+                train_rows(model, impl, batch, args.seq, args.steps, args.warmup, args.layers, f"checkpointing {mode}")
+            )
+            print(rows[-1], flush=True)
+    notes = [
+        f"Model: {total / 1e9:.2f}B parameters ({trainable / 1e6:.0f}M trainable LoRA r{LORA_R}), "
+        f"built in {build.seconds:.1f} s.",
+        "",
+        "Experts (one layer, fwd + input-gradient bwd, LoRA on both projections, frozen base):",
+        "",
+        harness.markdown_table(expert_table, EXPERT_COLUMNS),
+    ]
+    meta = harness.run_meta(layers=args.layers, checkpointing=args.checkpointing, experts=expert_table)
+    harness.write_results(args.out, f"Qwen3-30B-A3B shape, {args.layers} layers: MoE LoRA training", meta, rows,
+                          TRAIN_COLUMNS, notes)  # fmt: skip
+    print(Path(args.out).with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
