@@ -52,7 +52,6 @@ from lightning_fastft.patching.lora import (
 )
 from lightning_fastft.patching.moe import (
     has_expert_lora,
-    keep_router_logits_differentiable,
     patch_moe_block,
     unsupported_moe_feature,
 )
@@ -542,10 +541,8 @@ def _patch_causal_lm(path: str, model: PreTrainedModel, switches: dict[str, bool
         elif class_name == spec.mlp_class:
             if _replaceable("mlp", module, entry):
                 _patch_mlp(module, activation, switches["mlp"], switches["fused_lora"], entry, unfused, passes)
-        elif class_name == spec.moe_block_class:
-            if hasattr(module, "gate"):  # router logits: gradient under our checkpointing, patched or not
-                keep_router_logits_differentiable(module)
-            if switches["mlp"] and _replaceable("moe", module, entry):
+        elif class_name == spec.moe_block_class and switches["mlp"]:
+            if _replaceable("moe", module, entry):
                 _patch_moe(module, spec, activation, switches["fused_lora"], entry)
     entry.skipped += [f"{kind}: {n} LoRA modules not fusable, PEFT's forward kept" for kind, n in unfused.items() if n]
 

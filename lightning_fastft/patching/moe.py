@@ -28,7 +28,6 @@ from torch import nn
 
 from lightning_fastft.architectures import ArchitectureSpec
 from lightning_fastft.kernels.moe import ExpertLora, moe_experts
-from lightning_fastft.training.checkpointing import keep_differentiable
 
 EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
 _QWEN2_SHARED = ("shared_expert", "shared_expert_gate")
@@ -91,6 +90,16 @@ def unsupported_moe_feature(block: nn.Module, spec: ArchitectureSpec, activation
 
 
 @functools.cache
+def _warn_qlora_experts() -> None:
+    warnings.warn(
+        "lightning_fastft: QLoRA on a mixture-of-experts model quantises its linear layers (attention, "
+        "dense and shared-expert MLPs); the stacked expert weights stay in their dtype and their LoRA "
+        "trains on them unquantised. Quantisation error is larger on MoE models: bf16 LoRA is advised",
+        stacklevel=4,
+    )
+
+
+@functools.cache
 def _warn_quantized_experts() -> None:
     warnings.warn(
         "lightning_fastft: quantised expert weights run Hugging Face's experts forward (dequantised per "
@@ -143,22 +152,6 @@ def _moe_block_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Te
     return out.reshape(shape)
 
 
-def _keep_router_logits(router: nn.Module, args, output) -> None:
-    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
-        keep_differentiable(output[0])
-
-
-def keep_router_logits_differentiable(block: nn.Module) -> None:
-    """A forward hook on the block's router (once): its logits, which Hugging Face records for the
-    load-balancing loss, keep their gradient when the decoder layer is checkpointed by
-    :mod:`lightning_fastft.training.checkpointing` (patched or not, the block's routing runs
-    inside the layer's no-grad forward there)."""
-    router = _base_experts(block.gate)
-    if not router.__dict__.get("_fastft_router_hook", False):
-        router.register_forward_hook(_keep_router_logits)
-        router._fastft_router_hook = True
-
-
 def has_expert_lora(block: nn.Module) -> bool:
     return isinstance(block.experts, _param_wrapper_class())
 
@@ -187,6 +180,9 @@ def moe_lora_targets(model: nn.Module) -> tuple[list[str], list[str]] | None:
     if spec is None or not spec.moe:
         return None
     from lightning_fastft.bnb import is_4bit_linear
+
+    if getattr(model, "is_loaded_in_4bit", False):
+        _warn_qlora_experts()
 
     names = {
         name.rsplit(".", 1)[-1]

@@ -75,6 +75,31 @@ def keep_differentiable(tensor: Tensor) -> None:
         _side_outputs[-1].append(tensor)
 
 
+class _KeepOutput:
+    """Forward hook: :func:`keep_differentiable` on ``output[index]`` (a class, so models pickle)."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        if isinstance(output, (tuple, list)) and len(output) > self.index and isinstance(output[self.index], Tensor):
+            keep_differentiable(output[self.index])
+
+
+def _keep_router_logits(model: nn.Module) -> None:
+    """Hook (once) every module whose output a HF model records as ``router_logits`` (its
+    ``_can_record_outputs``): the load-balancing loss reads them outside the layers."""
+    for hf_model in model.modules():
+        recorder = (getattr(hf_model, "_can_record_outputs", None) or {}).get("router_logits")
+        target = getattr(recorder, "target_class", None)
+        if not isinstance(target, type):
+            continue
+        for module in hf_model.modules():
+            if isinstance(module, target) and not module.__dict__.get("_fastft_keeps_output", False):
+                module.register_forward_hook(_KeepOutput(recorder.index))
+                module._fastft_keeps_output = True
+
+
 @contextlib.contextmanager
 def _collecting_side_outputs():
     _side_outputs.append([])
@@ -136,7 +161,9 @@ def apply_activation_checkpointing(
     ``model`` may be a HF model, a PEFT model, or any module containing them (a LightningModule).
     ``checkpoint_fraction`` (in (0, 1]) of the layers of each decoder stack are checkpointed, chosen by
     :func:`checkpointed_layer_indices`; the others keep their plain forward and save their
-    activations as usual. ``checkpointing="auto"`` wraps every layer and leaves the choice to an
+    activations as usual. Router logits that a mixture-of-experts model records for its
+    load-balancing loss keep their gradient (:func:`keep_differentiable`).
+    ``checkpointing="auto"`` wraps every layer and leaves the choice to an
     :class:`AutoCheckpointing` planner (``memory_budget_gib``: see
     :class:`~lightning_fastft.patching.options.PatchOptions`); its ``offloader`` must be a
     :class:`HostOffloader` (an emulating one lets it offload on the CPU). HF's own gradient
@@ -150,6 +177,7 @@ def apply_activation_checkpointing(
     if not stacks:
         raise ValueError(f"no decoder-layer ModuleList found inside {type(model).__name__}")
     _turn_off_hf_gradient_checkpointing(model)
+    _keep_router_logits(model)
     for stack in stacks:
         for layer in stack:
             _unwrap(layer)
