@@ -33,21 +33,23 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402
+import harness
 
-QWEN3_30B_A3B = dict(
-    hidden_size=2048, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-    num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, intermediate_size=6144,
-    norm_topk_prob=True, vocab_size=151936, max_position_embeddings=40960, tie_word_embeddings=False,
-    rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-    output_router_logits=True, router_aux_loss_coef=0.001, use_cache=False,
-)  # fmt: skip
+QWEN3_30B_A3B = {
+    "hidden_size": 2048, "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4,
+    "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
+    "intermediate_size": 6144, "norm_topk_prob": True, "vocab_size": 151936, "max_position_embeddings": 40960,
+    "tie_word_embeddings": False, "rms_norm_eps": 1e-6,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+    "output_router_logits": True, "router_aux_loss_coef": 0.001, "use_cache": False,
+}  # fmt: skip
 LORA_R = 16
 TRAIN_COLUMNS = ("impl", "batch", "seq", "layers", "tok_s", "step_s", "peak_gib", "above_start_gib", "loss", "note")
 EXPERT_COLUMNS = ("impl", "tokens", "rows", "fwd_ms", "fwd_bwd_ms", "tflops", "dense_floor_ms", "vs_dense_floor")
@@ -118,7 +120,7 @@ def train_rows(model, impl: str, batch: int, seq: int, steps: int, warmup: int, 
         }  # fmt: skip
     except torch.OutOfMemoryError:
         row["note"] = (note + "; " if note else "") + "OOM"
-    del optimizer
+    optimizer.state.clear()
     gc.collect()
     torch.cuda.empty_cache()
     return row
@@ -133,6 +135,7 @@ def expert_rows(model, token_counts: list[int]) -> list[dict]:
     experts, gate_up_lora, down_lora = _fused_experts(block.experts)
     hidden_size, inter = experts.gate_up_proj.shape[2], experts.gate_up_proj.shape[1] // 2
     top_k, n_experts = QWEN3_30B_A3B["num_experts_per_tok"], QWEN3_30B_A3B["num_experts"]
+    w_gate_up, w_down = experts.gate_up_proj[0].detach(), experts.down_proj[0].detach()
     rows = []
     for tokens in token_counts:
         generator = torch.Generator(device="cuda").manual_seed(2)
@@ -145,21 +148,20 @@ def expert_rows(model, token_counts: list[int]) -> list[dict]:
         s = tokens * top_k
         flops = 2 * (2 * s * 3 * hidden_size * inter)  # forward + input-gradient backward
 
-        def fastft_forward():
+        def fastft_forward(hidden=hidden, index=index, weights=weights):
             return moe_experts(
                 hidden, index, weights, experts.gate_up_proj, experts.down_proj, "silu", gate_up_lora, down_lora
             )
 
-        def hf_forward():
+        def hf_forward(hidden=hidden, index=index, weights=weights):
             return block.experts(hidden, index, weights)
 
         x = torch.randn(s, hidden_size, device="cuda", dtype=torch.bfloat16)
         h = torch.randn(s, inter, device="cuda", dtype=torch.bfloat16)
         du = torch.randn(s, 2 * inter, device="cuda", dtype=torch.bfloat16)
         dd = torch.randn(s, hidden_size, device="cuda", dtype=torch.bfloat16)
-        w_gate_up, w_down = experts.gate_up_proj[0].detach(), experts.down_proj[0].detach()
 
-        def dense_floor():
+        def dense_floor(x=x, h=h, du=du, dd=dd):
             x @ w_gate_up.t()
             h @ w_down.t()
             du @ w_gate_up
@@ -169,9 +171,9 @@ def expert_rows(model, token_counts: list[int]) -> list[dict]:
         for impl, forward in (("fastft", fastft_forward), ("hf", hf_forward)):
             row = {"impl": impl, "tokens": tokens, "rows": s, "dense_floor_ms": dense_ms}
             try:
-                row["fwd_ms"] = harness.launch_ms(lambda: forward())
+                row["fwd_ms"] = harness.launch_ms(forward)
                 row["fwd_bwd_ms"] = harness.launch_ms(
-                    lambda: torch.autograd.backward(forward(), dout), grad_to_none=[hidden]
+                    lambda forward=forward, dout=dout: torch.autograd.backward(forward(), dout), grad_to_none=[hidden]
                 )
                 row["tflops"] = flops / (row["fwd_bwd_ms"] * 1e-3) / 1e12
                 row["vs_dense_floor"] = dense_ms / row["fwd_bwd_ms"]
@@ -201,7 +203,7 @@ def main() -> None:
     from lightning_fastft.patching import patch_model
 
     config = qwen3_moe_config(args.layers)
-    with harness.Stopwatch("cuda") as build:
+    with harness.Stopwatch("cuda") as build, torch.device("cuda"):  # LoRA factors created on the GPU
         model = attach_expert_lora(build_model(config))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -215,10 +217,11 @@ def main() -> None:
             if not hasattr(liger, "apply_liger_kernel_to_qwen3_moe"):
                 rows.append({"impl": "liger", "note": "this Liger-Kernel has no qwen3_moe patch"})
                 continue
-            liger.apply_liger_kernel_to_qwen3_moe(
-                rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True,
-                model=model.get_base_model(),
-            )  # fmt: skip
+            apply = liger.apply_liger_kernel_to_qwen3_moe
+            wanted = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False}
+            wanted["fused_linear_cross_entropy"] = True
+            accepted = inspect.signature(apply).parameters
+            apply(model=model.get_base_model(), **{k: v for k, v in wanted.items() if k in accepted})
         if impl == "fastft":
             print(patch_model(model), flush=True)
             harness.set_checkpointing(model, args.checkpointing)

@@ -92,8 +92,9 @@ def _tiles(device: torch.device) -> tuple[int, int, int, int]:
     return (64, 128, 64, 8) if device.type == "cuda" else (32, 64, 64, 1)
 
 
-def _input_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+def _input_precision(dtype: torch.dtype) -> str | None:
+    """fp32 operands multiply in full fp32 (no TF32); 16-bit ones take the default."""
+    return "ieee" if dtype in (torch.float32, torch.float64) else None
 
 
 @triton.jit
