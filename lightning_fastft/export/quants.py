@@ -27,35 +27,53 @@ codes recomputed against the scales as stored.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import gguf
 import numpy as np
 import torch
 
 QK_K = 256  # values per k-quant super-block
 REFINE_STEPS = 2  # alternating least-squares rounds per sub-block
-_CHUNK_ELEMENTS = 1 << 22  # rows are quantised in chunks of about this many values (bounded memory)
+_CHUNK_ELEMENTS = 1 << 20  # rows are quantised in chunks of about this many values (one per worker at a time)
 
 Q = gguf.GGMLQuantizationType
 
 
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per sub-block (last dim) sum of ``a * b``, keeping the dim (one fused pass)."""
+    return torch.einsum("...i,...i->...", a, b).unsqueeze(-1)
+
+
+def _inverse(scale: torch.Tensor) -> torch.Tensor:
+    """``1 / scale``, 0 where the scale is 0 (a sub-block of zeros gets code 0 / the offset)."""
+    return torch.where(scale != 0, 1.0 / torch.where(scale != 0, scale, 1.0), 0.0)
+
+
+def _codes(x: torch.Tensor, offset: torch.Tensor | None, inverse: torch.Tensor, low: int, high: int) -> torch.Tensor:
+    """``round((x - offset) / scale)`` clamped to ``low..high``, as float (in place on one temporary)."""
+    shifted = x * inverse if offset is None else (x - offset).mul_(inverse)
+    return shifted.round_().clamp_(low, high)
+
+
 def _fit_affine(x: torch.Tensor, levels: int, refine_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sub-block (last dim) scale ``s >= 0`` and offset ``b <= 0`` with ``x ~ s*q + b``, ``q`` in ``0..levels``."""
-    lo = x.amin(-1, keepdim=True).clamp(max=0.0)
-    hi = x.amax(-1, keepdim=True)
-    scale = (hi - lo) / levels
+    lo = x.amin(-1, keepdim=True).clamp_(max=0.0)
+    scale = (x.amax(-1, keepdim=True) - lo) / levels
     offset = lo
     n = x.shape[-1]
+    sum_x = x.sum(-1, keepdim=True)
     for _ in range(refine_steps):
-        q = torch.where(scale > 0, ((x - offset) / scale.clamp(min=1e-30)).round().clamp(0, levels), 0.0)
-        sum_q, sum_qq = q.sum(-1, keepdim=True), (q * q).sum(-1, keepdim=True)
-        sum_x, sum_xq = x.sum(-1, keepdim=True), (x * q).sum(-1, keepdim=True)
+        q = _codes(x, offset, _inverse(scale), 0, levels)
+        sum_q, sum_qq, sum_xq = q.sum(-1, keepdim=True), _dot(q, q), _dot(x, q)
         det = n * sum_qq - sum_q * sum_q
         ok = det > 0
-        new_scale = torch.where(ok, (n * sum_xq - sum_q * sum_x) / det.clamp(min=1e-30), scale)
-        new_offset = torch.where(ok, (sum_qq * sum_x - sum_q * sum_xq) / det.clamp(min=1e-30), offset)
+        safe_det = torch.where(ok, det, 1.0)
+        new_scale = torch.where(ok, (n * sum_xq - sum_q * sum_x) / safe_det, scale)
+        new_offset = torch.where(ok, (sum_qq * sum_x - sum_q * sum_xq) / safe_det, offset)
         # the offset must stay <= 0 (stored as a non-negative min): refit the scale alone at offset 0
         positive = new_offset > 0
-        only_scale = torch.where(sum_qq > 0, sum_xq / sum_qq.clamp(min=1e-30), scale)
+        only_scale = torch.where(sum_qq > 0, sum_xq / torch.where(sum_qq > 0, sum_qq, 1.0), scale)
         new_scale = torch.where(positive, only_scale, new_scale)
         new_offset = torch.where(positive, 0.0, new_offset)
         keep = new_scale <= 0  # degenerate fit: keep the previous one
@@ -66,12 +84,12 @@ def _fit_affine(x: torch.Tensor, levels: int, refine_steps: int) -> tuple[torch.
 
 def _fit_symmetric(x: torch.Tensor, refine_steps: int) -> torch.Tensor:
     """Per sub-block signed scale ``s`` with ``x ~ s*q``, ``q`` in ``-32..31`` (the largest magnitude maps to -32)."""
-    index = x.abs().argmax(-1, keepdim=True)
-    scale = -x.gather(-1, index) / 32
+    top, bottom = x.amax(-1, keepdim=True), x.amin(-1, keepdim=True)
+    scale = torch.where(-bottom > top, bottom, top) / -32
     for _ in range(refine_steps):
-        q = torch.where(scale != 0, (x / torch.where(scale == 0, 1.0, scale)).round().clamp(-32, 31), 0.0)
-        sum_qq = (q * q).sum(-1, keepdim=True)
-        scale = torch.where(sum_qq > 0, (x * q).sum(-1, keepdim=True) / sum_qq.clamp(min=1e-30), scale)
+        q = _codes(x, None, _inverse(scale), -32, 31)
+        sum_qq = _dot(q, q)
+        scale = torch.where(sum_qq > 0, _dot(x, q) / torch.where(sum_qq > 0, sum_qq, 1.0), scale)
     return scale
 
 
@@ -111,14 +129,16 @@ def _quantize_affine_k(x: torch.Tensor, bits: int) -> torch.Tensor:
     dmin_raw, mq, dmin = _quantize_6bit((-offset[..., 0]).clamp(min=0.0))
     step = (d * sc.float()).unsqueeze(-1)
     shift = (dmin * mq.float()).unsqueeze(-1)
-    q = torch.where(step > 0, ((sub + shift) / step.clamp(min=1e-30)).round().clamp(0, levels), 0.0).to(torch.uint8)
+    q = _codes(sub, -shift, _inverse(step), 0, levels).to(torch.uint8)
     low = q & 0xF
     nibbles = (low[:, 0::2] | (low[:, 1::2] << 4)).reshape(-1, 128)  # sub-blocks 2g (low) and 2g+1 (high)
     parts = [d_raw, dmin_raw, _pack_scales_mins(sc, mq)]
     if bits == 5:
-        high = (q >> 4) & 1  # (blocks, 8, 32)
-        weights = (1 << torch.arange(8, dtype=torch.int32)).reshape(1, 8, 1)
-        parts.append((high.int() * weights).sum(1).to(torch.uint8))
+        high = q >> 4  # (blocks, 8, 32), 0 or 1
+        bits = high[:, 0]
+        for j in range(1, 8):
+            bits = bits | (high[:, j] << j)
+        parts.append(bits)
     parts.append(nibbles)
     return torch.cat(parts, dim=-1)
 
@@ -130,14 +150,12 @@ def _quantize_q6_k(x: torch.Tensor) -> torch.Tensor:
     top = scale.abs().amax(-1, keepdim=True)
     d_raw, d = _fp16(top / 127)
     sc = torch.where(d > 0, (scale / d.clamp(min=1e-30)).round().clamp(-127, 127), 0.0)
-    step = (d * sc).unsqueeze(-1)
-    q = torch.where(step != 0, (sub / torch.where(step == 0, 1.0, step)).round().clamp(-32, 31), 0.0)
-    q = (q + 32).to(torch.uint8).reshape(-1, 2, 128)  # two halves of 128 values
+    q = _codes(sub, None, _inverse((d * sc).unsqueeze(-1)), -32, 31)
+    q = q.add_(32).to(torch.uint8).reshape(-1, 2, 128)  # two halves of 128 values
     low = q & 0xF
     nibbles = (low[..., :64] | (low[..., 64:] << 4)).reshape(-1, 128)
-    pairs = (q >> 4).reshape(-1, 2, 4, 32).int()
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.int32).reshape(1, 1, 4, 1)
-    high = (pairs << shifts).sum(2).to(torch.uint8).reshape(-1, 64)
+    pairs = (q >> 4).reshape(-1, 2, 4, 32)
+    high = (pairs[:, :, 0] | (pairs[:, :, 1] << 2) | (pairs[:, :, 2] << 4) | (pairs[:, :, 3] << 6)).reshape(-1, 64)
     return torch.cat([nibbles, high, sc.to(torch.int8).view(torch.uint8), d_raw], dim=-1)
 
 
@@ -149,8 +167,13 @@ _KQUANTIZERS = {
 K_QUANTS = frozenset(_KQUANTIZERS)
 
 
-def quantize_k(weight: torch.Tensor, qtype: Q) -> np.ndarray:
-    """A 2-D weight (rows a multiple of 256 wide) as ``qtype`` blocks: uint8 ``(rows, bytes per row)``."""
+def quantize_k(weight: torch.Tensor, qtype: Q, threads: int | None = None) -> np.ndarray:
+    """A 2-D weight (rows a multiple of 256 wide) as ``qtype`` blocks: uint8 ``(rows, bytes per row)``.
+
+    Row chunks of about :data:`_CHUNK_ELEMENTS` values are quantised by ``threads`` workers (default:
+    torch's thread count), each running torch single-threaded: the many small per-sub-block ops scale
+    this way, where intra-op threads would wait on each other at every op.
+    """
     if qtype not in _KQUANTIZERS:
         raise ValueError(f"quantize_k handles {sorted(t.name for t in K_QUANTS)}, not {qtype.name}")
     if weight.dim() != 2 or weight.shape[1] % QK_K:
@@ -161,10 +184,20 @@ def quantize_k(weight: torch.Tensor, qtype: Q) -> np.ndarray:
     block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
     out = torch.empty(rows, cols // QK_K * block_bytes, dtype=torch.uint8)
     step = max(1, _CHUNK_ELEMENTS // cols)
-    with torch.no_grad():
-        for start in range(0, rows, step):
+    workers = threads or torch.get_num_threads()
+
+    def quantize_rows(start: int) -> None:
+        torch.set_num_threads(1)  # this worker's own ops: one thread
+        with torch.no_grad():
             chunk = weight[start : start + step].float().reshape(-1, QK_K)
             out[start : start + step] = _KQUANTIZERS[qtype](chunk).reshape(-1, out.shape[1])
+
+    previous = torch.get_num_threads()
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(quantize_rows, range(0, rows, step)))
+    finally:
+        torch.set_num_threads(previous)
     return out.numpy()
 
 
