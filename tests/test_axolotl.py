@@ -182,6 +182,43 @@ def test_refused_combinations(overrides, message):
         plugin.pre_model_load(_cfg(**overrides))
 
 
+@needs_axolotl
+def test_trainer_hooks(tmp_path):
+    """get_collator_cls_and_kwargs, create_optimizer / post_trainer_create and
+    add_callbacks_post_trainer on a real transformers Trainer, as Axolotl's builder calls them."""
+    import bitsandbytes as bnb
+    from axolotl.integrations.base import load_plugin
+    from transformers import AutoTokenizer, Trainer, TrainingArguments
+
+    from lightning_fastft.integrations.hf import FastFTCallback
+
+    plugin = load_plugin(PLUGIN)
+    cfg = _cfg(fastft_packing=True, fastft_optimizer="adamw_8bit")
+    plugin.register(cfg)
+    collator_cls, kwargs = plugin.get_collator_cls_and_kwargs(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / "examples" / "assets")
+    collator = collator_cls(tokenizer, **kwargs, padding=True, pad_to_multiple_of=16, return_tensors="pt")  # as Axolotl builds it
+    features = [{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [5, 6, 7]},
+                {"input_ids": [8, 9], "attention_mask": [1, 1], "labels": [-100, 9]}]  # fmt: skip
+    batch = collator(features)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9] + [tokenizer.pad_token_id] * 11]
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5, 16] and batch["position_ids"][0, :5].tolist() == [0, 1, 2, 0, 1]
+    with pytest.raises(ValueError, match="padding"):
+        collator_cls(tokenizer, **kwargs, padding="max_length")
+
+    model = packing_lm("llama")
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], weight_decay=0.1, learning_rate=3e-4)
+    trainer = Trainer(model=model, args=args)
+    plugin.post_trainer_create(cfg, trainer)
+    assert isinstance(trainer.optimizer, bnb.optim.AdamW8bit)
+    groups = trainer.optimizer.param_groups  # the Trainer's own groups: decayed weights, then the rest
+    assert [group["weight_decay"] for group in groups] == [0.1, 0.0] and all(g["lr"] == 3e-4 for g in groups)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    assert plugin.create_optimizer(cfg, trainer) is trainer.optimizer
+    assert plugin.add_callbacks_post_trainer(cfg, trainer) == []
+    assert isinstance(trainer.callback_handler.callbacks[0], FastFTCallback)
+
+
 def _tiny_run(tmp_path: Path) -> Path:
     """A tiny random Llama with the examples' tokenizer, a local completion data set, and the
     example YAML pointed at them (CPU, fp32, 3 steps)."""
@@ -214,7 +251,6 @@ def _tiny_run(tmp_path: Path) -> Path:
         warmup_steps=0,
         logging_steps=1,
         bf16=False,
-        fastft_optimizer=None,  # bitsandbytes' 8-bit AdamW needs a GPU
     )
     path = tmp_path / "axolotl.yml"
     path.write_text(yaml.safe_dump(cfg))
@@ -232,7 +268,8 @@ def test_axolotl_train_with_the_example_yaml(tmp_path):
     from transformers import AutoModelForCausalLM
 
     config = _tiny_run(tmp_path)
-    env = dict(os.environ, AXOLOTL_DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    # LOG_LEVEL=INFO: Axolotl's logging shows other packages' info messages (the plugin's report)
+    env = dict(os.environ, AXOLOTL_DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled", LOG_LEVEL="INFO")
     # without a GPU the kernels then run their PyTorch references (the Triton interpreter, which
     # the kernel tests use, would take minutes here): this test is about the plugin's wiring
     env.pop("TRITON_INTERPRET", None)
@@ -248,6 +285,9 @@ def test_axolotl_train_with_the_example_yaml(tmp_path):
     assert result.returncode == 0, log[-6000:]
     assert "Plugin loaded successfully: " + PLUGIN in log
     assert "tokens_per_sec" in log  # FastFTCallback's metrics in the Trainer's logs
+    assert "lightning_fastft patching report" in log and "lora_qkv" in log
+    assert "lightning_fastft: optimizer AdamW8bit" in log
+    assert "lightning_fastft: exported merged" in log
 
     out = tmp_path / "out"
     exported = AutoModelForCausalLM.from_pretrained(out / "fastft_export", dtype=torch.float32)

@@ -323,6 +323,7 @@ def _build_plugin_class() -> type:
         def post_trainer_create(self, cfg, trainer) -> None:
             if _get(cfg, "fastft_optimizer") is not None:
                 trainer.optimizer = self.create_optimizer(cfg, trainer)
+                LOG.info("lightning_fastft: optimizer %s", type(trainer.optimizer).__qualname__)
 
         def add_callbacks_post_trainer(self, cfg, trainer) -> list:
             from lightning_fastft.integrations.hf import FastFTCallback
