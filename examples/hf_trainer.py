@@ -53,9 +53,8 @@ def main() -> None:
         report_to=[],
         remove_unused_columns=False,
     )
-    trainer = Trainer(  # 2: the callback logs tokens_per_sec, mfu and peak_mem_gib
-        model=model, args=args, train_dataset=dataset, data_collator=collate, callbacks=[FastFTCallback()]
-    )
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate)
+    FastFTCallback().attach(trainer)  # 2: logs tokens_per_sec, mfu and peak_mem_gib, ahead of the reporters
     trainer.train()
 
 
