@@ -295,7 +295,7 @@ def export_lm(model_type: str, vocab_size: int, seed: int = 0, **overrides) -> n
     """A model of any exported family for the llama.cpp checks: hidden 64, 2 layers, 4 q + 2 kv heads of 16,
     weights drawn with std 0.1 from ``seed`` (spread-out logits, so greedy tokens are not near-ties);
     ``overrides`` replace config fields."""
-    fields = dict(EXPORT_LLAMA_FIELDS, vocab_size=vocab_size, head_dim=16, initializer_range=0.1, **overrides)
+    fields = {**EXPORT_LLAMA_FIELDS, "vocab_size": vocab_size, "head_dim": 16, "initializer_range": 0.1, **overrides}
     fields.pop("rope_parameters")
     extra = dict(EXPORT_LM_OVERRIDES.get(model_type, {}))
     attn = extra.pop("attn_implementation", "sdpa")
