@@ -115,10 +115,12 @@ def test_mixture_fallbacks_for_rows_not_a_multiple_of_256():
 
 
 def test_export_q4_k_m_tensor_types_and_values(tmp_path):
-    """Widths 256 (attention, embeddings) and 320 (down_proj rows: not a k-quant width): types follow the
-    mixture, every matrix decodes close to its (q/k-permuted) HF weight."""
-    model = export_lm("qwen3", 300, hidden_size=256, intermediate_size=320, tie_word_embeddings=True)
-    path = export_gguf(model, tmp_path / "m.gguf", dtype="q4_k_m")
+    """Widths 256 (attention: 4 heads of 64, embeddings) and 320 (down_proj rows: not a k-quant width):
+    types follow the mixture, with a warning naming the fallbacks; matrices decode close to HF's."""
+    model = export_lm("qwen3", 300, hidden_size=256, intermediate_size=320, head_dim=64, tie_word_embeddings=True)
+    fallbacks = r"blk\.0\.ffn_down\.weight -> Q5_0 \(rows of 320\), blk\.1\.ffn_down\.weight -> Q8_0 \(rows of 320\)$"
+    with pytest.warns(UserWarning, match=fallbacks):
+        path = export_gguf(model, tmp_path / "m.gguf", dtype="q4_k_m")
     reader = gguf.GGUFReader(path)
     tensors = {t.name: t for t in reader.tensors}
     assert reader.get_field("general.file_type").contents() == gguf.LlamaFileType.MOSTLY_Q4_K_M

@@ -209,12 +209,12 @@ def mean_abs_error(answer, model, sequences) -> float:
 
 
 def test_kquant_files_load_run_and_stay_close_to_hf(tmp_path):
-    """Hidden 256 / intermediate 512: every matrix is k-quantised (rows of 256), with llama.cpp's
+    """Hidden 256 (4 heads of 64) / intermediate 512: every matrix is k-quantised (rows of 256), with llama.cpp's
     mixture. llama.cpp on each file gives the log-probabilities of HF on the weights as stored
     (read back with the gguf package's dequantisers) up to its own rounding of activations,
     so it decodes our blocks as written; the error against the original weights grows as bits shrink."""
     tokenizer = family_tokenizer("llama3")
-    model = export_lm("llama", len(tokenizer), hidden_size=256, intermediate_size=512)
+    model = export_lm("llama", len(tokenizer), hidden_size=256, intermediate_size=512, head_dim=64)
     texts = [t for t in TEXTS if len(tokenizer(t)["input_ids"]) >= 12]
     sequences = [tokenizer(t)["input_ids"][:24] for t in texts]
     dtypes = ["f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m"]

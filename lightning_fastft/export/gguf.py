@@ -195,7 +195,7 @@ def export_gguf(
     if _rope_scaling(config).get("rope_type") == "llama3":
         rope_freqs_name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
         writer.add_tensor(rope_freqs_name, _llama3_rope_factors(config).numpy())
-    q8_0_count, f16_fallbacks = 0, []
+    q8_0_count, f16_fallbacks, k_fallbacks = 0, [], []
     for hf_name, tensor in merged_state_dict(model).items():
         if hf_name == "lm_head.weight" and tied:
             continue
@@ -213,6 +213,8 @@ def export_gguf(
         if dtype == "q8_0" and qtype == gguf.GGMLQuantizationType.F16:
             f16_fallbacks.append(f"{gguf_name} (rows of {data.shape[-1]})")
         q8_0_count += qtype == gguf.GGMLQuantizationType.Q8_0
+        if dtype in MIXTURES and qtype not in K_QUANTS and qtype != gguf.GGMLQuantizationType.F32:
+            k_fallbacks.append(f"{gguf_name} -> {qtype.name} (rows of {data.shape[-1]})")
         writer.add_tensor(gguf_name, _quantize(data, qtype), raw_dtype=qtype)
 
     writer.write_header_to_file()
@@ -229,6 +231,12 @@ def export_gguf(
         warnings.warn(
             f"export_gguf(dtype='q8_0'): {stay}, their rows not being a multiple of the {_Q8_0_BLOCK}-wide "
             f"Q8_0 block: {', '.join(f16_fallbacks)}",
+            stacklevel=2,
+        )
+    if k_fallbacks:
+        warnings.warn(
+            f"export_gguf(dtype={dtype!r}): rows not a multiple of the 256-wide k-quant block fall back as in "
+            f"llama.cpp: {', '.join(k_fallbacks)}",
             stacklevel=2,
         )
     return out_path
