@@ -26,7 +26,7 @@ def missing_reason() -> str | None:
         return "node is not on PATH"
     for package in (PACKAGE, BINARY_PACKAGE):
         if not package.exists():
-            return f"{package.relative_to(LLAMACPP_DIR.parent.parent)} is missing (run scripts/install_llamacpp.sh)"
+            return f"{package} is missing (run scripts/install_llamacpp.sh)"
     return None
 
 
