@@ -14,7 +14,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from llamacpp_client import llamacpp
+from llamacpp_client import llamacpp, require_llamacpp
 from tiny_models import export_lm
 from tiny_tokenizers import TEXTS, family_tokenizer
 
@@ -107,6 +107,7 @@ def hf_greedy(model, ids: list[int], n: int) -> tuple[list[int], float]:
 @pytest.fixture(scope="module")
 def family_runs(tmp_path_factory):
     """Every case exported in f16 and asked of llama.cpp in one run: {case: (tokenizer, model, job, answer)}."""
+    require_llamacpp()  # before the exports: skip (or fail under scripts/test.sh) at once
     folder = tmp_path_factory.mktemp("families")
     cases, jobs = {}, []
     for family, model_type in CASES:
@@ -213,6 +214,7 @@ def test_kquant_files_load_run_and_stay_close_to_hf(tmp_path):
     mixture. llama.cpp on each file gives the log-probabilities of HF on the weights as stored
     (read back with the gguf package's dequantisers) up to its own rounding of activations,
     so it decodes our blocks as written; the error against the original weights grows as bits shrink."""
+    require_llamacpp()
     tokenizer = family_tokenizer("llama3")
     model = export_lm("llama", len(tokenizer), hidden_size=256, intermediate_size=512, head_dim=64)
     texts = [t for t in TEXTS if len(tokenizer(t)["input_ids"]) >= 12]
