@@ -66,6 +66,13 @@ def test_grouped_mm_matches_reference(device):
     assert_close(grad, grouped_mm_weight_grad_reference(dy.double(), x.double(), offsets))
     assert grad[1].abs().max() == 0 and grad[4].abs().max() == 0
 
+    # bf16 operands (exact products, fp32 accumulation): within the output's bf16 rounding
+    x16, w16, dy16 = x.bfloat16(), weight.bfloat16(), dy.bfloat16()
+    want = grouped_mm_reference(x16.double(), w16.double().transpose(1, 2), offsets)
+    assert_close(grouped_mm(x16, w16.transpose(1, 2), offsets).double(), want, rtol=2**-8)
+    want = grouped_mm_weight_grad_reference(dy16.double(), x16.double(), offsets)
+    assert_close(grouped_mm_weight_grad(dy16, x16, offsets).double(), want, rtol=2**-8)
+
 
 def test_grouped_mm_rejects_bad_shapes(device):
     x, m = torch.randn(6, 4, device=device), torch.randn(3, 4, 5, device=device)

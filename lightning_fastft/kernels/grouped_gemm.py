@@ -92,6 +92,13 @@ def _tiles(device: torch.device) -> tuple[int, int, int, int]:
     return (64, 128, 64, 8) if device.type == "cuda" else (32, 64, 64, 1)
 
 
+def _upcast(x: torch.Tensor) -> bool:
+    """16-bit operands go to fp32 before ``tl.dot`` under the interpreter (its dot multiplies the raw
+    bf16 bits as integers); exact either way: products of 16-bit floats are exact in fp32, and
+    the GPU's tensor cores accumulate them in fp32 too."""
+    return x.device.type == "cpu" and x.element_size() == 2
+
+
 def _input_precision(dtype: torch.dtype) -> str | None:
     """fp32 operands multiply in full fp32 (no TF32); 16-bit ones take the default."""
     return "ieee" if dtype in (torch.float32, torch.float64) else None
@@ -103,7 +110,7 @@ def _grouped_mm_kernel(
     stride_xs, stride_xk, stride_me, stride_mk, stride_mn, stride_ys, stride_yn,
     stride_x2s, stride_x2k, stride_m2e, stride_m2k, stride_m2n,
     N, K, K2, scale2,
-    HAS_SECOND: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_SECOND: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
@@ -127,6 +134,8 @@ def _grouped_mm_kernel(
                 M + e * stride_me + ks[:, None] * stride_mk + cols[None, :] * stride_mn,
                 mask=(ks[:, None] < K) & col_mask[None, :], other=0.0,
             )  # fmt: skip
+            if UPCAST:
+                a, b = a.to(tl.float32), b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         if HAS_SECOND:
             acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -140,6 +149,8 @@ def _grouped_mm_kernel(
                     M2 + e * stride_m2e + ks[:, None] * stride_m2k + cols[None, :] * stride_m2n,
                     mask=(ks[:, None] < K2) & col_mask[None, :], other=0.0,
                 )  # fmt: skip
+                if UPCAST:
+                    a, b = a.to(tl.float32), b.to(tl.float32)
                 acc2 = tl.dot(a, b, acc2, input_precision=INPUT_PRECISION)
             acc += scale2 * acc2
         tl.store(
@@ -154,7 +165,8 @@ def _grouped_weight_grad_kernel(
     DY, X, G, OFFSETS,
     stride_dys, stride_dyn, stride_xs, stride_xk, stride_ge, stride_gn, stride_gk,
     N, K,
-    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     e = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -175,6 +187,8 @@ def _grouped_weight_grad_kernel(
             X + rows[:, None] * stride_xs + ks[None, :] * stride_xk,
             mask=row_mask[:, None] & (ks[None, :] < K), other=0.0,
         )  # fmt: skip
+        if UPCAST:
+            dy, x = dy.to(tl.float32), x.to(tl.float32)
         acc = tl.dot(tl.trans(dy), x, acc, input_precision=INPUT_PRECISION)
     tl.store(
         G + e.to(tl.int64) * stride_ge + ns[:, None] * stride_gn + ks[None, :] * stride_gk,
@@ -230,7 +244,7 @@ def grouped_mm(
         x.stride(0), x.stride(1), m.stride(0), m.stride(1), m.stride(2), y.stride(0), y.stride(1),
         second[0].stride(0), second[0].stride(1), second[1].stride(0), second[1].stride(1), second[1].stride(2),
         y.shape[1], x.shape[1], second[0].shape[1], float(scale2),
-        HAS_SECOND=x2 is not None, INPUT_PRECISION=_input_precision(x.dtype),
+        HAS_SECOND=x2 is not None, INPUT_PRECISION=_input_precision(x.dtype), UPCAST=_upcast(x),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
     )  # fmt: skip
     return y
@@ -253,7 +267,7 @@ def grouped_mm_weight_grad(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Ten
         dy, x, g, offsets,
         dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), g.stride(0), g.stride(1), g.stride(2),
         n, k,
-        INPUT_PRECISION=_input_precision(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        INPUT_PRECISION=_input_precision(x.dtype), UPCAST=_upcast(x), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=num_warps,
     )  # fmt: skip
     return g
