@@ -174,6 +174,8 @@ def export_gguf(
     config = unwrap_peft(model).config
     if config.model_type not in ARCHITECTURES:
         raise NotImplementedError(f"GGUF export supports {sorted(ARCHITECTURES)}, not model_type={config.model_type!r}")
+    if ARCHITECTURES[config.model_type].gguf_arch is None:
+        raise NotImplementedError(f"GGUF export does not support model_type={config.model_type!r} (mixture of experts)")
     if tokenizer is not None:
         check_tokenizer(tokenizer)
     generation_config = getattr(unwrap_peft(model), "generation_config", None)
