@@ -246,6 +246,14 @@ def test_unsupported_tokenizers_fail_before_writing(tmp_path, make, message):
     assert not target.exists()
 
 
+def test_a_tokenizer_larger_than_the_embedding_fails_before_writing(tmp_path):
+    tokenizer = family_tokenizer("gpt2")
+    target = tmp_path / "x.gguf"
+    with pytest.raises(ValueError, match=f"token id {len(tokenizer) - 1}, the model's vocab_size is 100"):
+        export_gguf(export_lm("llama", 100), target, tokenizer=tokenizer)
+    assert not target.exists()
+
+
 # ---------------------------------------------------------------- Ollama Modelfile
 
 CHATML_TEMPLATE = (

@@ -177,7 +177,7 @@ def export_gguf(
     if ARCHITECTURES[config.model_type].gguf_arch is None:
         raise NotImplementedError(f"GGUF export does not support model_type={config.model_type!r} (mixture of experts)")
     if tokenizer is not None:
-        check_tokenizer(tokenizer)
+        check_tokenizer(tokenizer, config.vocab_size)
     generation_config = getattr(unwrap_peft(model), "generation_config", None)
     modelfile_content = modelfile_text(out_path.name, tokenizer, generation_config) if modelfile else None
     spec = ARCHITECTURES[config.model_type]

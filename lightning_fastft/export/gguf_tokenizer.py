@@ -150,15 +150,13 @@ def add_special_flags(tokenizer) -> tuple[bool, bool]:
     return add_bos, add_eos
 
 
-def write_tokenizer(writer: GGUFWriter, tokenizer, vocab_size: int) -> VocabFamily:
-    """Write ``tokenizer``'s vocabulary (padded to ``vocab_size`` with unused tokens), types, scores,
-    merges, special ids, add-BOS/EOS flags and chat template. Returns the family it was written as.
-    """
-    tokenizer_json = check_tokenizer(tokenizer)
+def write_tokenizer(writer: GGUFWriter, tokenizer, vocab_size: int) -> None:
+    """Write ``tokenizer``'s vocabulary (padded to the model's ``vocab_size`` with unused tokens), types,
+    scores, merges, special ids, add-BOS/EOS flags and chat template."""
+    tokenizer_json = check_tokenizer(tokenizer, vocab_size)
     family = vocab_family(tokenizer_json)
     model = tokenizer_json["model"]
     vocab = tokenizer.get_vocab()
-    vocab_size = max(vocab_size, max(vocab.values()) + 1)
     id_to_token = {i: t for t, i in vocab.items()}
     added = {t.content: t for t in tokenizer.added_tokens_decoder.values()}
     special_ids = set(tokenizer.all_special_ids)
@@ -219,12 +217,11 @@ def write_tokenizer(writer: GGUFWriter, tokenizer, vocab_size: int) -> VocabFami
             f"characters outside the vocabulary where Hugging Face yields {tokenizer.unk_token!r}",
             stacklevel=3,
         )
-    return family
 
 
-def check_tokenizer(tokenizer) -> dict:
-    """The parsed ``tokenizer.json`` of a HF fast tokenizer whose family llama.cpp has; raises before
-    anything is written otherwise."""
+def check_tokenizer(tokenizer, vocab_size: int) -> dict:
+    """The parsed ``tokenizer.json`` of a HF fast tokenizer whose family llama.cpp has and whose ids fit
+    the model's ``vocab_size`` embedding rows; raises before anything is written otherwise."""
     if not getattr(tokenizer, "is_fast", False) or not hasattr(tokenizer, "backend_tokenizer"):
         raise NotImplementedError(
             "GGUF tokenizer export needs a Hugging Face fast tokenizer (tokenizer.json); wrap a tokenizers.Tokenizer "
@@ -232,4 +229,10 @@ def check_tokenizer(tokenizer) -> dict:
         )
     tokenizer_json = json.loads(tokenizer.backend_tokenizer.to_str())
     vocab_family(tokenizer_json)
+    largest = max(tokenizer.get_vocab().values())
+    if largest >= vocab_size:
+        raise ValueError(
+            f"GGUF export: the tokenizer has token id {largest}, the model's vocab_size is {vocab_size} "
+            "(llama.cpp needs one embedding row per token)"
+        )
     return tokenizer_json
