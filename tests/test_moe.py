@@ -299,3 +299,10 @@ def test_fastft_moe_matches_plain_training(device, arch):
     fast = run_fit(config, MOE_CONVERGENCE[arch], "fastft", STEPS, device)
     reference = run_fit(config, MOE_CONVERGENCE[arch], "auto", STEPS, device)
     _assert_same_run(fast, reference)
+
+
+def test_gguf_export_refuses_moe(tmp_path):
+    from lightning_fastft.export.gguf import export_gguf
+
+    with pytest.raises(NotImplementedError, match="mixture of experts"):
+        export_gguf(moe_lm("mixtral"), tmp_path / "model.gguf")
