@@ -97,7 +97,10 @@ def test_hooks_in_axolotl_order_give_the_fastft_strategy_model():
     from helpers import quiet_trainer
 
     from lightning_fastft import FastFTStrategy
-    from lightning_fastft.training.checkpointing import checkpointed_layers, hf_gradient_checkpointing_on
+    from lightning_fastft.training.checkpointing import (
+        checkpointed_layers,
+        hf_gradient_checkpointing_on,
+    )
 
     plugin = load_plugin(PLUGIN)  # how Axolotl loads it: FastFTPlugin built on first access
     assert type(plugin).__name__ == "FastFTPlugin" and plugin.get_input_args().endswith(".FastFTArgs")

@@ -50,14 +50,14 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, model_validator
 
-from lightning_fastft.patching.options import CHECKPOINTING, PatchOptions, check_checkpoint_fraction
+from lightning_fastft.patching.options import CHECKPOINTING, PatchOptions
 from lightning_fastft.training.optim import OPTIMIZER_CHOICES
 
-__all__ = ["SUPPORTED_AXOLOTL", "FastFTArgs", "FastFTPlugin", "PackedBatchCollator", "check_config"]
+__all__ = ["SUPPORTED_AXOLOTL", "FastFTArgs", "PackedBatchCollator", "check_config"]  # and FastFTPlugin, built on first access
 
 SUPPORTED_AXOLOTL = ">=0.19,<0.20"
 """The Axolotl releases the plugin is written and tested against (its hook names and call order)."""
@@ -92,23 +92,18 @@ class FastFTArgs(BaseModel):
 
     fastft_kernels: bool = True
     fastft_fused_lora: bool = True
-    fastft_checkpointing: Optional[Literal[(*CHECKPOINTING, "none")]] = None  # type: ignore[valid-type]
+    fastft_checkpointing: Literal[(*CHECKPOINTING, "none")] | None = None  # type: ignore[valid-type]
     fastft_checkpoint_fraction: float = 1.0
     fastft_packing: bool = False
-    fastft_optimizer: Optional[Literal[OPTIMIZER_CHOICES]] = None  # type: ignore[valid-type]
-    fastft_export: Optional[Literal[EXPORT_FORMATS]] = None  # type: ignore[valid-type]
-    fastft_export_dir: Optional[str] = None
-    fastft_gguf_dtype: str = Field(default="f16")
-
-    @field_validator("fastft_checkpoint_fraction")
-    @classmethod
-    def _check_fraction(cls, value: float) -> float:
-        check_checkpoint_fraction(value)
-        return value
+    fastft_optimizer: Literal[OPTIMIZER_CHOICES] | None = None  # type: ignore[valid-type]
+    fastft_export: Literal[EXPORT_FORMATS] | None = None  # type: ignore[valid-type]
+    fastft_export_dir: str | None = None
+    fastft_gguf_dtype: str = "f16"
 
     @model_validator(mode="before")
     @classmethod
     def _check_combination(cls, data: Any) -> Any:
+        """:func:`check_config` on the whole Axolotl config (this model is merged into its schema)."""
         if isinstance(data, dict):
             check_config(data)
         return data
@@ -206,7 +201,7 @@ class PackedBatchCollator:
         tokenizer: Any,
         *,
         max_seq_len: int,
-        pad_to_multiple_of: Optional[int] = None,
+        pad_to_multiple_of: int | None = None,
         padding: Any = True,
         return_tensors: str = "pt",
         split_long: bool = False,
@@ -261,7 +256,7 @@ def _build_plugin_class() -> type:
             self.patch_report = None
             self.callback = None
             self.optimizer = None
-            self.exported: Optional[Path] = None
+            self.exported: Path | None = None
 
         def get_input_args(self) -> str:
             return f"{__name__}.FastFTArgs"
@@ -278,7 +273,8 @@ def _build_plugin_class() -> type:
             from lightning_fastft.patching.model import patch_model
 
             options = _fastft_options(cfg)
-            options.update(fused_lora=False, checkpointing=None, checkpoint_fraction=1.0)  # after LoRA / last
+            # fused LoRA once the adapters exist (post_lora_load), checkpointing last (post_model_load)
+            options.update(fused_lora=False, checkpointing=None, checkpoint_fraction=1.0)
             self.patch_report = patch_model(model, **options)
 
         def post_lora_load(self, cfg, model) -> None:
@@ -286,7 +282,7 @@ def _build_plugin_class() -> type:
 
             options = _fastft_options(cfg)
             if _get(cfg, "adapter") and options["fused_lora"]:
-                options.update(checkpointing=None, checkpoint_fraction=1.0)  # in post_model_load
+                options.update(checkpointing=None, checkpoint_fraction=1.0)  # post_model_load's
                 self.patch_report = patch_model(model, **options)
 
         def post_model_load(self, cfg, model) -> None:
@@ -308,7 +304,10 @@ def _build_plugin_class() -> type:
             if self.optimizer is None:
                 from transformers import Trainer
 
-                from lightning_fastft.training.optim import has_adamw_update, to_8bit_adamw
+                from lightning_fastft.training.optim import (
+                    has_adamw_update,
+                    to_8bit_adamw,
+                )
 
                 base = Trainer.create_optimizer(trainer)  # the Trainer's own AdamW, its parameter groups
                 if not has_adamw_update(base):
@@ -328,7 +327,7 @@ def _build_plugin_class() -> type:
         def add_callbacks_post_trainer(self, cfg, trainer) -> list:
             from lightning_fastft.integrations.hf import FastFTCallback
 
-            self.callback = FastFTCallback(checkpoint_fraction=None)
+            self.callback = FastFTCallback()
             self.callback.attach(trainer)  # first, so the reporting callbacks get its metrics
             return []
 

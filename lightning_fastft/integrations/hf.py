@@ -56,7 +56,11 @@ from lightning_fastft.patching.model import (
     is_causal_lm,
     patch_model,
 )
-from lightning_fastft.patching.options import PatchOptions, check_checkpoint_fraction, takes_patch_options
+from lightning_fastft.patching.options import (
+    PatchOptions,
+    check_checkpoint_fraction,
+    takes_patch_options,
+)
 from lightning_fastft.training.checkpointing import (
     checkpointed_layers,
     disable_hf_gradient_checkpointing,
