@@ -235,8 +235,10 @@ def main() -> None:
             )
             print(rows[-1], flush=True)
     notes = [
-        f"Model: {total / 1e9:.2f}B parameters ({trainable / 1e6:.0f}M trainable LoRA r{LORA_R}), "
-        f"built in {build.seconds:.1f} s.",
+        (
+            f"Model: {total / 1e9:.2f}B parameters ({trainable / 1e6:.0f}M trainable LoRA r{LORA_R}), "
+            f"built in {build.seconds:.1f} s."
+        ),
         "",
         "Experts (one layer, fwd + input-gradient bwd, LoRA on both projections, frozen base):",
         "",
