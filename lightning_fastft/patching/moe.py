@@ -47,7 +47,8 @@ class _MoePlan:
     fused_lora: bool
 
 
-def _base_experts(module: nn.Module) -> nn.Module:
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The module inside PEFT's (nested) ``ParamWrapper``s."""
     while isinstance(module, _param_wrapper_class()):
         module = module.base_layer
     return module
@@ -67,11 +68,12 @@ def unsupported_moe_feature(block: nn.Module, spec: ArchitectureSpec, activation
     expected = {"gate", "experts"} | (set(_QWEN2_SHARED) if "shared_expert" in children else set())
     if children != expected:
         return f"submodules {sorted(children - expected) or sorted(expected - children)} besides gate/experts"
-    if type(block.gate).__name__ != spec.router_class:
-        return f"router {type(block.gate).__name__} (supported: {spec.router_class})"
+    router = _unwrap(block.gate)  # PEFT's own "all-linear" wraps the router's weight
+    if type(router).__name__ != spec.router_class:
+        return f"router {type(router).__name__} (supported: {spec.router_class})"
     if getattr(block, "jitter_noise", 0) > 0:
         return "router jitter noise (router_jitter_noise > 0)"
-    experts = _base_experts(block.experts)
+    experts = _unwrap(block.experts)
     if type(experts).__name__ != spec.experts_class:
         return f"experts {type(experts).__name__} (supported: {spec.experts_class})"
     layout = {name: getattr(experts, name, None) for name in ("has_gate", "has_bias", "is_transposed", "is_concatenated")}
@@ -84,8 +86,8 @@ def unsupported_moe_feature(block: nn.Module, spec: ArchitectureSpec, activation
     gate_up, down = experts.gate_up_proj, experts.down_proj
     if gate_up.dim() != 3 or down.dim() != 3 or down.shape[1:] != (gate_up.shape[2], gate_up.shape[1] // 2):
         return f"expert weights gate_up_proj {tuple(gate_up.shape)} / down_proj {tuple(down.shape)}"
-    if gate_up.shape[0] != block.gate.num_experts:
-        return f"{gate_up.shape[0]} expert weights for a router over {block.gate.num_experts} experts"
+    if gate_up.shape[0] != router.num_experts:
+        return f"{gate_up.shape[0]} expert weights for a router over {router.num_experts} experts"
     return None
 
 
