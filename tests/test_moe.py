@@ -245,6 +245,27 @@ def test_patched_moe_lora_matches_hf(device):
     _assert_same_training(model, reference, device)
 
 
+def test_peft_router_lora_matches_hf(device):
+    """PEFT's own all-linear also adapts the routers (a ParamWrapper on their weight): the patched
+    block calls the wrapped router as it stands."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", target_parameters=["experts.gate_up_proj", "experts.down_proj"]
+    )
+    reference = get_peft_model(moe_lm("mixtral", num_hidden_layers=1), config)
+    with torch.no_grad():
+        for name, parameter in reference.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, 0.2)
+    reference = reference.to(device).train()
+    assert any("mlp.gate.lora_A" in name for name, _ in reference.named_parameters())
+    model = copy.deepcopy(reference)
+    entry = _patch(model)
+    assert entry.patched["moe"] == entry.patched["lora_experts"] == 1, str(entry)
+    _assert_same_training(model, reference, device)
+
+
 def test_unknown_router_keeps_hf_forward_and_trains(device):
     reference = moe_lm("qwen2_moe").to(device).train()
     blocks = [m for m in reference.modules() if type(m).__name__ == "Qwen2MoeSparseMoeBlock"]
