@@ -1,8 +1,10 @@
-"""``lightning-fastft``: LightningCLI for :class:`~lightning_fastft.module.CausalLMFineTune`.
+"""``lightning-fastft``: LightningCLI for :class:`~lightning_fastft.module.CausalLMFineTune`;
+``lightning-fastft-grpo`` the same for :class:`~lightning_fastft.rl.GRPOFineTune`.
 
     lightning-fastft fit --config examples/configs/tiny_llama_lora.yaml
     lightning-fastft fit --config examples/configs/tiny_llama_lora.yaml --trainer.strategy.checkpointing offload
     lightning-fastft predict --config examples/configs/tiny_llama_lora.yaml --ckpt_path last.ckpt
+    lightning-fastft-grpo fit --config examples/configs/tiny_llama_grpo.yaml
 
 Importing ``lightning_fastft`` registers the strategy names, so ``trainer.strategy: fastft``
 works in YAML, and ``--trainer.strategy.NAME VALUE`` sets one of its options (a registered
@@ -103,10 +105,15 @@ def strategy_names_as_class_paths(parser: LightningArgumentParser, args: list[st
     return [*args[:first], f"--trainer.strategy={spec}", *args[first:]]
 
 
-def build_cli(args: Optional[list[str]] = None, run: bool = True, **cli_kwargs: Any) -> LightningCLI:
-    """The CLI object (runs the subcommand in ``args`` unless ``run=False``)."""
+def build_cli(
+    args: Optional[list[str]] = None,
+    run: bool = True,
+    model_class: type[pl.LightningModule] = CausalLMFineTune,
+    **cli_kwargs: Any,
+) -> LightningCLI:
+    """The CLI object (runs the subcommand in ``args`` unless ``run=False``) for ``model_class``."""
     return FastFTCLI(
-        CausalLMFineTune,
+        model_class,
         pl.LightningDataModule,
         subclass_mode_data=True,
         args=args,
@@ -117,8 +124,15 @@ def build_cli(args: Optional[list[str]] = None, run: bool = True, **cli_kwargs: 
 
 
 def main(args: Optional[list[str]] = None) -> None:
-    """Console entry point."""
+    """Console entry point ``lightning-fastft``: supervised fine-tuning."""
     build_cli(args)
+
+
+def grpo_main(args: Optional[list[str]] = None) -> None:
+    """Console entry point ``lightning-fastft-grpo``: GRPO (:class:`~lightning_fastft.rl.GRPOFineTune`)."""
+    from lightning_fastft.rl import GRPOFineTune
+
+    build_cli(args, model_class=GRPOFineTune)
 
 
 if __name__ == "__main__":
