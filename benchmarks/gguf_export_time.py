@@ -49,7 +49,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--dtype", nargs="+", default=["q4_k_m"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--workdir", default=None)
-    parser.add_argument("--out", default=None, help="results path without suffix (JSON + .md)")
+    parser.add_argument("--out", default=None, help="results path: <out>.json and <out>.md")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -82,12 +82,13 @@ def main(argv=None) -> list[dict]:
     if args.out:
         meta = harness.run_meta(build_s=round(build_s, 1))
         harness.write_results(
-            Path(args.out),
+            Path(args.out).with_suffix(".json"),
             f"GGUF export time ({args.shape}, random bf16 weights)",
             meta,
             rows,
             ["shape", "params_b", "dtype", "threads", "cpus", "export_s", "file_gb"],
             notes=["Goal: Llama-3-8B at q4_k_m in at most 120 s on a 16-core machine."],
+            integers_from=1e6,
         )
     return rows
 

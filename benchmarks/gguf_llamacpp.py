@@ -86,7 +86,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--num-eval", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--out", default=None, help="results path without suffix (JSON + .md)")
+    parser.add_argument("--out", default=None, help="results path: <out>.json and <out>.md")
     args = parser.parse_args(argv)
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
@@ -134,7 +134,7 @@ def main(argv=None) -> list[dict]:
             print(rows[-1])
     if args.out:
         harness.write_results(
-            Path(args.out),
+            Path(args.out).with_suffix(".json"),
             "A trained model in llama.cpp vs HF: held-out perplexity and greedy answers per GGUF type",
             harness.run_meta(steps=args.steps, num_eval=args.num_eval),
             rows,
@@ -145,6 +145,7 @@ def main(argv=None) -> list[dict]:
                 "The demo's 128-wide rows are not k-quant widths: its k-quant files hold llama.cpp's fallback types "
                 "(Q5_0 / Q5_1 / Q8_0, F16 for rows of 344); the 256-wide variant is k-quantised throughout.",
             ],
+            integers_from=1e6,  # perplexities with 3 decimals
         )
     return rows
 
