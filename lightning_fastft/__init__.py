@@ -30,6 +30,7 @@ _LAZY = {
     "CausalLMFineTune": "lightning_fastft.module",
     "FastFTCallback": "lightning_fastft.integrations.hf",
     "FusedLinearGRPOLoss": "lightning_fastft.rl.grpo",
+    "GRPOFineTune": "lightning_fastft.rl.module",
     "PackedCollator": "lightning_fastft.data.packing",
     "PaddedCollator": "lightning_fastft.data.packing",
     "PatchOptions": "lightning_fastft.patching.options",

@@ -80,3 +80,21 @@ def test_finetune_help_lists_the_options(capsys):
     usage = capsys.readouterr().out
     for option in ("--model_name_or_path", "--dataset", "--max_seq_len", "--lora_r", "--quant", "--checkpointing", "--max_steps"):
         assert option in usage
+
+
+@pytest.mark.subprocess
+@pytest.mark.slow
+def test_shortened_grpo_demo_reports_rewards(tmp_path):
+    """The GRPO demo as users run it (fresh process, no Triton interpreter), shortened: warm start, one
+    reward per GRPO step, the accuracies it prints, the reward plot."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    plot = tmp_path / "reward.png"
+    argv = [str(EXAMPLES / "grpo_demo.py"), "--sft-steps", "10", "--grpo-steps", "3", "--prompts-per-step", "2",
+            "--num-generations", "4", "--num-eval", "20", "--plot", str(plot)]  # fmt: skip
+    script = RUN_DEMO.format(argv=argv, folder=str(EXAMPLES))
+    finished = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    returned = json.loads(finished.stdout.split("main returned ", 1)[1].splitlines()[0])
+    assert len(returned["rewards"]) == 3 and all(0 <= r <= 1 for r in returned["rewards"])
+    assert f"after GRPO: {100 * returned['accuracy_after']:.1f}%" in finished.stdout
+    assert plot.stat().st_size > 0

@@ -10,7 +10,7 @@ policy on its own sampled completions (:mod:`lightning_fastft.rl.module`), with 
 from lightning_fastft.rl.grpo import FusedLinearGRPOLoss
 from lightning_fastft.rl.logprobs import chunked_logprobs, chunked_logprobs_reference
 from lightning_fastft.rl.module import GRPOFineTune, PromptDataModule, collate_prompts
-from lightning_fastft.rl.rewards import group_advantages, reference_match, score_completions
+from lightning_fastft.rl.rewards import group_advantages, reference_match, score_completions, weighted_rewards
 
 __all__ = [
     "FusedLinearGRPOLoss",
@@ -22,4 +22,5 @@ __all__ = [
     "group_advantages",
     "reference_match",
     "score_completions",
+    "weighted_rewards",
 ]

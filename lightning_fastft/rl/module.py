@@ -34,7 +34,6 @@ the Trainer has none) ``tokens_per_sec`` over prompt + completion tokens.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -47,9 +46,10 @@ from torch.utils.data import DataLoader
 from lightning_fastft.data.synthetic import TINY_LLAMA_CONFIG
 from lightning_fastft.module import CausalLMFineTune
 from lightning_fastft.qlora import QuantType
-from lightning_fastft.rl.grpo import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, FusedLinearGRPOLoss
+from lightning_fastft.rl.grpo import FusedLinearGRPOLoss
 from lightning_fastft.rl.logprobs import chunked_logprobs
 from lightning_fastft.rl.rewards import (
+    SCALE_REWARDS,
     RewardFunction,
     ScaleRewards,
     group_advantages,
@@ -58,6 +58,7 @@ from lightning_fastft.rl.rewards import (
     reward_function_name,
     score_completions,
     warn_unscored,
+    weighted_rewards,
 )
 
 PROMPT_COLUMN = "prompt"
@@ -162,15 +163,13 @@ class GRPOFineTune(CausalLMFineTune):
                 "beta > 0 compares to the reference policy, which is the base model with the LoRA adapter "
                 "disabled: it needs lora_r > 0 (full fine-tuning keeps no reference copy)"
             )
-        if loss_type not in LOSS_TYPES or importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
-            FusedLinearGRPOLoss(loss_type=loss_type, importance_sampling_level=importance_sampling_level)  # raises
         self.grpo_loss = FusedLinearGRPOLoss(
             beta=beta, epsilon_low=epsilon, epsilon_high=epsilon if epsilon_high is None else epsilon_high,
             loss_type=loss_type, importance_sampling_level=importance_sampling_level, temperature=temperature,
             max_completion_length=max_completion_length, chunk_size=chunk_size,
         )
-        if scale_rewards not in ("group", "batch", "none"):
-            raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
+        if scale_rewards not in SCALE_REWARDS:
+            raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
         # callables are not hyper-parameters a checkpoint can hold: keep their names
         self.hparams.reward_funcs = [f if isinstance(f, str) else reward_function_name(f) for f in reward_funcs]
         if tokenizer is not None and not isinstance(tokenizer, str):
@@ -328,14 +327,9 @@ class GRPOFineTune(CausalLMFineTune):
         per_function = score_completions(self.reward_funcs, prompts, rollout["completions"], columns)
         warn_unscored(per_function, self.reward_names)
         per_function = per_function.to(self.device)
-        batch_std = None
-        if self.hparams.scale_rewards == "batch":
-            weighted = (per_function * self.reward_weights).nansum(1)
-            weighted = weighted.masked_fill(torch.isnan(per_function).all(1), math.nan)
-            batch_std = nanstd(self.all_gather(weighted).reshape(-1))
-        advantages, rewards = group_advantages(
-            per_function, self.reward_weights, self.hparams.num_generations, self.hparams.scale_rewards, batch_std
-        )
+        rewards = weighted_rewards(per_function, self.reward_weights)
+        batch_std = nanstd(self.all_gather(rewards).reshape(-1)) if self.hparams.scale_rewards == "batch" else None
+        advantages = group_advantages(rewards, self.hparams.num_generations, self.hparams.scale_rewards, batch_std)
         metrics = {"reward": torch.nanmean(rewards), "reward_std": nanstd(rewards),
                    "frac_reward_zero_std": (nanstd(rewards.view(-1, self.hparams.num_generations), dim=1) == 0)
                    .float().mean()}

@@ -88,37 +88,38 @@ def score_completions(
     return rewards
 
 
+def weighted_rewards(rewards_per_function: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` rewards ``sum_k w_k R_ik`` of ``(N, F)`` rewards, the NaN (not applicable) entries left
+    out; NaN for a completion no function scored."""
+    if weights.shape != rewards_per_function.shape[1:]:
+        raise ValueError(f"{weights.numel()} reward weights for {rewards_per_function.shape[1]} reward functions")
+    rewards = (rewards_per_function * weights.to(rewards_per_function)).nansum(dim=1)
+    return rewards.masked_fill(torch.isnan(rewards_per_function).all(dim=1), math.nan)
+
+
 def group_advantages(
-    rewards_per_function: torch.Tensor,
-    weights: torch.Tensor,
+    rewards: torch.Tensor,
     num_generations: int,
     scale_rewards: ScaleRewards = "group",
     batch_std: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(advantages, rewards)``, each ``(N,)``, from ``(N, F)`` rewards (NaN: not applicable) whose rows
-    come in groups of ``num_generations`` consecutive completions of one prompt (formula in the module
+) -> torch.Tensor:
+    """``(N,)`` advantages of ``(N,)`` rewards (:func:`weighted_rewards`; NaN: unscored) whose entries come
+    in groups of ``num_generations`` consecutive completions of one prompt (formula in the module
     docstring). ``batch_std``: for ``scale_rewards="batch"``, the std of the rewards of the whole
-    batch across ranks (default: of these rows). A completion no function scored gets advantage 0.
+    batch across ranks (default: of these). A completion no function scored gets advantage 0.
     """
     if scale_rewards not in SCALE_REWARDS:
         raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
-    n, f = rewards_per_function.shape
-    if weights.shape != (f,):
-        raise ValueError(f"{weights.numel()} reward weights for {f} reward functions")
-    if n % num_generations:
-        raise ValueError(f"{n} completions are not groups of num_generations={num_generations}")
-    unscored = torch.isnan(rewards_per_function).all(dim=1)
-    rewards = (rewards_per_function * weights.to(rewards_per_function)).nansum(dim=1)
-    rewards = rewards.masked_fill(unscored, math.nan)
+    if rewards.numel() % num_generations:
+        raise ValueError(f"{rewards.numel()} completions are not groups of num_generations={num_generations}")
     grouped = rewards.view(-1, num_generations)
-    mean = torch.nanmean(grouped, dim=1, keepdim=True)
-    advantages = grouped - mean
+    advantages = grouped - torch.nanmean(grouped, dim=1, keepdim=True)
     if scale_rewards == "group":
         advantages = advantages / (nanstd(grouped, dim=1, keepdim=True) + ADVANTAGE_EPS)
     elif scale_rewards == "batch":
         std = nanstd(rewards) if batch_std is None else batch_std.to(rewards)
         advantages = advantages / (std + ADVANTAGE_EPS)
-    return torch.nan_to_num(advantages.reshape(n), nan=0.0), rewards
+    return torch.nan_to_num(advantages.reshape(-1), nan=0.0)
 
 
 def nanstd(x: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
