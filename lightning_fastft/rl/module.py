@@ -43,6 +43,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+from lightning_fastft._hf import unwrap_peft
 from lightning_fastft.data.synthetic import TINY_LLAMA_CONFIG
 from lightning_fastft.module import CausalLMFineTune
 from lightning_fastft.qlora import QuantType
@@ -292,7 +293,7 @@ class GRPOFineTune(CausalLMFineTune):
 
     def completion_hidden(self, rollout: Mapping[str, Any], rows: slice) -> torch.Tensor:
         """Last hidden states predicting each completion token of ``rows``: (rows, completion width, H)."""
-        causal_lm = _causal_lm(self.model)
+        causal_lm = unwrap_peft(self.model)
         output = causal_lm.get_decoder()(
             input_ids=rollout["input_ids"][rows], attention_mask=rollout["attention_mask"][rows],
             position_ids=rollout["position_ids"][rows], use_cache=False,
@@ -483,15 +484,9 @@ def _no_gradient_sync(strategy: Any) -> contextlib.AbstractContextManager:
     return block() if block is not None else contextlib.nullcontext()
 
 
-def _causal_lm(model: torch.nn.Module) -> Any:
-    from lightning_fastft._hf import unwrap_peft
-
-    return unwrap_peft(model)
-
-
 def _lm_head_weight(model: torch.nn.Module) -> torch.Tensor:
     """The (V, H) weight of a plain ``nn.Linear`` LM head without bias (the fused loss's input)."""
-    head = _causal_lm(model).get_output_embeddings()
+    head = unwrap_peft(model).get_output_embeddings()
     if type(head) is not torch.nn.Linear:
         raise NotImplementedError(
             f"GRPO's fused log-probs need a plain nn.Linear LM head, got {type(head).__name__} "
@@ -504,7 +499,7 @@ def _lm_head_weight(model: torch.nn.Module) -> torch.Tensor:
 
 def _final_logit_softcap(model: torch.nn.Module) -> Optional[float]:
     """The model's final-logit soft cap (Gemma2), refusing heads that scale their logits otherwise."""
-    config = _causal_lm(model).config.get_text_config()
+    config = unwrap_peft(model).config.get_text_config()
     for attribute in _LOGIT_MODIFIERS:
         if getattr(config, attribute, None) not in (None, 1, 1.0):
             raise NotImplementedError(f"GRPO's fused log-probs do not apply config.{attribute} to the logits")
