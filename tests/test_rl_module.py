@@ -242,6 +242,7 @@ def test_micro_batches_give_the_gradient_of_one_batch(loss_type):
 def test_micro_batch_hidden_states_are_freed_before_the_next(monkeypatch):
     """With offload checkpointing, each micro-batch's hidden states die before the next micro-batch runs
     (nothing accumulates across chunks), and the gradients equal those without checkpointing."""
+    from lightning_fastft.training import checkpointing
     from lightning_fastft.training.checkpointing import apply_activation_checkpointing
 
     module = make_module()
@@ -263,6 +264,7 @@ def test_micro_batch_hidden_states_are_freed_before_the_next(monkeypatch):
         return hidden
 
     monkeypatch.setattr(type(module), "completion_hidden", tracked)
+    monkeypatch.setattr(checkpointing, "_warned_cpu_fallback", False)  # warned once per process
     with pytest.warns(UserWarning, match="offload"):  # no CUDA: offload runs as recompute
         offloaded, _ = step_gradients(module, rollout, advantages, 4)
     assert len(alive_at_next_chunk) == 2 and not any(alive_at_next_chunk)
