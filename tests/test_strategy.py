@@ -105,9 +105,11 @@ def test_patches_applied_before_optimizers(device, monkeypatch):
         seen["switches"] = switches
         return real_patch_model(model, **switches)
 
-    def recording_checkpointing(model, checkpointing, checkpoint_fraction):
+    def recording_checkpointing(model, checkpointing, checkpoint_fraction, **options):
         seen["optimizers_at_checkpointing_time"] = list(trainer.strategy.optimizers)
-        seen["checkpointed_layers"] = real_checkpointing(model, checkpointing, checkpoint_fraction=checkpoint_fraction)
+        seen["checkpointed_layers"] = real_checkpointing(
+            model, checkpointing, checkpoint_fraction=checkpoint_fraction, **options
+        )
         seen["checkpointing"] = checkpointing
         return seen["checkpointed_layers"]
 
@@ -120,7 +122,7 @@ def test_patches_applied_before_optimizers(device, monkeypatch):
     assert seen["optimizers_at_patch_time"] == [] and seen["optimizers_at_checkpointing_time"] == []
     assert seen["switches"] == dict(
         rms_norm=True, rope=False, mlp=True, cross_entropy=True, fused_lora=True,
-        checkpointing="recompute", checkpoint_fraction=1.0,
+        checkpointing="recompute", checkpoint_fraction=1.0, memory_budget_gib=None,
     )  # fmt: skip
     report = trainer.strategy.patch_report.models[0]
     assert report.patched["rms_norm"] > 0 and report.patched["cross_entropy"] == 1
