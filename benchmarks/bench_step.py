@@ -257,6 +257,10 @@ def parent(args: argparse.Namespace) -> None:
                     if reference and row.get("tokens_per_sec"):
                         row[f"vs_{base}"] = row["tokens_per_sec"] / reference
             print(harness.markdown_table(rows, COLUMNS), flush=True)
+            write(args, fields, meta, rows)  # after every group: a run cut short keeps what it measured
+
+
+def write(args: argparse.Namespace, fields: dict[str, Any], meta: dict, rows: list[dict]) -> None:
     notes = [
         f"{args.shape} ({fields.get('num_hidden_layers')} layers), seq {args.seq_len}, LoRA r16 on "
         f"{lora_targets(fields)}; median of {args.steps} steps after {args.warmup} warm-up steps; every variant in "
