@@ -88,7 +88,9 @@ def attach_expert_lora(model):
     return attach_lora(model, lora_r=LORA_R, lora_alpha=LORA_R, lora_dropout=0.0)
 
 
-def train_rows(model, impl: str, batch: int, seq: int, steps: int, warmup: int, layers: int, note: str) -> dict:
+def train_rows(
+    model, impl: str, batch: int, seq: int, steps: int, warmup: int, layers: int, note: str, profile: bool = False
+) -> dict:
     vocab = QWEN3_30B_A3B["vocab_size"]
     generator = torch.Generator(device="cuda").manual_seed(1)
     ids = torch.randint(0, vocab, (batch, seq), device="cuda", generator=generator)
@@ -118,6 +120,17 @@ def train_rows(model, impl: str, batch: int, seq: int, steps: int, warmup: int, 
             "tok_s": batch * seq / step_s, "step_s": step_s, "peak_gib": memory.peak_gib,
             "above_start_gib": memory.above_baseline / harness.GIB, "loss": loss.item(),
         }  # fmt: skip
+        if profile:  # where the step's time goes: GPU kernels vs wall time, host functions, host syncs
+            from profile_step import host_profile, kernel_profile
+
+            row |= kernel_profile(step, 20) | host_profile(step, 30)
+            print(f"== {impl} bs {batch}: GPU kernels {row['gpu_kernel_s']:.4f} s of {row['wall_s']:.4f} s "
+                  f"(busy {row['gpu_busy']:.2f})", flush=True)  # fmt: skip
+            for kernel in row["top_kernels"]:
+                print(f"   {kernel['s'] * 1e3:8.2f} ms  x{kernel['calls']:<5d} {kernel['name']}")
+            print("\n".join("   " + line for line in row["cprofile"]))
+            for where, count in row["syncs"]:
+                print(f"   sync x{count}: {where}")
     except torch.OutOfMemoryError:
         row["note"] = (note + "; " if note else "") + "OOM"
     optimizer.state.clear()
@@ -195,6 +208,9 @@ def main() -> None:
     parser.add_argument("--impls", nargs="+", default=["hf", "fastft"], choices=["hf", "fastft", "liger"])
     parser.add_argument("--checkpointing", default="recompute", choices=["none", "recompute", "offload"])
     parser.add_argument("--experts-tokens", type=int, nargs="*", default=[2048, 8192])
+    parser.add_argument("--lora-dtype", default="fp32", choices=["fp32", "bf16"],
+                        help="bf16: the LoRA factors cast to bf16, as Lightning's bf16-true precision does")
+    parser.add_argument("--profile", action="store_true", help="profile one step per row (kernels, host, syncs)")
     parser.add_argument("--out", type=Path, default=harness.RESULTS_DIR / "moe_qwen3_30b_a3b")
     args = parser.parse_args()
     if "liger" in args.impls and len(args.impls) > 1:
@@ -205,6 +221,8 @@ def main() -> None:
     config = qwen3_moe_config(args.layers)
     with harness.Stopwatch("cuda") as build, torch.device("cuda"):  # LoRA factors created on the GPU
         model = attach_expert_lora(build_model(config))
+    if args.lora_dtype == "bf16":
+        model.to(torch.bfloat16)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     rows, expert_table = [], []
@@ -231,7 +249,8 @@ def main() -> None:
         mode = args.checkpointing if impl == "fastft" else hf_checkpointing
         for batch in args.batches:
             rows.append(
-                train_rows(model, impl, batch, args.seq, args.steps, args.warmup, args.layers, f"checkpointing {mode}")
+                train_rows(model, impl, batch, args.seq, args.steps, args.warmup, args.layers,
+                           f"checkpointing {mode}, LoRA {args.lora_dtype}", args.profile)  # fmt: skip
             )
             print(rows[-1], flush=True)
     notes = [
@@ -244,7 +263,8 @@ def main() -> None:
         "",
         harness.markdown_table(expert_table, EXPERT_COLUMNS),
     ]
-    meta = harness.run_meta(layers=args.layers, checkpointing=args.checkpointing, experts=expert_table)
+    meta = harness.run_meta(layers=args.layers, checkpointing=args.checkpointing, lora_dtype=args.lora_dtype,
+                            experts=expert_table)  # fmt: skip
     harness.write_results(args.out, f"Qwen3-30B-A3B shape, {args.layers} layers: MoE LoRA training", meta, rows,
                           TRAIN_COLUMNS, notes)  # fmt: skip
     print(Path(args.out).with_suffix(".md").read_text())

@@ -3,7 +3,7 @@
     . benchmarks/gpu_env.sh
     python benchmarks/profile_step.py --shape llama8b --seq-len 2048 --out benchmarks/results/profile_llama8b.json
 
-One model (random bf16 weights, LoRA r16 on all linears, bs 1) runs forward + backward + AdamW
+One model (random bf16 weights, LoRA r16 on all linears, ``--batch`` rows, default 1) runs forward + backward + AdamW
 steps under each mode in turn: ``hf`` (HF gradient checkpointing, HF modules) first, then the
 model is patched in place and runs ``recompute``, ``offload``, ``none`` and ``recompute_half``
 (fastft checkpointing modes; the last checkpoints every other layer). Per mode: the median step
@@ -125,6 +125,7 @@ def main() -> None:
     parser.add_argument("--shape", default="llama8b")
     parser.add_argument("--layers", type=int)
     parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--quant", choices=("nf4",))
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--steps", type=int, default=6)
@@ -137,7 +138,7 @@ def main() -> None:
     model = harness.build_lora_model(harness.model_config(args.shape, args.layers), "cuda", args.quant)
     model.to(torch.bfloat16)  # as Lightning's bf16-true precision does (PEFT keeps LoRA weights fp32)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    input_ids = torch.randint(0, model.config.vocab_size, (1, args.seq_len), device="cuda")
+    input_ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq_len), device="cuda")
     meta = harness.run_meta()
     rows: list[dict] = []
     if args.host:
@@ -156,7 +157,7 @@ def main() -> None:
         harness.time_steps(step, 2)  # warm-up (Triton autotune / compile)
         seconds = harness.time_steps(step, args.steps)
         memory = harness.PeakMemory("cuda").start()
-        row = {"mode": mode, "step_s": statistics.median(seconds), "tokens_per_sec": args.seq_len / statistics.median(seconds)}
+        row = {"mode": mode, "step_s": statistics.median(seconds), "tokens_per_sec": args.batch * args.seq_len / statistics.median(seconds)}
         row.update(kernel_profile(step, args.top))
         memory.stop()
         row["peak_gib"] = memory.peak_gib
