@@ -15,9 +15,11 @@ Backends, first applicable wins:
   tensors; CUDA, fp16/bf16, no softcap, no dropout, sliding window only where the installed torch
   takes ``window_size``);
 * ``flex``: compiled FlexAttention with a document mask (CUDA; softcap as a score_mod);
-* ``dense``: SDPA (or an explicit softmax for softcap) with a dense block-diagonal causal mask; the
-  CPU path, and the path for dropout and KV-cache decoding (query shorter than key: no packing, keys
-  end-aligned as with a dynamic cache).
+* ``dense``: SDPA (or an explicit softmax for softcap and attention sinks) with a dense
+  block-diagonal causal mask; the CPU path, and the path for dropout, KV-cache decoding (query
+  shorter than key: no packing, keys end-aligned as with a dynamic cache) and gpt-oss's attention
+  sinks (``s_aux``: one learned logit per head that joins every softmax and takes no value,
+  exactly as Hugging Face's eager gpt-oss attention; varlen and flex have no sink path here).
 
 Registering adds names to transformers' ``AttentionInterface``/``AttentionMaskInterface`` registries
 (their extension point); only models switched with :func:`use_varlen_attention` use them, and models
@@ -148,19 +150,26 @@ def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
     return states if groups == 1 else states.repeat_interleave(groups, dim=1)
 
 
-def _dense_attention(query, key, value, allowed, scaling, dropout, softcap):
-    """Attention over (B, H, S, D) with a boolean (B, S_q, S_k) mask; softmax in fp32 for softcap."""
+def _dense_attention(query, key, value, allowed, scaling, dropout, softcap, sinks=None):
+    """Attention over (B, H, S, D) with a boolean (B, S_q, S_k) mask, or a caller's 4D mask
+    (boolean, or additive floats); softmax in fp32 for softcap and sinks. A sink (one logit per
+    head) joins each row's softmax as an extra column that is dropped before the values."""
     groups = query.shape[1] // key.shape[1]
     key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
-    if softcap is None:
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=allowed[:, None], dropout_p=dropout, scale=scaling
-        )
+    mask = allowed[:, None] if allowed.dim() == 3 else allowed
+    if softcap is None and sinks is None:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
     else:
         scores = torch.matmul(query, key.transpose(-1, -2)).float() * scaling
-        scores = softcap * torch.tanh(scores / softcap)
-        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-        probs = F.dropout(scores.softmax(-1), p=dropout, training=dropout > 0).to(value.dtype)
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        if sinks is None:
+            probs = scores.softmax(-1)
+        else:
+            sink_column = sinks.float().view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+            probs = torch.cat([scores, sink_column], dim=-1).softmax(-1)[..., :-1]
+        probs = F.dropout(probs, p=dropout, training=dropout > 0).to(value.dtype)
         out = torch.matmul(probs, value)
     return out.transpose(1, 2)
 
@@ -282,12 +291,18 @@ def packed_attention(
     sliding_window: int | None = None,
     softcap: float | None = None,
     dropout: float = 0.0,
+    sinks: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Segment-isolated attention of (B, H, S, D) query and (B, H_kv, S, D) key/value -> (B, S, H, D).
 
     ``backend`` forces "varlen", "flex" or "dense"; by default :func:`pick_backend` chooses.
+    Attention ``sinks`` (H,) run on the dense backend.
     """
+    if sinks is not None:
+        if backend not in (None, "dense"):
+            raise ValueError(f"packed_attention: attention sinks run on the dense backend only, not {backend!r}")
+        backend = "dense"
     backend = backend or pick_backend(query, softcap=softcap, dropout=dropout, sliding_window=sliding_window)
     if backend == "varlen":
         return _varlen_attention(query, key, value, segments, scaling, causal, sliding_window)
@@ -297,7 +312,7 @@ def packed_attention(
         query.shape[2], key.shape[2], query.device,
         causal=causal, sliding_window=sliding_window, segment_ids=segments.ids, key_valid=None,
     )  # fmt: skip
-    return _dense_attention(query, key, value, allowed, scaling, dropout, softcap)
+    return _dense_attention(query, key, value, allowed, scaling, dropout, softcap, sinks)
 
 
 def varlen_attention_forward(
@@ -310,12 +325,14 @@ def varlen_attention_forward(
     dropout: float = 0.0,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """HF attention-interface entry: (B, H, S, D) query, (B, H_kv, S_k, D) key/value -> ((B, S, H, D), None).
 
     ``attention_mask`` is what :func:`varlen_attention_mask` built: None or a 2D boolean padding
-    mask; a 4D mask prepared by the caller is used as is (dense path, no segmenting).
+    mask; a 4D mask prepared by the caller is used as is (dense path, no segmenting). ``s_aux``:
+    gpt-oss's attention sinks, one logit per head (dense path).
     """
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     causal = kwargs.get("is_causal")
@@ -323,12 +340,7 @@ def varlen_attention_forward(
     q_len, k_len = query.shape[2], key.shape[2]
 
     if attention_mask is not None and attention_mask.ndim == 4:
-        groups = query.shape[1] // key.shape[1]
-        out = F.scaled_dot_product_attention(
-            query, _repeat_kv(key, groups), _repeat_kv(value, groups),
-            attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
-        )  # fmt: skip
-        return out.transpose(1, 2), None
+        return _dense_attention(query, key, value, attention_mask, scaling, dropout, softcap, s_aux), None
 
     if q_len != k_len:  # decoding with a KV cache: one segment per row, padding masked out
         key_valid = None if attention_mask is None else attention_mask[:, -k_len:].bool()
@@ -336,7 +348,7 @@ def varlen_attention_forward(
             q_len, k_len, query.device,
             causal=causal, sliding_window=sliding_window, segment_ids=None, key_valid=key_valid,
         )  # fmt: skip
-        return _dense_attention(query, key, value, allowed, scaling, dropout, softcap), None
+        return _dense_attention(query, key, value, allowed, scaling, dropout, softcap, s_aux), None
 
     segments = find_segments(
         query.shape[0],
@@ -349,7 +361,7 @@ def varlen_attention_forward(
     )
     out = packed_attention(
         query, key, value, segments,
-        scaling=scaling, causal=causal, sliding_window=sliding_window, softcap=softcap, dropout=dropout,
+        scaling=scaling, causal=causal, sliding_window=sliding_window, softcap=softcap, dropout=dropout, sinks=s_aux,
     )  # fmt: skip
     return out, None
 

@@ -11,5 +11,5 @@ python3 -m venv --system-site-packages "$venv"
 export WANDB_MODE=offline HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 "$venv/bin/python" -m pytest -q tests/test_patching.py tests/test_generation.py tests/test_packing.py \
     tests/test_convergence.py tests/test_lora.py tests/test_checkpoint.py tests/test_versions.py \
-    tests/test_integrations_hf.py tests/test_moe.py tests/test_gguf_formats.py tests/test_gguf_llamacpp.py
+    tests/test_integrations_hf.py tests/test_moe.py tests/test_moe_gpt_oss.py tests/test_gguf_formats.py tests/test_gguf_llamacpp.py
 "$venv/bin/python" -m pytest -q -m "not slow" tests/test_rl_module.py

@@ -82,6 +82,20 @@ def test_inplace_backward_writes_into_inputs(device, activation, dtype):
     assert_max_relative_close(h, h_ref, dtype)
 
 
+def test_backward_into_halves_of_one_buffer(device):
+    """``out=`` writes dgate and dup into given tensors: here the halves of one (rows, 2I) buffer,
+    as the MoE experts' backward reads the gate/up gradient whole."""
+    gate, up, dh = (torch.randn(5, 37, device=device) for _ in range(3))
+    buffer = torch.full((5, 74), float("nan"), device=device)
+    h, dgate, dup = glu_backward(dh, gate, up, "silu", out=(buffer[:, :37], buffer[:, 37:]), return_h=True)
+    h_ref, dgate_ref, dup_ref = reference_grads(gate, up, dh, "silu")
+    assert dgate.data_ptr() == buffer.data_ptr() and dup.data_ptr() == buffer[:, 37:].data_ptr()
+    assert_max_relative_close(buffer, torch.cat([dgate_ref, dup_ref], dim=1), torch.float32)
+    assert_max_relative_close(h, h_ref, torch.float32)
+    with pytest.raises(ValueError, match="takes no out tensors"):
+        glu_backward(dh, gate, up, "silu", inplace=True, out=(buffer[:, :37], buffer[:, 37:]))
+
+
 def test_out_of_place_launchers_leave_inputs_intact(device):
     gate, up, dh = (torch.randn(4, 130, device=device) for _ in range(3))
     saved = [t.clone() for t in (gate, up, dh)]

@@ -1,5 +1,5 @@
 """Mixture-of-experts fine-tuning: the grouped GEMMs, the experts op and the patched Qwen3-MoE,
-Qwen2-MoE and Mixtral blocks against Hugging Face.
+Qwen2-MoE, Mixtral and gpt-oss blocks against Hugging Face (gpt-oss's own pieces: test_moe_gpt_oss).
 
 Kernels: fp32 against an fp64 PyTorch reference, forward and backward, odd sizes, experts that
 receive no rows. Models (``tiny_models.MOE``): the patched model's loss (cross entropy plus HF's
@@ -19,6 +19,7 @@ from test_convergence import BF16_STEPS, STEPS, _assert_same_run, run_fit
 from test_packing import check_packed_equals_unpacked
 from tiny_models import CONVERGENCE_VOCAB, MOE, MOE_VOCAB, moe_config, moe_lm
 
+from lightning_fastft.architectures import ARCHITECTURES
 from lightning_fastft.kernels.grouped_gemm import (
     grouped_mm,
     grouped_mm_reference,
@@ -60,6 +61,10 @@ def test_grouped_mm_matches_reference(device):
     assert_close(grouped_mm(x, weight.transpose(1, 2), offsets), want)
     want = grouped_mm_reference(x.double(), weight.double().transpose(1, 2), offsets, x2.double(), m2.double(), 0.37)
     assert_close(grouped_mm(x, weight.transpose(1, 2), offsets, x2, m2, 0.37), want)
+    bias = torch.randn(6, n, device=device)  # per-expert bias, added in the same tile
+    want = grouped_mm_reference(x.double(), weight.double().transpose(1, 2), offsets, bias=bias.double())
+    assert_close(grouped_mm(x, weight.transpose(1, 2), offsets, bias=bias), want)
+    assert_close(want[:5], x[:5].double() @ weight[0].double().t() + bias[0].double())
 
     dy = torch.randn(rows, n, device=device)
     grad = grouped_mm_weight_grad(dy, x, offsets)
@@ -80,6 +85,8 @@ def test_grouped_mm_rejects_bad_shapes(device):
         grouped_mm(x, m, _offsets([6, 0], device))
     with pytest.raises(ValueError, match=r"x must be \(rows, K\)"):
         grouped_mm(x, m.transpose(1, 2), _offsets([2, 2, 2], device))
+    with pytest.raises(ValueError, match=r"bias must be \(experts, N\)"):
+        grouped_mm(x, m, _offsets([2, 2, 2], device), bias=torch.randn(3, 4, device=device))
 
 
 def _routing(tokens, experts, top_k, unused, device):
@@ -165,7 +172,8 @@ def test_moe_experts_bf16_on_gpu():
 
 
 def _moe_layers(model) -> int:
-    return sum(type(m).__name__.endswith("SparseMoeBlock") for m in model.modules())
+    block_classes = {spec.moe_block_class for spec in ARCHITECTURES.values() if spec.moe}
+    return sum(type(m).__name__ in block_classes for m in model.modules())
 
 
 def _batches(device):
@@ -218,8 +226,11 @@ def test_patched_moe_matches_hf(arch, device):
     reference = moe_lm(arch).to(device).train()
     model = copy.deepcopy(reference)
     entry = _patch(model)
-    assert entry.patched["moe"] == _moe_layers(model) > 0 and entry.patched["attention"] > 0, str(entry)
-    assert not entry.skipped, str(entry)
+    # attention is patched for our RoPE; gpt-oss keeps its own RoPE (and, without LoRA, HF's attention)
+    rope_kernel = ARCHITECTURES[arch].rope_kernel
+    assert entry.patched["moe"] == _moe_layers(model) > 0, str(entry)
+    assert entry.patched["attention"] == (model.config.num_hidden_layers if rope_kernel else 0), str(entry)
+    assert [reason.split(":")[0] for reason in entry.skipped] == ([] if rope_kernel else ["rope"]), str(entry)
     _assert_same_training(model, reference, device)
 
 
@@ -308,7 +319,7 @@ def test_offloaded_checkpointing_through_moe_layers(device):
 
 # ---------------------------------------------------------------- Lightning training vs plain HF
 
-MOE_CONVERGENCE = {"qwen3_moe": 0, "qwen2_moe": 4, "mixtral": 4}  # LoRA rank; 0: full fine-tuning
+MOE_CONVERGENCE = {"qwen3_moe": 0, "qwen2_moe": 4, "mixtral": 4, "gpt_oss": 0}  # LoRA rank; 0: full fine-tuning
 
 
 @pytest.mark.slow

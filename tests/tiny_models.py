@@ -19,8 +19,9 @@ checkpointing 36 / 70 / 3 / 3 q + 1 kv, eager, dropout 0.1    101     test_check
 export        64 / 128 / 2 / 4 q + 2 kv, rope theta 5e4       301     test_export
               (Llama; Qwen3 and Gemma2 GGUF variants)
 lora          72 / 177 / 2 / 6 q + 2 kv of 12, PEFT r=8       61      test_lora
-moe           36 / experts 19-23 / 2-3 / 3 q + 1 kv of 12,    97      test_moe
-              top-2 of 5-7 experts (Qwen3-MoE, Qwen2-MoE, Mixtral)
+moe           36 / experts 19-23 / 2-3 / 3 q + 1 kv of 12,    97      test_moe,
+              top-2 of 5-7 experts (Qwen3-MoE, Qwen2-MoE,             test_moe_gpt_oss
+              Mixtral, gpt-oss with its clamp at work)
 ============  ==============================================  ======  ==========================
 
 ``ARCHITECTURES`` lists the model types the patches support, in the order tests parametrize over.
@@ -343,7 +344,9 @@ MOE_FIELDS = dict(
     experts_implementation="eager",
 )
 # model_type: its own fields (odd expert widths; Qwen3-MoE with a dense layer; Qwen2-MoE without
-# top-k renormalisation and with its shared expert; Mixtral with 5 experts)
+# top-k renormalisation and with its shared expert; Mixtral with 5 experts; gpt-oss with 6 experts,
+# a 4-token window on layer 0 (sliding, full, as its default layer_types alternate), attention
+# sinks and YaRN RoPE)
 MOE = {
     "qwen3_moe": dict(
         num_experts=7, moe_intermediate_size=19, intermediate_size=50, norm_topk_prob=True, mlp_only_layers=[1],
@@ -353,7 +356,16 @@ MOE = {
         norm_topk_prob=False,
     ),
     "mixtral": dict(num_local_experts=5, intermediate_size=23),
+    "gpt_oss": dict(
+        num_local_experts=6, intermediate_size=19, sliding_window=4,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
+                         "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 16},
+    ),
 }  # fmt: skip
+GPT_OSS_GATE_UP_SCALE = 4.0
+"""``moe_lm("gpt_oss")`` scales its experts' ``gate_up_proj`` by this (std 0.8 over 36 inputs: gate
+and up values of std about 5), so that many of them pass gpt-oss's clamp limit 7 and the clamped
+branches of its SwiGLU are at work; its expert biases are drawn from N(0, 0.5) (HF starts them at 0)."""
 
 
 def moe_config(model_type: str, **overrides) -> dict:
@@ -363,7 +375,16 @@ def moe_config(model_type: str, **overrides) -> dict:
 
 
 def moe_lm(model_type: str, **overrides) -> nn.Module:
-    """Random-weight fp32 MoE causal LM: hidden 36, 3 heads / 1 KV head of 12, top-2 of 5-7 experts."""
+    """Random-weight fp32 MoE causal LM: hidden 36, 3 heads / 1 KV head of 12, top-2 of 5-7 experts
+    (gpt-oss: see :data:`GPT_OSS_GATE_UP_SCALE`)."""
     fields = moe_config(model_type, **overrides)
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-    return AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(config)
+    if model_type == "gpt_oss":
+        with torch.no_grad():
+            for layer in model.model.layers:
+                experts = layer.mlp.experts
+                experts.gate_up_proj.mul_(GPT_OSS_GATE_UP_SCALE)
+                experts.gate_up_proj_bias.normal_(0.0, 0.5)
+                experts.down_proj_bias.normal_(0.0, 0.5)
+    return model

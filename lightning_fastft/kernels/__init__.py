@@ -5,6 +5,7 @@ One module per op, laid out alike: the public op, its ``<op>_reference``, the Tr
 Launch settings come from one policy, :class:`lightning_fastft.kernels._launch.LaunchPolicy`.
 """
 
+from lightning_fastft.kernels.clamped_swiglu import ClampedSwiGLU, clamped_swiglu
 from lightning_fastft.kernels.cross_entropy import causal_lm_loss, fused_linear_cross_entropy, shift_labels
 from lightning_fastft.kernels.glu import geglu, glu, swiglu
 from lightning_fastft.kernels.grouped_gemm import grouped_mm, grouped_mm_weight_grad
@@ -15,9 +16,11 @@ from lightning_fastft.kernels.rms_norm import rms_norm
 from lightning_fastft.kernels.rope import rope_qk_
 
 __all__ = [
+    "ClampedSwiGLU",
     "ExpertLora",
     "LoRAWeights",
     "causal_lm_loss",
+    "clamped_swiglu",
     "dequantize_4bit",
     "fused_linear_cross_entropy",
     "geglu",

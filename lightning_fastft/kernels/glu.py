@@ -199,13 +199,15 @@ def glu_backward(
     activation: str = "silu",
     *,
     inplace: bool = False,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
     return_h: bool = False,
 ):
     """Triton launcher for the GLU backward, recomputing ``act(gate)`` from ``gate``.
 
     Returns ``(dgate, dup)``, or ``(h, dgate, dup)`` with ``return_h=True`` (``h = act(gate) *
     up`` recomputed in the same pass, e.g. for the down projection's weight gradient in a fused
-    MLP backward).
+    MLP backward). ``out=(dgate, dup)`` writes the gradients into those tensors, e.g. the two
+    halves of one (rows, 2I) buffer that the fused ``gate_up`` projection's backward reads whole.
 
     ``inplace=True`` saves memory: ``dgate`` is written into ``gate``'s storage, ``dup`` into
     ``up``'s and ``h`` into ``dh``'s, and those same tensors are returned. The caller must not
@@ -213,11 +215,13 @@ def glu_backward(
     (rows x cols) strided views, not autograd-saved tensors something else still reads.
     """
     act_id = _check_activation(activation)
+    if inplace and out is not None:
+        raise ValueError("glu_backward: inplace=True writes into gate and up; it takes no out tensors")
     if inplace:
         dgate, dup = gate, up
         h = dh if return_h else None
     else:
-        dgate, dup = torch.empty_like(gate), torch.empty_like(up)
+        dgate, dup = out if out is not None else (torch.empty_like(gate), torch.empty_like(up))
         h = torch.empty_like(dh) if return_h else None
     if gate.numel():
         operands = [dh, gate, up, dgate, dup] + ([h] if return_h else [])

@@ -8,7 +8,8 @@ empty group (equal consecutive offsets).
   ``m`` of shape (experts, K, N) in any strides (a weight stored (experts, N, K) is passed as its
   ``transpose(1, 2)`` view, never copied). An optional second pair adds
   ``scale2 * x2[s] @ m2[e(s)]`` in the same launch: the LoRA term
-  ``(x A_e^T) B_e^T`` accumulates into the base product's tile before the single store.
+  ``(x A_e^T) B_e^T`` accumulates into the base product's tile before the single store. An
+  optional ``bias`` (experts, N) adds ``bias[e(s)]`` there too.
 * :func:`grouped_mm_weight_grad`: ``g[e] = dy[rows of e]^T @ x[rows of e]`` of shape
   (experts, N, K), zero for an expert with no rows: the weight gradient of ``y = x @ W_e^T``.
 
@@ -35,15 +36,18 @@ def grouped_mm_reference(
     x2: torch.Tensor | None = None,
     m2: torch.Tensor | None = None,
     scale2: float = 1.0,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`grouped_mm` in PyTorch, one matmul per expert group (fp32 accumulation)."""
-    _check(x, m, offsets, x2, m2)
+    _check(x, m, offsets, x2, m2, bias)
     y = torch.empty(x.shape[0], m.shape[2], dtype=x.dtype, device=x.device)
     start = 0
     for e, end in enumerate(offsets.tolist()):
         out = x[start:end].float() @ m[e].float()
         if x2 is not None:
             out = out + scale2 * (x2[start:end].float() @ m2[e].float())
+        if bias is not None:
+            out = out + bias[e].float()
         y[start:end] = out.to(y.dtype)
         start = end
     return y
@@ -59,7 +63,7 @@ def grouped_mm_weight_grad_reference(dy: torch.Tensor, x: torch.Tensor, offsets:
     return g
 
 
-def _check(x, m, offsets, x2, m2) -> None:
+def _check(x, m, offsets, x2, m2, bias) -> None:
     if x.dim() != 2 or m.dim() != 3 or x.shape[1] != m.shape[1]:
         raise ValueError(f"grouped_mm: x must be (rows, K) and m (experts, K, N), got {tuple(x.shape)}, {tuple(m.shape)}")
     if offsets.dim() != 1 or offsets.shape[0] != m.shape[0]:
@@ -73,6 +77,8 @@ def _check(x, m, offsets, x2, m2) -> None:
             f"grouped_mm: the second pair {tuple(x2.shape)} @ {tuple(m2.shape)} does not match "
             f"{tuple(x.shape)} @ {tuple(m.shape)}"
         )
+    if bias is not None and bias.shape != (m.shape[0], m.shape[2]):
+        raise ValueError(f"grouped_mm: bias must be (experts, N) = {(m.shape[0], m.shape[2])}, got {tuple(bias.shape)}")
 
 
 def _use_torch_grouped_mm(*tensors: torch.Tensor) -> bool:
@@ -106,11 +112,11 @@ def _input_precision(dtype: torch.dtype) -> str | None:
 
 @triton.jit
 def _grouped_mm_kernel(
-    X, M, Y, X2, M2, TILE_EXPERT, TILE_START, TILE_END,
+    X, M, Y, X2, M2, BIAS, TILE_EXPERT, TILE_START, TILE_END,
     stride_xs, stride_xk, stride_me, stride_mk, stride_mn, stride_ys, stride_yn,
-    stride_x2s, stride_x2k, stride_m2e, stride_m2k, stride_m2n,
+    stride_x2s, stride_x2k, stride_m2e, stride_m2k, stride_m2n, stride_be, stride_bn,
     N, K, K2, scale2,
-    HAS_SECOND: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_SECOND: tl.constexpr, HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
@@ -153,6 +159,9 @@ def _grouped_mm_kernel(
                     a, b = a.to(tl.float32), b.to(tl.float32)
                 acc2 = tl.dot(a, b, acc2, input_precision=INPUT_PRECISION)
             acc += scale2 * acc2
+        if HAS_BIAS:
+            bias = tl.load(BIAS + e * stride_be + cols * stride_bn, mask=col_mask, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
         tl.store(
             Y + rows[:, None] * stride_ys + cols[None, :] * stride_yn,
             acc.to(Y.dtype.element_ty),
@@ -221,17 +230,22 @@ def grouped_mm(
     x2: torch.Tensor | None = None,
     m2: torch.Tensor | None = None,
     scale2: float = 1.0,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``y[s] = x[s] @ m[e(s)] + scale2 * x2[s] @ m2[e(s)]`` (no autograd; see module docstring)."""
-    _check(x, m, offsets, x2, m2)
+    """``y[s] = x[s] @ m[e(s)] + scale2 * x2[s] @ m2[e(s)] + bias[e(s)]`` (no autograd; see module
+    docstring)."""
+    _check(x, m, offsets, x2, m2, bias)
     operands = [x, m] + ([x2, m2] if x2 is not None else [])
     if not triton_enabled(*operands):
         warn_fallback("grouped_mm")
-        return grouped_mm_reference(x, m, offsets, x2, m2, scale2)
+        return grouped_mm_reference(x, m, offsets, x2, m2, scale2, bias)
     if _use_torch_grouped_mm(*operands):
         y = torch._grouped_mm(x, m, offs=offsets)
         if x2 is not None:
             y.add_(torch._grouped_mm(x2, m2, offs=offsets), alpha=scale2)
+        if bias is not None:  # each row's expert, found on the device (no host synchronisation)
+            rows = torch.arange(x.shape[0], device=x.device, dtype=offsets.dtype)
+            y.add_(bias[torch.searchsorted(offsets, rows, right=True)])
         return y
     y = torch.empty(x.shape[0], m.shape[2], dtype=x.dtype, device=x.device)
     if x.shape[0] == 0 or y.shape[1] == 0:
@@ -239,12 +253,15 @@ def grouped_mm(
     block_m, block_n, block_k, num_warps = _tiles(x.device)
     expert, row_start, row_end, n_tiles = _tile_map(offsets, x.shape[0], block_m)
     second = (x2, m2) if x2 is not None else (x, m)
+    bias_or_y = bias if bias is not None else y
     _grouped_mm_kernel[(n_tiles, triton.cdiv(y.shape[1], block_n))](
-        x, m, y, second[0], second[1], expert, row_start, row_end,
+        x, m, y, second[0], second[1], bias_or_y, expert, row_start, row_end,
         x.stride(0), x.stride(1), m.stride(0), m.stride(1), m.stride(2), y.stride(0), y.stride(1),
         second[0].stride(0), second[0].stride(1), second[1].stride(0), second[1].stride(1), second[1].stride(2),
+        bias_or_y.stride(0), bias_or_y.stride(1),
         y.shape[1], x.shape[1], second[0].shape[1], float(scale2),
-        HAS_SECOND=x2 is not None, INPUT_PRECISION=_input_precision(x.dtype), UPCAST=_upcast(x),
+        HAS_SECOND=x2 is not None, HAS_BIAS=bias is not None,
+        INPUT_PRECISION=_input_precision(x.dtype), UPCAST=_upcast(x),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
     )  # fmt: skip
     return y

@@ -1,5 +1,5 @@
-"""Patch HF causal LMs (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2; Qwen3-MoE, Qwen2-MoE, Mixtral)
-to run the fast kernels.
+"""Patch HF causal LMs (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2; Qwen3-MoE, Qwen2-MoE, Mixtral,
+gpt-oss) to run the fast kernels.
 
 Only module *instances* are changed (``module.forward`` set to an :class:`InstanceForward`), never
 classes or module-level functions, so an unpatched model in the same process keeps HF's code.
@@ -507,7 +507,7 @@ def _patch_moe(block: nn.Module, spec: ArchitectureSpec, activation: str | None,
             entry.skipped.append(reason)
             warnings.warn(f"lightning_fastft: {reason}", stacklevel=5)
         return
-    patch_moe_block(block, activation, fused_lora, _install_forward)
+    patch_moe_block(block, spec, activation, fused_lora, _install_forward)
     entry.patched["moe"] += 1
     entry.patched["lora_experts"] += fused_lora and has_expert_lora(block)
 
@@ -521,6 +521,11 @@ def _patch_causal_lm(path: str, model: PreTrainedModel, switches: dict[str, bool
         return entry
 
     entry.skipped += [f"{kind}: switched off" for kind, on in switches.items() if not on]
+    if switches["rope"] and not spec.rope_kernel:
+        entry.skipped.append(
+            f"rope: {spec.class_prefix}'s cos/sin hold each angle once (the RoPE kernel reads HF's duplicated "
+            "halves); its own apply_rotary_pos_emb runs"
+        )
     hidden_act = getattr(model.config, spec.activation_attribute, None)
     activation = GLU_ACTIVATIONS.get(hidden_act)
     if activation is None:
@@ -537,13 +542,14 @@ def _patch_causal_lm(path: str, model: PreTrainedModel, switches: dict[str, bool
                 entry.patched["rms_norm"] += 1
         elif class_name == spec.attention_class:
             if _replaceable("attention", module, entry):
-                _patch_attention(module, spec, switches["rope"], switches["fused_lora"], entry, unfused, passes)
+                rope = switches["rope"] and spec.rope_kernel
+                _patch_attention(module, spec, rope, switches["fused_lora"], entry, unfused, passes)
+        elif class_name == spec.moe_block_class:  # before the MLP: gpt-oss's sparse block is GptOssMLP
+            if switches["mlp"] and _replaceable("moe", module, entry):
+                _patch_moe(module, spec, activation, switches["fused_lora"], entry)
         elif class_name == spec.mlp_class:
             if _replaceable("mlp", module, entry):
                 _patch_mlp(module, activation, switches["mlp"], switches["fused_lora"], entry, unfused, passes)
-        elif class_name == spec.moe_block_class and switches["mlp"]:
-            if _replaceable("moe", module, entry):
-                _patch_moe(module, spec, activation, switches["fused_lora"], entry)
     entry.skipped += [f"{kind}: {n} LoRA modules not fusable, PEFT's forward kept" for kind, n in unfused.items() if n]
 
     if switches["cross_entropy"] and _replaceable("cross_entropy", model, entry):
