@@ -119,18 +119,20 @@ def moe_experts_reference(
 
 
 def _sort_by_expert(top_k_index: torch.Tensor, n_experts: int):
-    """(order, tok, offsets): pairs sorted by expert (stable), their tokens, int32 group ends."""
+    """(order, inverse, tok, offsets): (token, slot) pairs sorted by expert (stable), the inverse
+    permutation (sorted position of each pair), their tokens, int32 group ends."""
     flat = top_k_index.reshape(-1)
     order = torch.argsort(flat, stable=True)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
     counts = torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
     offsets = torch.cumsum(counts, 0).to(torch.int32)
-    return order, order // top_k_index.shape[1], offsets
+    return order, inverse, order // top_k_index.shape[1], offsets
 
 
-def _unsort_sum(sorted_rows: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
-    """Rows back in (token, slot) order, summed (in fp32) over the k slots of each token."""
-    rows = torch.empty_like(sorted_rows)
-    rows[order] = sorted_rows
+def _unsort_sum(sorted_rows: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
+    """Rows back in (token, slot) order, summed (in fp32) over the k slots of each token. A gather
+    through the inverse permutation: on CUDA ~4x faster than scattering the rows by ``order``."""
+    rows = sorted_rows.index_select(0, inverse)
     return rows.view(-1, k, *rows.shape[1:]).sum(1, dtype=torch.float32)
 
 
@@ -187,7 +189,7 @@ class _MoEExpertsFunction(torch.autograd.Function):
         w_gu, w_d = _as_in_out(gate_up, transposed), _as_in_out(down, transposed)
         gu_lora = ExpertLora(gu_b, gu_a, gu_scale) if gu_b is not None else None
         d_lora = ExpertLora(d_b, d_a, d_scale) if d_b is not None else None
-        order, tok, offsets = _sort_by_expert(top_k_index, gate_up.shape[0])
+        order, inverse, tok, offsets = _sort_by_expert(top_k_index, gate_up.shape[0])
         x = hidden[tok]
         xa = grouped_mm(x, gu_a.transpose(1, 2), offsets) if gu_lora else None
         u = _project(x, w_gu, offsets, gu_lora, xa, gu_bias)
@@ -197,16 +199,16 @@ class _MoEExpertsFunction(torch.autograd.Function):
         d = _project(h, w_d, offsets, d_lora, ha, d_bias)
         del h
         weights = top_k_weights.reshape(-1)[order]
-        out = _unsort_sum(_scale_rows(d, weights), order, k)
+        out = _unsort_sum(_scale_rows(d, weights), inverse, k)
         ctx.save_for_backward(
-            hidden, top_k_weights, gate_up, down, d_bias, gu_b, gu_a, d_b, d_a, order, offsets, u, xa, ha
+            hidden, top_k_weights, gate_up, down, d_bias, gu_b, gu_a, d_b, d_a, order, inverse, offsets, u, xa, ha
         )
         ctx.scales, ctx.activation, ctx.transposed, ctx.k = (gu_scale, d_scale), activation, transposed, k
         return out.to(hidden.dtype)
 
     @staticmethod
     def backward(ctx, dout):
-        hidden, top_k_weights, gate_up, down, d_bias, gu_b, gu_a, d_b, d_a, order, offsets, u, xa, ha = (
+        hidden, top_k_weights, gate_up, down, d_bias, gu_b, gu_a, d_b, d_a, order, inverse, offsets, u, xa, ha = (
             ctx.saved_tensors
         )
         gu_scale, d_scale = ctx.scales
@@ -227,8 +229,7 @@ class _MoEExpertsFunction(torch.autograd.Function):
         d_weights = torch.bmm(big_g.unsqueeze(1), h.unsqueeze(2)).view(-1)
         if d_bias is not None:  # <dy_s, c_d,e>: a grouped product with the bias as an (H, 1) matrix
             d_weights += grouped_mm(dy, d_bias.unsqueeze(2), offsets).view(-1)
-        grad_weights = torch.empty(order.shape[0], dtype=top_k_weights.dtype, device=dout.device)
-        grad_weights[order] = d_weights.to(top_k_weights.dtype)
+        grad_weights = d_weights.index_select(0, inverse).to(top_k_weights.dtype)
         del big_g, d_weights
 
         dd = _scale_rows(dy, weights) if (need_d or need_d_b or need_d_bias) else None
@@ -246,7 +247,7 @@ class _MoEExpertsFunction(torch.autograd.Function):
         if need_hidden:
             gu_lora_term = (dub, gu_a, gu_scale) if gu_b is not None else ()
             dx = grouped_mm(du, w_gu.transpose(1, 2), offsets, *gu_lora_term)
-            grad_hidden = _unsort_sum(dx, order, k).to(hidden.dtype)
+            grad_hidden = _unsort_sum(dx, inverse, k).to(hidden.dtype)
             del dx
         x = hidden[tok] if (need_gu or need_gu_a) else None
         grad_gate_up = _weight_grad(du, x, offsets, transposed) if need_gu else None
