@@ -72,7 +72,8 @@ def kernel_profile(step, top: int) -> dict:
 
 
 def host_profile(step, top: int) -> dict:
-    """One step under cProfile (functions by own time) and under CUDA sync-debug mode (every
+    """One step under cProfile (functions by own time, then by cumulative time) and under CUDA
+    sync-debug mode (every
     host<->device synchronisation, counted by the Python line that caused it)."""
     torch.cuda.synchronize()
     profiler = cProfile.Profile()
@@ -80,6 +81,7 @@ def host_profile(step, top: int) -> dict:
     torch.cuda.synchronize()
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(top)
     torch.cuda.set_sync_debug_mode("warn")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -88,7 +90,7 @@ def host_profile(step, top: int) -> dict:
     torch.cuda.set_sync_debug_mode(0)
     syncs = collections.Counter(f"{w.filename}:{w.lineno}: {str(w.message)[:80]}" for w in caught
                                 if "synchroniz" in str(w.message))  # fmt: skip
-    return {"cprofile": text.getvalue().splitlines()[:top + 12], "syncs": syncs.most_common(top)}
+    return {"cprofile": text.getvalue().splitlines(), "syncs": syncs.most_common(top)}
 
 
 def launch_costs(calls: int = 2000) -> dict:
