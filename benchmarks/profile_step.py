@@ -73,8 +73,7 @@ def kernel_profile(step, top: int) -> dict:
 
 def host_profile(step, top: int) -> dict:
     """One step under cProfile (functions by own time, then by cumulative time) and under CUDA
-    sync-debug mode (every
-    host<->device synchronisation, counted by the Python line that caused it)."""
+    sync-debug mode (every host<->device synchronisation, counted by the Python line that caused it)."""
     torch.cuda.synchronize()
     profiler = cProfile.Profile()
     profiler.runcall(step)
