@@ -11,6 +11,7 @@ checkpointing work through MoE layers; 20 Lightning steps follow plain HF traini
 """
 
 import copy
+import importlib
 import warnings
 
 import pytest
@@ -133,6 +134,26 @@ def test_moe_experts_matches_reference(device, with_lora):
     for name, grad in grads.items():
         assert_close(grad, want_grads[name], msg=name)
     assert grads["gate_up"][2].abs().max() == 0 and grads["down"][5].abs().max() == 0
+
+
+def test_moe_experts_falls_back_to_the_reference_without_triton(monkeypatch):
+    """No CUDA device and TRITON_INTERPRET unset: the reference runs (with the one fallback notice)
+    instead of a Triton launch that cannot start, and gives the same output and gradients."""
+    from lightning_fastft import _runtime
+
+    moe_module = importlib.import_module("lightning_fastft.kernels.moe")
+    monkeypatch.setattr(moe_module, "triton_enabled", lambda *tensors: False)
+    monkeypatch.setattr(_runtime, "_warned", set())
+    index, weights = _routing(9, 5, 2, [1], "cpu")
+    hidden = torch.randn(9, 6, requires_grad=True)
+    gate_up, down = torch.randn(5, 8, 6) * 0.3, torch.randn(5, 6, 4) * 0.3
+    with pytest.warns(UserWarning, match="moe_experts runs its PyTorch reference"):
+        out = moe_experts(hidden, index, weights, gate_up, down)
+    (grad,) = torch.autograd.grad(out.square().sum(), hidden)
+    want = moe_experts_reference(hidden, index, weights, gate_up, down)
+    (want_grad,) = torch.autograd.grad(want.square().sum(), hidden)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    torch.testing.assert_close(grad, want_grad, rtol=0, atol=0)
 
 
 def test_moe_experts_rejects_bad_shapes(device):

@@ -55,6 +55,7 @@ from typing import NamedTuple
 
 import torch
 
+from .._runtime import triton_enabled, warn_fallback
 from .clamped_swiglu import ClampedSwiGLU, clamped_swiglu_backward, clamped_swiglu_forward, clamped_swiglu_reference
 from .glu import glu_backward, glu_forward, glu_reference
 from .grouped_gemm import grouped_mm, grouped_mm_weight_grad
@@ -273,7 +274,8 @@ def moe_experts(
     down_bias: torch.Tensor | None = None,
     transposed: bool = False,
 ) -> torch.Tensor:
-    """The routed experts' output (T, H) with autograd (see the module docstring)."""
+    """The routed experts' output (T, H) with autograd (see the module docstring); where Triton
+    cannot run (no CUDA device, TRITON_INTERPRET unset) :func:`moe_experts_reference`."""
     n_experts, hidden_size = gate_up.shape[0], hidden.shape[1]
     w_gu, w_d = _as_in_out(gate_up, transposed), _as_in_out(down, transposed)
     if gate_up.dim() != 3 or w_gu.shape[1] != hidden_size or w_d.shape != (n_experts, w_gu.shape[2] // 2, hidden_size):
@@ -293,6 +295,11 @@ def moe_experts(
             f"must both be (tokens={hidden.shape[0]}, k)"
         )
     gu, dn = gate_up_lora, down_lora
+    if not triton_enabled(hidden, gate_up, down):
+        warn_fallback("moe_experts")
+        return moe_experts_reference(
+            hidden, top_k_index, top_k_weights, gate_up, down, activation, gu, dn, gate_up_bias, down_bias, transposed
+        )
     return _MoEExpertsFunction.apply(
         hidden, top_k_index, top_k_weights, gate_up, down, gate_up_bias, down_bias,
         gu.b if gu else None, gu.a if gu else None, dn.b if dn else None, dn.a if dn else None,
