@@ -304,3 +304,33 @@ def test_lightning_fit_plans_and_metrics_count_the_recomputed_share(tmp_path):
     assert (plan.count(None), plan.count("recompute")) == (2, 1)
     assert metrics.checkpoint_fraction == plan.checkpoint_fraction == 1 / 3
     assert metrics.throughput.flops_coefficients == flops_coefficients(module, 1 / 3)
+
+
+def test_hf_trainer_callback_counts_the_auto_plan_in_mfu(tmp_path):
+    """FastFTCallback (HF Trainer) reads the recomputed share again once checkpointing="auto" has
+    planned: MFU counts the recomputed layer of the plan, not the none-yet of before the first step."""
+    from transformers import Trainer, TrainingArguments
+
+    from lightning_fastft.callbacks.metrics import checkpoint_fraction_of, flops_coefficients
+    from lightning_fastft.integrations.hf import FastFTCallback, prepare_model
+
+    model = lora_llama()
+    stack, fixed, loss = probe(model)
+    budget_gib = estimate_peak_bytes([stack], [(2, 1, 0)], fixed, loss) / GIB
+    model = prepare_model(copy.deepcopy(model), checkpointing="auto", memory_budget_gib=budget_gib)
+    assert checkpoint_fraction_of(model) == 0  # no plan before the first training forward
+    batch = make_batch("cpu")
+    rows = [{name: tensor[i] for name, tensor in batch.items()} for i in range(BATCH)] * 2
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=BATCH, max_steps=2, learning_rate=1e-3,
+        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+        remove_unused_columns=False, dataloader_num_workers=0,
+    )  # fmt: skip
+    callback = FastFTCallback(peak_flops=1e12)
+    collate = lambda samples: {name: torch.stack([s[name] for s in samples]) for name in samples[0]}  # noqa: E731
+    trainer = callback.attach(Trainer(model=model, args=args, train_dataset=rows, data_collator=collate))
+    trainer.train()
+    plan = checkpoint_planner_of(model).plan
+    assert (plan.count(None), plan.count("recompute")) == (2, 1)
+    assert callback.throughput.flops_coefficients == flops_coefficients(model, 1 / 3)
+    assert callback.throughput.flops_coefficients != flops_coefficients(model, 0.0)

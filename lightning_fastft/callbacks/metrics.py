@@ -277,6 +277,25 @@ def checkpoint_fraction_of(module: nn.Module) -> float:
     return len(checkpointed_layers(module)) / total if total else 0.0
 
 
+class PlanWatch:
+    """Tells when ``checkpointing="auto"`` has made a new plan for the model (its first training
+    forward, and any batch with more tokens than planned for), so the share of recomputed layers
+    that MFU counts (:func:`checkpoint_fraction_of`) can be read again: ``changed()`` is True once
+    per new plan. Without an ``"auto"`` planner in the model it never is."""
+
+    def __init__(self, module: nn.Module) -> None:
+        from lightning_fastft.training.checkpointing import checkpoint_planner_of
+
+        self._planner = checkpoint_planner_of(module)
+        self._plan = None if self._planner is None else self._planner.plan
+
+    def changed(self) -> bool:
+        if self._planner is None or self._planner.plan is self._plan:
+            return False
+        self._plan = self._planner.plan
+        return True
+
+
 def _no_peak_message(device: torch.device, dtype: torch.dtype) -> str:
     where = f"GPU {torch.cuda.get_device_name(device)!r}"
     if dtype is torch.float32:
@@ -320,8 +339,7 @@ class FastFTMetrics(Callback):
         self._batch_start = 0.0
         self.available_flops: Optional[float] = None  # the peak MFU divides by: peak_flops or looked up
         self.compute_dtype: Optional[torch.dtype] = None  # the dtype it was looked up for
-        self._planner: Any = None  # the checkpointing="auto" planner whose plans set checkpoint_fraction
-        self._plan: Any = None  # the plan of the counted checkpoint_fraction
+        self._plans: Optional[PlanWatch] = None  # checkpoint_fraction read again on each new "auto" plan
 
     @staticmethod
     def _synchronize(pl_module: pl.LightningModule) -> None:
@@ -330,9 +348,7 @@ class FastFTMetrics(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.checkpoint_fraction is None:
-            from lightning_fastft.training.checkpointing import checkpoint_planner_of
-
-            self._planner = checkpoint_planner_of(pl_module)
+            self._plans = PlanWatch(pl_module)
             self.checkpoint_fraction = checkpoint_fraction_of(pl_module)
         self.available_flops = self.peak_flops
         if self.available_flops is None:
@@ -358,8 +374,7 @@ class FastFTMetrics(Callback):
             if not (isinstance(outputs, Mapping) and "input_ids" in outputs):
                 return
             batch = outputs
-        if self._planner is not None and self._planner.plan is not self._plan:
-            self._plan = self._planner.plan
+        if self._plans is not None and self._plans.changed():
             self.checkpoint_fraction = checkpoint_fraction_of(pl_module)
             self.throughput.flops_coefficients = flops_coefficients(pl_module, self.checkpoint_fraction)
         self.throughput.add(elapsed, [batch_tokens(batch)])

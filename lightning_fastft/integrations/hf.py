@@ -43,6 +43,7 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback
 
 from lightning_fastft._hf import unwrap_peft
 from lightning_fastft.callbacks.metrics import (
+    PlanWatch,
     ThroughputWindow,
     batch_tokens,
     checkpoint_fraction_of,
@@ -225,6 +226,8 @@ class FastFTCallback(TrainerCallback):
         self._micro_batches: list[tuple[int, int, int]] = []  # batch_tokens of this step's micro-batches
         self._step_start: float | None = None
         self._device: torch.device | None = None
+        self._model: nn.Module | None = None
+        self._plans: PlanWatch | None = None  # the recomputed share read again on each new "auto" plan
         self._hook: Any = None
         self._first = False  # attached ahead of the reporting callbacks
 
@@ -266,7 +269,9 @@ class FastFTCallback(TrainerCallback):
             )
         self._device = torch.device(args.device)
         fraction = self.checkpoint_fraction
+        self._model, self._plans = model, None
         if fraction is None:
+            self._plans = PlanWatch(model)
             fraction = checkpoint_fraction_of(model)
         self.throughput.flops_coefficients = flops_coefficients(model, fraction)
         self.available_flops = self.peak_flops
@@ -320,6 +325,8 @@ class FastFTCallback(TrainerCallback):
         self._synchronize()
         elapsed = time.perf_counter() - self._step_start
         self._step_start = None
+        if self._plans is not None and self._plans.changed():  # checkpointing="auto" planned this step
+            self.throughput.flops_coefficients = flops_coefficients(self._model, checkpoint_fraction_of(self._model))
         if self._micro_batches:
             self.throughput.add(elapsed, self._micro_batches)
         self._micro_batches = []
