@@ -3,11 +3,11 @@ lightning_fastft, all loaded from the same saved weights, each in its own proces
 
     . benchmarks/gpu_env.sh    # with the Unsloth wheels carried (see below)
     python benchmarks/bench_step.py --shape llama8b --batch 4 1 --quant none \
-        --out benchmarks/results/step_llama8b_bf16_h200
+        --out benchmarks/results/step_llama8b_bf16_h200.json
     python benchmarks/bench_step.py --shape llama8b --batch 4 1 --quant nf4 \
-        --variants hf liger unsloth fastft fastft_offload --out benchmarks/results/step_llama8b_nf4_h200
+        --variants hf liger unsloth fastft fastft_offload --out benchmarks/results/step_llama8b_nf4_h200.json
     python benchmarks/bench_step.py --shape qwen3_30b_a3b --layers 8 --batch 4 1 --quant none \
-        --variants hf unsloth fastft --out benchmarks/results/step_qwen3moe_8l_h200
+        --variants hf unsloth fastft --out benchmarks/results/step_qwen3moe_8l_h200.json
     python benchmarks/bench_step.py --shape tiny --device cpu --batch 2 --seq-len 64 --variants hf fastft   # smoke
 
 The model is built once from the shape's config with random bf16 weights and saved (safetensors, with
