@@ -45,6 +45,15 @@ MAX_CONTEXT_FILES = ("max_context_8b_qlora.json", "max_context_8b_qlora_liger.js
 MAX_CONTEXT_VARIANTS = ("hf", "liger", "fastft", "fastft_offload")
 MISSING = "—"
 
+# bench_step.py runs (one lease each): (row label, results file); every (quant, batch) in a file is one pair of rows
+STEP_ROWS: tuple[tuple[str, str], ...] = (
+    ("8B LoRA", "step_llama8b_bf16_h200.json"),
+    ("8B LoRA", "step_llama8b_bf16_bs1_h200.json"),
+    ("8B QLoRA", "step_llama8b_nf4_h200.json"),
+    ("Qwen3-30B-A3B shape, 8 layers, LoRA", "step_qwen3moe_8l_h200.json"),
+)
+STEP_VARIANTS = ("hf", "liger", "unsloth", "fastft", "fastft_offload", "fastft_auto80", "fastft_auto_unsloth")
+
 
 def _train_rows(results_dir: Path, file: str, shape: str, quant: Optional[str], seq_len: int) -> dict[str, dict]:
     _, rows = harness.load_results(results_dir / file)
@@ -114,7 +123,36 @@ def max_context_table(results_dir: Path = harness.RESULTS_DIR) -> str:
     return "\n".join(lines)
 
 
-TABLES = {"train": train_table, "max_context": max_context_table}
+def step_table(results_dir: Path = harness.RESULTS_DIR) -> str:
+    """Tokens/s (ratio to Unsloth's, else to HF's, in the same file) and peak GiB per variant of the
+    ``bench_step.py`` runs of :data:`STEP_ROWS`; a variant that ran but failed shows its status."""
+    lines = ["| run | " + " | ".join(STEP_VARIANTS) + " |", "|---" * (len(STEP_VARIANTS) + 1) + "|"]
+    for label, file in STEP_ROWS:
+        _, rows = harness.load_results(results_dir / file)
+        for quant, batch in dict.fromkeys((row["quant"], row["batch"]) for row in rows):
+            by_variant = {row["variant"]: row for row in rows if (row["quant"], row["batch"]) == (quant, batch)}
+            base = "unsloth" if by_variant.get("unsloth", {}).get("status") == "ok" else "hf"
+            speed, memory = [], []
+            for variant in STEP_VARIANTS:
+                row = by_variant.get(variant)
+                if row is None or row["status"].startswith("skipped"):
+                    speed.append(MISSING)
+                    memory.append(MISSING)
+                elif row["status"] != "ok":
+                    speed.append(row["status"])
+                    memory.append(MISSING)
+                else:
+                    ratio = "" if variant == base else f" ({row[f'vs_{base}']:.2f}x)"
+                    speed.append(f"{row['tokens_per_sec']:.0f}{ratio}")
+                    memory.append(f"{row['peak_gib']:.1f}")
+            lines.append(f"| {label}, bs {batch} tok/s (x {base}) | " + " | ".join(speed) + " |")
+            lines.append("| peak GiB | " + " | ".join(memory) + " |")
+    sources = ", ".join(f"`{file}`" for _, file in STEP_ROWS)
+    lines += ["", f"Sources (`benchmarks/results/`): {sources}."]
+    return "\n".join(lines)
+
+
+TABLES = {"train": train_table, "max_context": max_context_table, "step": step_table}
 
 
 def _block_pattern(name: str) -> re.Pattern:
