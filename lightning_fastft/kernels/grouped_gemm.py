@@ -111,6 +111,30 @@ def _input_precision(dtype: torch.dtype) -> str | None:
 
 
 @triton.jit
+def _accumulate_tile(
+    X, M, e, rows, row_mask, cols, col_mask, stride_xs, stride_xk, stride_me, stride_mk, stride_mn, K,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """``x[rows] @ m[e][:, cols]`` in fp32 for one (BLOCK_M, BLOCK_N) tile, over K in BLOCK_K steps."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(
+            X + rows[:, None] * stride_xs + ks[None, :] * stride_xk,
+            mask=row_mask[:, None] & (ks[None, :] < K), other=0.0,
+        )  # fmt: skip
+        b = tl.load(
+            M + e * stride_me + ks[:, None] * stride_mk + cols[None, :] * stride_mn,
+            mask=(ks[:, None] < K) & col_mask[None, :], other=0.0,
+        )  # fmt: skip
+        if UPCAST:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _grouped_mm_kernel(
     X, M, Y, X2, M2, BIAS, TILE_EXPERT, TILE_START, TILE_END,
     stride_xs, stride_xk, stride_me, stride_mk, stride_mn, stride_ys, stride_yn,
@@ -129,36 +153,15 @@ def _grouped_mm_kernel(
         row_mask = rows < row_end
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(
-                X + rows[:, None] * stride_xs + ks[None, :] * stride_xk,
-                mask=row_mask[:, None] & (ks[None, :] < K), other=0.0,
+        acc = _accumulate_tile(
+            X, M, e, rows, row_mask, cols, col_mask, stride_xs, stride_xk, stride_me, stride_mk, stride_mn, K,
+            INPUT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+        if HAS_SECOND:  # the LoRA term, accumulated apart and scaled once
+            acc += scale2 * _accumulate_tile(
+                X2, M2, e, rows, row_mask, cols, col_mask, stride_x2s, stride_x2k, stride_m2e, stride_m2k,
+                stride_m2n, K2, INPUT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
-            b = tl.load(
-                M + e * stride_me + ks[:, None] * stride_mk + cols[None, :] * stride_mn,
-                mask=(ks[:, None] < K) & col_mask[None, :], other=0.0,
-            )  # fmt: skip
-            if UPCAST:
-                a, b = a.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        if HAS_SECOND:
-            acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for k0 in range(0, K2, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                a = tl.load(
-                    X2 + rows[:, None] * stride_x2s + ks[None, :] * stride_x2k,
-                    mask=row_mask[:, None] & (ks[None, :] < K2), other=0.0,
-                )  # fmt: skip
-                b = tl.load(
-                    M2 + e * stride_m2e + ks[:, None] * stride_m2k + cols[None, :] * stride_m2n,
-                    mask=(ks[:, None] < K2) & col_mask[None, :], other=0.0,
-                )  # fmt: skip
-                if UPCAST:
-                    a, b = a.to(tl.float32), b.to(tl.float32)
-                acc2 = tl.dot(a, b, acc2, input_precision=INPUT_PRECISION)
-            acc += scale2 * acc2
         if HAS_BIAS:
             bias = tl.load(BIAS + e * stride_be + cols * stride_bn, mask=col_mask, other=0.0)
             acc += bias.to(tl.float32)[None, :]
