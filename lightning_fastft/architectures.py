@@ -79,7 +79,7 @@ class ArchitectureSpec:
     activation_attribute: str = "hidden_act"
     attention_kwargs: Callable[[nn.Module], dict] = _no_attention_kwargs
     final_softcap_attribute: str | None = None
-    rope_kernel: bool = True  # False: cos/sin hold each angle once (gpt-oss); HF's apply_rotary_pos_emb runs
+    rope_angles_once: bool = False  # cos/sin hold each angle once (gpt-oss), not HF's usual duplicated halves
     moe: MoeSpec | None = None  # the MLP of (some) layers is a sparse mixture-of-experts block
     gguf_arch: str | None = "LLAMA"  # the ``gguf.MODEL_ARCH`` member llama.cpp loads it as
     gguf_permute_qk: bool = False  # HF rotate-half q/k rows -> llama.cpp interleaved pairs
@@ -133,7 +133,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         "GptOss",
         norm_casting="gemma",
         attention_kwargs=_layer_sliding_window_and_sinks,
-        rope_kernel=False,
+        rope_angles_once=True,
         moe=MoeSpec(
             block_suffix="MLP", router_attribute="router", expert_layout="interleaved", returns_router_scores=True
         ),

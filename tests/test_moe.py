@@ -247,11 +247,10 @@ def test_patched_moe_matches_hf(arch, device):
     reference = moe_lm(arch).to(device).train()
     model = copy.deepcopy(reference)
     entry = _patch(model)
-    # attention is patched for our RoPE; gpt-oss keeps its own RoPE (and, without LoRA, HF's attention)
-    rope_kernel = ARCHITECTURES[arch].rope_kernel
+    # attention is patched for our RoPE (gpt-oss's once-per-angle cos/sin included)
+    layers = model.config.num_hidden_layers
     assert entry.patched["moe"] == _moe_layers(model) > 0, str(entry)
-    assert entry.patched["attention"] == (model.config.num_hidden_layers if rope_kernel else 0), str(entry)
-    assert [reason.split(":")[0] for reason in entry.skipped] == ([] if rope_kernel else ["rope"]), str(entry)
+    assert entry.patched["attention"] == entry.patched["rope"] == layers and entry.skipped == [], str(entry)
     _assert_same_training(model, reference, device)
 
 

@@ -237,7 +237,7 @@ def test_patched_gpt_oss_lora_matches_hf(device):
     entry = _patch(model)
     layers = model.config.num_hidden_layers
     assert entry.patched["moe"] == entry.patched["lora_experts"] == _moe_layers(model) == layers, str(entry)
-    assert entry.patched["lora_qkv"] == entry.patched["lora_o"] == layers and entry.patched["rope"] == 0, str(entry)
+    assert entry.patched["lora_qkv"] == entry.patched["lora_o"] == entry.patched["rope"] == layers, str(entry)
     _assert_same_training(model, reference, device)
 
 

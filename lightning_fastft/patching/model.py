@@ -185,6 +185,7 @@ class InstanceForward:
 class _AttentionPlan:
     spec: ArchitectureSpec
     rope: bool  # our in-place RoPE kernel; False: the architecture's own apply_rotary_pos_emb
+    angles_once: bool  # cos/sin hold each angle once (gpt-oss): duplicated for the kernel, as HF builds them
     fused_lora: bool  # fused LoRA QKV / O whenever projection_plans accepts the projections
     hf_apply_rotary: Callable
     hf_eager_attention: Callable
@@ -283,6 +284,8 @@ def _attention_forward(
 
     cos, sin = position_embeddings
     if plan.rope:
+        if plan.angles_once:  # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) either way
+            cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
         query, key = rope_qk_(query, key, cos, sin)
         query, key = query.transpose(1, 2), key.transpose(1, 2)
     else:
@@ -467,6 +470,7 @@ def _patch_attention(
     attention._fastft_attention = _AttentionPlan(
         spec=spec,
         rope=rope,
+        angles_once=spec.rope_angles_once,
         fused_lora=fused_lora,
         hf_apply_rotary=hf_modeling.apply_rotary_pos_emb,
         hf_eager_attention=hf_modeling.eager_attention_forward,
@@ -521,11 +525,6 @@ def _patch_causal_lm(path: str, model: PreTrainedModel, switches: dict[str, bool
         return entry
 
     entry.skipped += [f"{kind}: switched off" for kind, on in switches.items() if not on]
-    if switches["rope"] and not spec.rope_kernel:
-        entry.skipped.append(
-            f"rope: {spec.class_prefix}'s cos/sin hold each angle once (the RoPE kernel reads HF's duplicated "
-            "halves); its own apply_rotary_pos_emb runs"
-        )
     hidden_act = getattr(model.config, spec.activation_attribute, None)
     activation = GLU_ACTIVATIONS.get(hidden_act)
     if activation is None:
@@ -542,8 +541,7 @@ def _patch_causal_lm(path: str, model: PreTrainedModel, switches: dict[str, bool
                 entry.patched["rms_norm"] += 1
         elif class_name == spec.attention_class:
             if _replaceable("attention", module, entry):
-                rope = switches["rope"] and spec.rope_kernel
-                _patch_attention(module, spec, rope, switches["fused_lora"], entry, unfused, passes)
+                _patch_attention(module, spec, switches["rope"], switches["fused_lora"], entry, unfused, passes)
         elif class_name == spec.moe_block_class:  # before the MLP: gpt-oss's sparse block is GptOssMLP
             if switches["mlp"] and _replaceable("moe", module, entry):
                 _patch_moe(module, spec, activation, switches["fused_lora"], entry)
