@@ -337,3 +337,20 @@ def test_adamw_8bit_converts_adam_and_warns_about_other_optimizers(device):
         converted = convert_optimizers([coupled, decoupled], [], "adamw_8bit", optimizer_class=torch.optim.AdamW)
     assert converted[0] is coupled
     assert type(converted[1]) is torch.optim.AdamW and converted[1].defaults["weight_decay"] == 0.1
+
+
+def test_fsdp_refuses_4bit_layers_with_a_clear_error():
+    """QLoRA under fastft_fsdp: named refusal at setup instead of torch's "Cannot flatten integer dtype tensors"."""
+    from test_qlora import tiny_llama
+
+    from lightning_fastft.qlora import prepare_qlora
+
+    class QLoRAModule(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = prepare_qlora(tiny_llama("cpu"), lora_r=4)
+
+    strategy = FastFTFSDPStrategy()
+    strategy._lightning_module = QLoRAModule()
+    with pytest.raises(ValueError, match=r"fastft_fsdp: model\..*q_proj.* is a bitsandbytes 4-bit layer \(QLoRA\)"):
+        strategy.setup(trainer=None)

@@ -197,6 +197,10 @@ class FastFTFSDPStrategy(FastFTStrategyMixin, FSDPStrategy):
 
     strategy_name = "fastft_fsdp"
 
+    def setup(self, trainer: Any) -> None:
+        refuse_4bit_layers(self.lightning_module)
+        super().setup(trainer)
+
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         # FSDP has loaded the weights in ``load_checkpoint`` already
         FSDPStrategy.load_model_state_dict(self, checkpoint, strict=strict)
@@ -211,6 +215,20 @@ class FastFTFSDPStrategy(FastFTStrategyMixin, FSDPStrategy):
             return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         finally:
             module._strict_loading = strict_loading
+
+
+def refuse_4bit_layers(module: torch.nn.Module) -> None:
+    """Raise ``ValueError`` naming the first bitsandbytes 4-bit layer in ``module``: Lightning's FSDP
+    (FSDP1) flattens each unit's parameters into one tensor and cannot take 4-bit weights (torch
+    fails later with "Cannot flatten integer dtype tensors")."""
+    from lightning_fastft.bnb import is_4bit_linear
+
+    for name, layer in module.named_modules():
+        if is_4bit_linear(layer):
+            raise ValueError(
+                f"fastft_fsdp: {name} is a bitsandbytes 4-bit layer (QLoRA), which Lightning's FSDP cannot shard "
+                "(it flattens each unit's weights into one tensor); train QLoRA with strategy='fastft' or 'fastft_ddp'"
+            )
 
 
 STRATEGY_NAMES = {
