@@ -47,6 +47,11 @@ SHAPES: dict[str, dict[str, Any]] = {
         "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "rope_theta": 500000.0,
         "max_position_embeddings": 131072,
     },
+    "llama70b": {
+        "model_type": "llama", "hidden_size": 8192, "num_hidden_layers": 80, "intermediate_size": 28672,
+        "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256, "rope_theta": 500000.0,
+        "max_position_embeddings": 131072,
+    },
     "qwen7b": {
         "model_type": "qwen2", "hidden_size": 3584, "num_hidden_layers": 28, "intermediate_size": 18944,
         "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064, "rope_theta": 1000000.0,
@@ -92,20 +97,39 @@ def model_config(shape: str, layers: Optional[int] = None):
 
 def build_lora_model(config, device: str, quant: Optional[str], lora_r: int = LORA_R):
     """Random-init bf16 causal LM built directly on ``device``, with LoRA (QLoRA for ``quant="nf4"``),
-    for the benchmarks that train in a plain loop (``train_bench.py`` builds through ``CausalLMFineTune``)."""
+    for the benchmarks that train in a plain loop (``train_bench.py`` builds through ``CausalLMFineTune``).
+    With ``nf4`` the decoder layers are built and quantised one at a time, so a model whose bf16
+    weights exceed the device (the 70B shape on 80 GB) can be built."""
+    import copy
+
     from transformers import AutoModelForCausalLM
 
+    from lightning_fastft.bnb import quantize_linear_layers
     from lightning_fastft.qlora import attach_lora, prepare_qlora
 
+    if quant not in (None, "nf4"):
+        raise ValueError(f"quant must be None or 'nf4', got {quant!r}")
+    layers = config.num_hidden_layers
+    if quant == "nf4":
+        config = copy.deepcopy(config)
+        config.num_hidden_layers = 1
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
     model.config.use_cache = False
     lora = {"lora_r": lora_r, "lora_alpha": lora_r, "lora_dropout": 0.0, "target_modules": LORA_TARGETS}
-    if quant == "nf4":
-        return prepare_qlora(model, quant_type="nf4", **lora)
-    if quant is not None:
-        raise ValueError(f"quant must be None or 'nf4', got {quant!r}")
-    return attach_lora(model, **lora)
+    if quant is None:
+        return attach_lora(model, **lora)
+    stack = model.get_decoder().layers
+    quantize_linear_layers(stack[0])
+    model.config.num_hidden_layers = layers
+    for index in range(1, layers):
+        with torch.device(device):
+            layer = type(stack[0])(model.config, index).to(torch.bfloat16)
+        for module in layer.modules():
+            model._init_weights(module)
+        quantize_linear_layers(layer)
+        stack.append(layer)
+    return prepare_qlora(model, quant_type="nf4", **lora)
 
 
 def enable_hf_checkpointing(hf_model, input_require_grads: bool = True) -> None:

@@ -1,8 +1,8 @@
-"""Longest sequence (batch 1) that trains one step of 8B-shaped QLoRA on this GPU, per variant.
+"""Longest sequence (batch 1) that trains one step of QLoRA on this GPU, per variant.
 
     python benchmarks/max_context.py --variants hf fastft_offload --out benchmarks/results/max_context_8b_qlora.json
 
-One model is built (Llama-3-8B shape, random NF4 base, LoRA r16 on all linears) and reused:
+One model is built (``--shape``: Llama-3-8B or -70B, random NF4 base, LoRA r16 on all linears) and reused:
 ``hf`` runs first (HF gradient checkpointing, HF loss), then the model is patched for the fastft
 variants (``fastft``: our recompute checkpointing; ``fastft_offload``: layer inputs in pinned host
 memory). ``liger`` (HF gradient checkpointing plus Liger-Kernel's patches, which change
@@ -10,7 +10,8 @@ transformers' module globals) must be searched alone, in its own process. Each v
 (``harness.search_longest`` with ``low``) over multiples of ``--granularity`` in [low, high]; a
 probe is one forward+backward; out-of-memory means "does not fit". A per-variant time budget stops
 the search early, reporting the bracket found so far (``complete`` false). Writes ``<out>`` and
-``.md`` (``harness.write_results``). ``train_bench.py --max-context`` runs the same search with
+``.md`` (``harness.write_results``). ``--memory-gib`` caps the process's device memory
+(``torch.cuda.set_per_process_memory_fraction``), e.g. to measure an 80 GB card's limit on a larger one. ``train_bench.py --max-context`` runs the same search with
 whole ``Trainer.fit`` probes, each in a fresh process.
 """
 
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 from lightning_fastft._hf import find_hf_model  # noqa: E402
+from lightning_fastft.training.memory_plan import GIB  # noqa: E402
 from lightning_fastft.patching import patch_model  # noqa: E402
 
 CHECKPOINTING = {"hf": "hf", "liger": "hf", "fastft": "recompute", "fastft_offload": "offload"}
@@ -68,6 +70,8 @@ def search(model, low: int, high: int, granularity: int, budget_s: float) -> dic
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", choices=("llama8b", "llama70b"), default="llama8b")
+    parser.add_argument("--memory-gib", type=float, help="cap on this process's device memory")
     parser.add_argument("--variants", nargs="+", default=["hf", "fastft_offload"], choices=list(CHECKPOINTING))
     parser.add_argument("--low", type=int, default=8192)
     parser.add_argument("--high", type=int, default=196608)
@@ -80,9 +84,12 @@ def main(argv: list[str] | None = None) -> None:
     if "liger" in args.variants and len(args.variants) > 1:
         parser.error("liger patches transformers' module globals: search it in its own process (--variants liger)")
 
-    model = harness.build_lora_model(harness.model_config("llama8b"), "cuda", "nf4")
+    if args.memory_gib is not None:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gib * GIB / total))
+    model = harness.build_lora_model(harness.model_config(args.shape), "cuda", "nf4")
     model.train()
-    meta = harness.run_meta(shape="llama8b", quant="nf4")
+    meta = harness.run_meta(shape=args.shape, quant="nf4", memory_gib=args.memory_gib)
     rows: list[dict] = []
     for variant in args.variants:
         if variant.startswith("fastft"):

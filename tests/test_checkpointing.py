@@ -29,6 +29,7 @@ from lightning_fastft.training.checkpointing import (
     checkpointed_layers,
     find_decoder_layer_lists,
     hf_gradient_checkpointing_on,
+    host_piece_sizes,
     remove_activation_checkpointing,
 )
 
@@ -69,15 +70,17 @@ def assert_same_training(reference, wrapped, device, steps=1, autocast_dtype=Non
 
 def checkpointed_copy(model, variant, checkpoint_fraction=1.0):
     wrapped = copy.deepcopy(model)
-    if variant == "offload_emulated":
+    if variant.startswith("offload_emulated"):
         offloader = HostOffloader(emulate_on_cpu=True)
+        if variant == "offload_emulated_pieces":  # every layer input spread over several host pieces
+            offloader.piece_bytes = 64
         apply_activation_checkpointing(wrapped, "offload", offloader=offloader, checkpoint_fraction=checkpoint_fraction)
     else:
         apply_activation_checkpointing(wrapped, variant, checkpoint_fraction=checkpoint_fraction)
     return wrapped
 
 
-VARIANTS = ["recompute", "offload", "offload_emulated"]  # on CUDA both offload variants stream to pinned memory
+VARIANTS = ["recompute", "offload", "offload_emulated", "offload_emulated_pieces"]  # on CUDA both offload variants stream to pinned memory
 
 
 @pytest.mark.filterwarnings("ignore:lightning_fastft. activation offload needs CUDA")
@@ -307,6 +310,20 @@ def test_partial_offload_prefetches_across_plain_layers(device):
         model(**make_batch(device)).loss.backward()
     assert offloader.fetched_prefetched == [False, True, True] * 2
     assert offloader.host_buffers_allocated == 3 and offloader.offloads == 6
+
+
+@pytest.mark.parametrize("numel", [1, 5, 16, 17, 100, 1000, 12345])
+@pytest.mark.parametrize("element_size", [2, 4])
+def test_host_pieces_are_powers_of_two_covering_the_input(numel, element_size):
+    piece_bytes = 64
+    sizes = host_piece_sizes(numel, element_size, piece_bytes)
+    assert all((size * element_size) & (size * element_size - 1) == 0 for size in sizes), sizes  # powers of two
+    assert sizes == sorted(sizes, reverse=True) and sum(sizes) >= numel
+    unit = piece_bytes // element_size
+    if numel > unit:  # less than one piece_bytes unit over what is needed, at least one unit each
+        assert sum(sizes) - numel < unit and min(sizes) >= unit
+    else:
+        assert len(sizes) == 1 and sizes[0] < 2 * numel
 
 
 def test_offload_two_forwards_before_backward(device):

@@ -539,10 +539,12 @@ class _OffloadedLayer(torch.autograd.Function):
 
 
 class _HostCopy:
-    """A tensor waiting in a host buffer; the buffer returns to the pool once it is copied back."""
+    """A tensor waiting in host memory as ``pieces`` (consecutive runs of its flattened elements);
+    the buffer returns to the pool once it is copied back."""
 
-    def __init__(self, host_view: Tensor, device: torch.device, return_buffer: Callable[[], None]):
-        self.host_view = host_view
+    def __init__(self, pieces: list[Tensor], shape: torch.Size, device: torch.device, return_buffer: Callable[[], None]):
+        self.pieces = pieces
+        self.shape = shape
         self.device = device
         # runs once: on fetch, or when the autograd graph holding this copy is freed unused
         self.release = weakref.finalize(self, return_buffer)
@@ -580,6 +582,40 @@ class DeviceStore:
 _KEEP_ON_DEVICE = DeviceStore()  # the CPU fallback of checkpointing="offload"
 
 
+def host_piece_sizes(numel: int, element_size: int, piece_bytes: int) -> list[int]:
+    """Element counts of the pieces of a host buffer for ``numel`` elements: each piece's byte size
+    a power of two, largest first. Up to ``piece_bytes`` one piece (at most twice the bytes
+    needed); beyond, multiples of ``piece_bytes`` (a power of two) by the binary digits of the
+    count of ``piece_bytes`` units that covers ``numel`` (less than one unit more than needed)."""
+    unit = piece_bytes // element_size
+    if numel <= unit:
+        return [1 << max(numel - 1, 0).bit_length()]
+    units = -(-numel // unit)
+    return [unit << bit for bit in reversed(range(units.bit_length())) if units >> bit & 1]
+
+
+def _spans(buffer: list[Tensor], numel: int):
+    """``(piece, start, stop)``: the pieces of ``buffer`` that hold elements ``[start, stop)`` of ``numel``."""
+    start = 0
+    for piece in buffer:
+        if start >= numel:
+            return
+        stop = min(numel, start + piece.numel())
+        yield piece, start, stop
+        start = stop
+
+
+def _gather(stored: _HostCopy, non_blocking: bool) -> Tensor:
+    """``stored``'s pieces copied into one new tensor of its shape on its device."""
+    tensor = torch.empty(stored.shape, dtype=stored.pieces[0].dtype, device=stored.device)
+    flat = tensor.view(-1)
+    start = 0
+    for piece in stored.pieces:
+        flat[start : start + piece.numel()].copy_(piece, non_blocking=non_blocking)
+        start += piece.numel()
+    return tensor
+
+
 class HostOffloader:
     """Moves layer inputs to pinned host memory and back, overlapping the copies with compute.
 
@@ -589,14 +625,20 @@ class HostOffloader:
     (the next layer to be recomputed). Host buffers come from a pool keyed by (layer slot, dtype)
     and grow to the largest shape seen, so steady-state steps allocate no pinned memory; a buffer
     is handed out again only after its input was fetched (or its graph freed), so several forwards
-    before one backward are safe. ``emulate_on_cpu=True`` runs the same logic on CPU tensors with
+    before one backward are safe. A buffer is a list of pinned pieces whose byte sizes are powers
+    of two of at least ``piece_bytes`` (:func:`host_piece_sizes`): torch's pinned-memory allocator
+    rounds every allocation up to a power of two, which would reserve up to twice the host memory
+    the inputs need (4 GiB for each 2.8 GB layer input of an 8B model at 344k tokens). ``emulate_on_cpu=True`` runs the same logic on CPU tensors with
     synchronous copies into ordinary host buffers (tests); CUDA tensors always take the stream path.
     """
+
+    piece_bytes = 32 * 2**20
+    """The smallest piece of a host buffer holding more than this many bytes."""
 
     def __init__(self, emulate_on_cpu: bool = False):
         self.runs_on_cpu = emulate_on_cpu
         self.host_buffers_allocated = 0
-        self._free_buffers: dict[tuple[int, torch.dtype], list[Tensor]] = {}
+        self._free_buffers: dict[tuple[int, torch.dtype], list[list[Tensor]]] = {}
         self._slots = itertools.count()
         self._latest: weakref.ref[_HostCopy] | None = None
         self._side_streams: dict[torch.device, torch.cuda.Stream] = {}
@@ -607,16 +649,20 @@ class HostOffloader:
     def offload(self, tensor: Tensor, slot: int) -> _HostCopy:
         key = (slot, tensor.dtype)
         buffer = self._take_buffer(key, tensor.numel(), pin=tensor.is_cuda)
-        host_view = buffer[: tensor.numel()].view(tensor.shape)
+        flat = tensor.reshape(-1)
+        copies = [(piece[: stop - start], flat[start:stop]) for piece, start, stop in _spans(buffer, tensor.numel())]
         if tensor.is_cuda:
             side_stream = self._side_stream(tensor.device)
             side_stream.wait_stream(torch.cuda.current_stream(tensor.device))
             with torch.cuda.stream(side_stream):
-                host_view.copy_(tensor, non_blocking=True)
-            tensor.record_stream(side_stream)  # its memory is not reused before the copy is done
+                for piece, source in copies:
+                    piece.copy_(source, non_blocking=True)
+            flat.record_stream(side_stream)  # its memory is not reused before the copies are done
         else:
-            host_view.copy_(tensor)
-        stored = _HostCopy(host_view, tensor.device, partial(self._return_buffer, key, buffer))
+            for piece, source in copies:
+                piece.copy_(source)
+        pieces = [piece for piece, _ in copies]
+        stored = _HostCopy(pieces, tensor.shape, tensor.device, partial(self._return_buffer, key, buffer))
         stored.previous = self._latest
         self._latest = weakref.ref(stored)
         return stored
@@ -628,12 +674,11 @@ class HostOffloader:
         if stored.device.type == "cuda":
             side_stream = self._side_stream(stored.device)
             with torch.cuda.stream(side_stream):  # queued after the device -> host copy
-                stored.device_copy = torch.empty_like(stored.host_view, device=stored.device)
-                stored.device_copy.copy_(stored.host_view, non_blocking=True)
+                stored.device_copy = _gather(stored, non_blocking=True)
                 stored.copied_back = torch.cuda.Event()
                 stored.copied_back.record(side_stream)
         else:
-            stored.device_copy = stored.host_view.to(stored.device, copy=True)
+            stored.device_copy = _gather(stored, non_blocking=False)
 
     def fetch(self, stored: _HostCopy) -> Tensor:
         """The tensor back on its device, ready for the current stream; prefetches the one before."""
@@ -655,17 +700,21 @@ class HostOffloader:
             self.prefetch(previous)
         return tensor
 
-    def _take_buffer(self, key: tuple[int, torch.dtype], numel: int, pin: bool) -> Tensor:
+    def _take_buffer(self, key: tuple[int, torch.dtype], numel: int, pin: bool) -> list[Tensor]:
         free = self._free_buffers.setdefault(key, [])
         for index, buffer in enumerate(free):
-            if buffer.numel() >= numel:
+            if sum(piece.numel() for piece in buffer) >= numel:
                 return free.pop(index)
         if free:
             free.pop()  # a larger shape arrived: drop a smaller buffer so the pool stays small
         self.host_buffers_allocated += 1
-        return torch.empty(numel, dtype=key[1], pin_memory=pin)
+        element_size = torch.empty((), dtype=key[1]).element_size()
+        return [
+            torch.empty(size, dtype=key[1], pin_memory=pin)
+            for size in host_piece_sizes(numel, element_size, self.piece_bytes)
+        ]
 
-    def _return_buffer(self, key: tuple[int, torch.dtype], buffer: Tensor) -> None:
+    def _return_buffer(self, key: tuple[int, torch.dtype], buffer: list[Tensor]) -> None:
         self._free_buffers.setdefault(key, []).append(buffer)
 
     def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
