@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .._runtime import triton_enabled, warn_fallback
-from ._launch import MAX_BLOCK, LaunchPolicy
+from ._launch import MAX_BLOCK, LaunchPolicy, launch
 
 _LAUNCH = LaunchPolicy(max_block=MAX_BLOCK)
 
@@ -136,7 +136,8 @@ def clamped_swiglu_forward(gate_up: torch.Tensor, alpha: float, limit: float) ->
         return h
     gate_up2, h2 = _rows(gate_up, 2 * n_cols), _rows(h, n_cols)
     block, num_warps = _LAUNCH.settings(n_cols)
-    _clamped_swiglu_forward_kernel[(h2.shape[0] * triton.cdiv(n_cols, block),)](
+    launch(
+        _clamped_swiglu_forward_kernel, (h2.shape[0] * triton.cdiv(n_cols, block),),
         gate_up2, h2, gate_up2.stride(0), h2.stride(0), n_cols, float(alpha), float(limit),
         BLOCK=block, num_warps=num_warps,
     )  # fmt: skip
@@ -157,7 +158,8 @@ def clamped_swiglu_backward(
         dh2, gate_up2, dgate_up2 = _rows(dh, n_cols), _rows(gate_up, 2 * n_cols), _rows(dgate_up, 2 * n_cols)
         h2 = _rows(h, n_cols) if return_h else dh2
         block, num_warps = _LAUNCH.settings(n_cols)
-        _clamped_swiglu_backward_kernel[(dh2.shape[0] * triton.cdiv(n_cols, block),)](
+        launch(
+            _clamped_swiglu_backward_kernel, (dh2.shape[0] * triton.cdiv(n_cols, block),),
             dh2, gate_up2, dgate_up2, h2,
             dh2.stride(0), gate_up2.stride(0), dgate_up2.stride(0), h2.stride(0),
             n_cols, float(alpha), float(limit),

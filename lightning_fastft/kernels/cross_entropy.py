@@ -42,7 +42,7 @@ import triton.language as tl
 
 from .._runtime import triton_enabled, warn_fallback
 from ..constants import IGNORE_INDEX
-from ._launch import MAX_BLOCK, LaunchPolicy
+from ._launch import MAX_BLOCK, LaunchPolicy, launch
 
 LOGITS_CHUNK_BYTES = 256 * 2**20
 """Upper bound on one chunk's logits buffer (chunk rows x vocab x element size)."""
@@ -277,7 +277,8 @@ def _rows_loss_and_grad_triton(logits, target, loss, scale, ignore_index, softca
     """Triton: per-row loss into ``loss``; with ``compute_grad`` logits become d loss / d logits."""
     n_rows, n_vocab = logits.shape
     block_v, num_warps = _LAUNCH.settings(n_vocab)
-    _fused_linear_cross_entropy_rows_kernel[(n_rows,)](
+    launch(
+        _fused_linear_cross_entropy_rows_kernel, (n_rows,),
         logits, logits.stride(0),
         target, loss, scale,
         n_vocab, ignore_index, 1.0 if softcap is None else float(softcap),

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .._runtime import triton_enabled, warn_fallback
-from ._launch import MAX_BLOCK, LaunchPolicy
+from ._launch import MAX_BLOCK, LaunchPolicy, launch
 
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
 _ACTIVATION_IDS = {name: i for i, name in enumerate(ACTIVATIONS)}
@@ -183,7 +183,8 @@ def glu_forward(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") 
     if h.numel() == 0:
         return h
     (gate2, up2, h2), n_cols, grid, block, num_warps = _launch_shape([gate, up, h])
-    _glu_forward_kernel[(grid,)](
+    launch(
+        _glu_forward_kernel, (grid,),
         gate2, up2, h2,
         gate2.stride(0), up2.stride(0), h2.stride(0),
         n_cols,
@@ -228,7 +229,8 @@ def glu_backward(
         views, n_cols, grid, block, num_warps = _launch_shape(operands)
         dh2, gate2, up2, dgate2, dup2 = views[:5]
         h2 = views[5] if return_h else dh2
-        _glu_backward_kernel[(grid,)](
+        launch(
+            _glu_backward_kernel, (grid,),
             dh2, gate2, up2, dgate2, dup2, h2,
             dh2.stride(0), gate2.stride(0), up2.stride(0), dgate2.stride(0), dup2.stride(0), h2.stride(0),
             n_cols,

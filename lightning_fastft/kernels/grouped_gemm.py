@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .._runtime import triton_enabled, warn_fallback
+from ._launch import launch
 
 
 def grouped_mm_reference(
@@ -257,7 +258,8 @@ def grouped_mm(
     expert, row_start, row_end, n_tiles = _tile_map(offsets, x.shape[0], block_m)
     second = (x2, m2) if x2 is not None else (x, m)
     bias_or_y = bias if bias is not None else y
-    _grouped_mm_kernel[(n_tiles, triton.cdiv(y.shape[1], block_n))](
+    launch(
+        _grouped_mm_kernel, (n_tiles, triton.cdiv(y.shape[1], block_n)),
         x, m, y, second[0], second[1], bias_or_y, expert, row_start, row_end,
         x.stride(0), x.stride(1), m.stride(0), m.stride(1), m.stride(2), y.stride(0), y.stride(1),
         second[0].stride(0), second[0].stride(1), second[1].stride(0), second[1].stride(1), second[1].stride(2),
@@ -283,7 +285,8 @@ def grouped_mm_weight_grad(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Ten
         return g
     block_m, block_n, block_k, num_warps = _tiles(x.device)
     block_n = block_k  # square (N, K) output tiles
-    _grouped_weight_grad_kernel[(n_experts, triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
+    launch(
+        _grouped_weight_grad_kernel, (n_experts, triton.cdiv(n, block_n), triton.cdiv(k, block_k)),
         dy, x, g, offsets,
         dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), g.stride(0), g.stride(1), g.stride(2),
         n, k,

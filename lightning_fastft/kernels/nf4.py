@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from .._runtime import triton_enabled, warn_fallback
+from ._launch import launch
 
 _BYTES_PER_PROGRAM = 1024
 
@@ -122,7 +123,8 @@ def dequantize_4bit_forward(packed: torch.Tensor, quant_state, out_dtype: torch.
         absmax2 = code2 = offset = quant_state.absmax
         blocksize2 = 1
     grid = (triton.cdiv(n_bytes, _BYTES_PER_PROGRAM),)
-    _dequantize_4bit_kernel[grid](
+    launch(
+        _dequantize_4bit_kernel, grid,
         packed, quant_state.absmax, quant_state.code,
         absmax2, code2, offset,
         out,

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .._runtime import triton_enabled, warn_fallback
-from ._launch import LaunchPolicy
+from ._launch import LaunchPolicy, launch
 
 CASTINGS = ("llama", "gemma")
 
@@ -163,7 +163,8 @@ def rms_norm_forward(
     rstd = torch.empty(x_rows.shape[0], dtype=torch.float32, device=x.device)
     block, num_warps = _LAUNCH.settings(n_cols)
     if x_rows.shape[0] > 0:
-        _rms_norm_forward_kernel[(x_rows.shape[0],)](
+        launch(
+            _rms_norm_forward_kernel, (x_rows.shape[0],),
             x_rows, weight, y_rows, rstd, x_rows.stride(0), y_rows.stride(0), n_cols, eps, offset,
             GEMMA_CASTING=gemma, BLOCK=block, num_warps=num_warps,
         )  # fmt: skip
@@ -193,7 +194,8 @@ def rms_norm_backward(
     )
     block, num_warps = _LAUNCH.settings(n_cols)
     if n_rows > 0:
-        _rms_norm_backward_kernel[(n_programs,)](
+        launch(
+            _rms_norm_backward_kernel, (n_programs,),
             grad_rows, x_rows, weight, rstd, dx_rows, dw_partial,
             grad_rows.stride(0), x_rows.stride(0), dx_rows.stride(0),
             n_rows, n_cols, offset, triton.cdiv(n_rows, n_programs),

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .._runtime import triton_enabled, warn_fallback
-from ._launch import MAX_BLOCK, LaunchPolicy
+from ._launch import MAX_BLOCK, LaunchPolicy, launch
 
 _INT32_LIMIT = 2**31
 _LAUNCH = LaunchPolicy(num_warps=4)  # 1, 2, 4 and 8 warps tie on an H100 (within 3%) at 2048 and 8192 tokens
@@ -283,7 +283,8 @@ def _rotate(q, k, cos, sin, position_ids, inverse: bool) -> None:
     max_heads_per_tile = max(1, MAX_BLOCK // block_d)
     block_hq = min(triton.next_power_of_2(n_q_heads), max_heads_per_tile)
     block_hk = min(triton.next_power_of_2(n_k_heads), max_heads_per_tile)
-    _rope_qk_kernel[(n_tokens,)](
+    launch(
+        _rope_qk_kernel, (n_tokens,),
         q, k, cos, sin, position_ids if position_ids is not None else cos,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         angle_stride_b, angle_stride_s, position_stride_b, position_stride_s,

@@ -47,7 +47,7 @@ from torch.autograd.function import once_differentiable
 
 from .._runtime import triton_enabled, warn_fallback
 from ..kernels import cross_entropy as _ce
-from ..kernels._launch import MAX_BLOCK, LaunchPolicy
+from ..kernels._launch import MAX_BLOCK, LaunchPolicy, launch
 from ..kernels.cross_entropy import _softcapped
 
 _LAUNCH = LaunchPolicy(max_block=MAX_BLOCK)
@@ -253,7 +253,8 @@ def _logprobs_rows_backward_kernel(
 def _rows_forward_triton(logits, targets, logp, lse, entropy, temperature, softcap):
     n_rows, n_vocab = logits.shape
     block_v, num_warps = _LAUNCH.settings(n_vocab)
-    _logprobs_rows_kernel[(n_rows,)](
+    launch(
+        _logprobs_rows_kernel, (n_rows,),
         logits, logits.stride(0),
         targets, logp, lse, entropy if entropy is not None else lse,
         n_vocab, temperature, 1.0 if softcap is None else softcap,
@@ -287,7 +288,8 @@ def _rows_forward_torch(logits, targets, logp, lse, entropy, temperature, softca
 def _rows_backward_triton(logits, targets, lse, entropy, grad_logp, grad_entropy, temperature, softcap):
     n_rows, n_vocab = logits.shape
     block_v, num_warps = _LAUNCH.settings(n_vocab)
-    _logprobs_rows_backward_kernel[(n_rows,)](
+    launch(
+        _logprobs_rows_backward_kernel, (n_rows,),
         logits, logits.stride(0),
         targets, lse,
         entropy if grad_entropy is not None else lse,
