@@ -10,8 +10,11 @@ model is patched in place and runs ``recompute``, ``offload``, ``none`` and ``re
 time over ``--steps`` steps, then a ``torch.profiler`` trace of two steps giving the summed GPU
 kernel time (``gpu_busy`` = kernel time / wall time; well below 1 means the step waits on the
 host) and the kernels with the most GPU time. ``--host`` adds a cProfile of one step (Python functions by own time) and every
-host-device synchronisation of one step, by the line that caused it. Writes ``<out>`` (JSON, one row
-per mode) and ``.md`` (``harness.write_results``).
+host-device synchronisation of one step, by the line that caused it. ``--launch-ab N`` times
+``2 N`` more steps per fastft mode, alternating the kernels' cached launch path with Triton's own
+(``lightning_fastft.kernels._launch.CACHED_LAUNCH``) step by step, so that drift of the machine
+falls on both alike: the medians, and the host microseconds per launch of both paths. Writes
+``<out>`` (JSON, one row per mode) and ``.md`` (``harness.write_results``).
 """
 
 from __future__ import annotations
@@ -32,10 +35,14 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
+from lightning_fastft.kernels import _launch  # noqa: E402
 from lightning_fastft.patching import patch_model  # noqa: E402
 
 MODES = ("hf", "recompute", "offload", "none", "recompute_half")
-COLUMNS = ("mode", "step_s", "tokens_per_sec", "wall_s", "gpu_kernel_s", "gpu_busy", "peak_gib")
+COLUMNS = (
+    "mode", "step_s", "tokens_per_sec", "wall_s", "gpu_kernel_s", "gpu_busy", "peak_gib", "cached_launch_step_s",
+    "triton_launch_step_s",
+)  # fmt: skip
 
 
 def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, input_ids: torch.Tensor):
@@ -107,9 +114,11 @@ def launch_costs(calls: int = 2000) -> dict:
         "x.to(same dtype)": lambda: x.to(torch.bfloat16),
         "F.linear": lambda: F.linear(x, w),
         "rms_norm (Triton, no grad)": lambda: rms_norm(x, norm_weight, 1e-6),
+        "rms_norm (Triton's own launch path)": lambda: rms_norm(x, norm_weight, 1e-6),
     }
     costs = {}
     for name, op in ops.items():
+        _launch.CACHED_LAUNCH = "own launch path" not in name
         for _ in range(50):
             op()
         torch.cuda.synchronize()
@@ -118,7 +127,24 @@ def launch_costs(calls: int = 2000) -> dict:
                 op()
         costs[name] = host.seconds / calls * 1e6
         torch.cuda.synchronize()
+    _launch.CACHED_LAUNCH = True
     return costs
+
+
+def launch_ab(step, steps: int) -> dict:
+    """Median step time with the cached launch path and with Triton's own, alternating step by step."""
+    times: dict[bool, list[float]] = {True: [], False: []}
+    try:
+        for index in range(2 * steps):
+            _launch.CACHED_LAUNCH = index % 2 == 0
+            times[_launch.CACHED_LAUNCH] += harness.time_steps(step, 1)
+    finally:
+        _launch.CACHED_LAUNCH = True
+    return {
+        "cached_launch_step_s": statistics.median(times[True]),
+        "triton_launch_step_s": statistics.median(times[False]),
+        "launch_ab_steps_s": {"cached": times[True], "triton": times[False]},
+    }
 
 
 def main() -> None:
@@ -132,6 +158,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--host", action="store_true", help="also cProfile one step and list its host syncs")
+    parser.add_argument("--launch-ab", type=int, default=0, metavar="N", help="N steps per launch path, alternating")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -142,7 +169,7 @@ def main() -> None:
     input_ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq_len), device="cuda")
     meta = harness.run_meta()
     rows: list[dict] = []
-    if args.host:
+    if args.host or args.launch_ab:
         meta["launch_us"] = launch_costs()
         print("host us per call:", {k: round(v, 1) for k, v in meta["launch_us"].items()}, flush=True)
     patched = False
@@ -164,6 +191,9 @@ def main() -> None:
         row["peak_gib"] = memory.peak_gib
         if args.host:
             row.update(host_profile(step, args.top))
+        if args.launch_ab and mode != "hf":
+            row.update(launch_ab(step, args.launch_ab))
+            print(f"   launch A/B: cached {row['cached_launch_step_s']:.4f} s, Triton's {row['triton_launch_step_s']:.4f} s")
         rows.append(row)
         print(f"== {mode}: step {row['step_s']:.4f} s, {row['tokens_per_sec']:.0f} tok/s, GPU kernels "
               f"{row['gpu_kernel_s']:.4f} s/step, busy {row['gpu_busy']:.2f}, peak {row['peak_gib']:.1f} GiB", flush=True)  # fmt: skip

@@ -74,9 +74,10 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Non
     of every ``tl.constexpr`` and keyword (block sizes, ``num_warps``), the current device. Later
     calls with that key hand the arguments straight to the compiled kernel's launcher, as the
     runner of ``CompiledKernel[grid]`` does. Under the Triton interpreter, while launch hooks are
-    installed (profilers), or on a Triton without this launcher layout, every call is ``kernel[grid]``.
+    installed (profilers), on a Triton without this launcher layout, or with :data:`CACHED_LAUNCH`
+    off, every call is ``kernel[grid]``.
     """
-    if _HOOKS is None or not isinstance(kernel, JITFunction) or _HOOKS[0].calls or _HOOKS[1].calls:
+    if not CACHED_LAUNCH or _HOOKS is None or not isinstance(kernel, JITFunction) or _HOOKS[0].calls or _HOOKS[1].calls:
         kernel[grid](*args, **kwargs)
         return
     device = _current_device()
@@ -155,5 +156,8 @@ def _current_stream(device: int) -> int:
     return triton.runtime.driver.active.get_current_stream(device)
 
 
+CACHED_LAUNCH = True
+"""Set False to launch every kernel through Triton's own path (``benchmarks/profile_step.py
+--launch-ab`` measures what the cached path saves)."""
 _KERNELS: dict[JITFunction, _KernelInfo] = {}
 _HOOKS = _launch_hooks()
