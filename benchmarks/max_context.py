@@ -8,7 +8,7 @@ variants (``fastft``: our recompute checkpointing; ``fastft_offload``: layer inp
 memory). ``liger`` (HF gradient checkpointing plus Liger-Kernel's patches, which change
 transformers' module globals) must be searched alone, in its own process. Each variant bisects
 (``harness.search_longest`` with ``low``) over multiples of ``--granularity`` in [low, high]; a
-probe is one forward+backward; out-of-memory means "does not fit". A per-variant time budget stops
+probe is one forward+backward; out-of-memory (device, or pinned host memory for offload) means "does not fit". A per-variant time budget stops
 the search early, reporting the bracket found so far (``complete`` false). Writes ``<out>`` and
 ``.md`` (``harness.write_results``). ``--memory-gib`` caps the process's device memory
 (``torch.cuda.set_per_process_memory_fraction``), e.g. to measure an 80 GB card's limit on a larger one. ``train_bench.py --max-context`` runs the same search with
@@ -43,6 +43,11 @@ def fits(model: torch.nn.Module, seq_len: int) -> bool:
         torch.cuda.synchronize()
         return True
     except torch.cuda.OutOfMemoryError:
+        return False
+    except RuntimeError as error:  # pinned host memory for the offloaded layer inputs ran out
+        if "out of memory" not in str(error):
+            raise
+        print(f"host memory: {error}", flush=True)
         return False
     finally:
         del input_ids
