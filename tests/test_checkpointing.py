@@ -326,6 +326,19 @@ def test_host_pieces_are_powers_of_two_covering_the_input(numel, element_size):
         assert len(sizes) == 1 and sizes[0] < 2 * numel
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host buffers need CUDA")
+def test_growing_inputs_give_the_smaller_pinned_buffer_back(monkeypatch):
+    from lightning_fastft.training import checkpointing
+
+    emptied = []
+    monkeypatch.setattr(checkpointing, "_empty_host_cache", lambda: emptied.append(True))
+    offloader = HostOffloader()
+    for numel in (100, 100, 10_000):
+        tensor = torch.randn(numel, device="cuda")
+        torch.testing.assert_close(offloader.fetch(offloader.offload(tensor, slot=0)), tensor, rtol=0, atol=0)
+    assert offloader.host_buffers_allocated == 2 and len(emptied) == 1
+
+
 def test_offload_two_forwards_before_backward(device):
     """Buffers are not handed out again before their backward ran; freed graphs return them."""
     model = checkpointing_llama(dropout=0.0).to(device)

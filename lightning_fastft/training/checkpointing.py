@@ -594,6 +594,14 @@ def host_piece_sizes(numel: int, element_size: int, piece_bytes: int) -> list[in
     return [unit << bit for bit in reversed(range(units.bit_length())) if units >> bit & 1]
 
 
+def _empty_host_cache() -> None:
+    """Free the pinned host memory torch caches and no tensor uses (``torch.accelerator.empty_host_cache``
+    from torch 2.13; the same call under its private name before)."""
+    empty = getattr(torch.accelerator, "empty_host_cache", None) or getattr(torch._C, "_host_emptyCache", None)
+    if empty is not None:
+        empty()
+
+
 def _spans(buffer: list[Tensor], numel: int):
     """``(piece, start, stop)``: the pieces of ``buffer`` that hold elements ``[start, stop)`` of ``numel``."""
     start = 0
@@ -705,8 +713,10 @@ class HostOffloader:
         for index, buffer in enumerate(free):
             if sum(piece.numel() for piece in buffer) >= numel:
                 return free.pop(index)
-        if free:
-            free.pop()  # a larger shape arrived: drop a smaller buffer so the pool stays small
+        if free:  # a larger shape arrived: drop a smaller buffer so the pool stays small, and give
+            free.pop()  # its pinned memory back (torch's pinned-memory cache would keep it)
+            if pin:
+                _empty_host_cache()
         self.host_buffers_allocated += 1
         element_size = torch.empty((), dtype=key[1]).element_size()
         return [
