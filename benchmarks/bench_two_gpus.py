@@ -46,9 +46,8 @@ decoder layer (``auto_wrap_policy``: transformers' ``GradientCheckpointingLayer`
 decoder layer is). A unit's frozen weights and LoRA adapters share one flat parameter, so its
 gradient and reduce-scatter cover the frozen weights too (torch warns about it); Lightning offers
 FSDP2 (per-parameter sharding) only in ``ModelParallelStrategy``, which ``fastft_fsdp`` does not
-compose. Refused, with the reason in the results: ``fastft_fsdp`` with ``nf4`` (FSDP1 cannot
-flatten bitsandbytes' uint8 4-bit weights: "Cannot flatten integer dtype tensors") and
-``fastft_fsdp`` on CPU (Lightning gives FSDP no ``device_id`` there, and FSDP1 then needs an
+compose. Refused, with the reason in the results: ``fastft_fsdp`` with ``nf4`` (the strategy itself
+refuses 4-bit layers at set-up: ``refuse_4bit_layers``) and ``fastft_fsdp`` on CPU (Lightning gives FSDP no ``device_id`` there, and FSDP1 then needs an
 accelerator).
 
 Results: ``benchmarks/results/two_gpus_<shape>_<quants>[_resume].json`` and ``.md`` (``harness.write_results``).
@@ -83,8 +82,8 @@ QUANTS = ("none", "nf4")
 CHECKPOINTING = ("recompute", "offload")
 REFUSALS = {
     ("fastft_fsdp", "nf4"): (
-        "refused: QLoRA under fastft_fsdp is not supported: FSDP1 flattens each unit's parameters into one "
-        "tensor and cannot flatten bitsandbytes' uint8 4-bit weights ('Cannot flatten integer dtype tensors')"
+        "refused: fastft_fsdp refuses QLoRA's 4-bit layers at set-up (see "
+        "lightning_fastft.strategies.fastft.refuse_4bit_layers); not started, to save a 2-GPU model load"
     ),
     ("fastft_fsdp", "cpu"): (
         "refused: fastft_fsdp needs CUDA: Lightning's FSDPStrategy passes FSDP no device_id on CPU and "

@@ -135,5 +135,5 @@ def test_bad_arguments_are_refused_with_the_reason(options, message, capsys):
 
 
 def test_qlora_under_fsdp_is_refused_and_ddp_is_not():
-    assert bench.refusal("fastft_fsdp", "nf4", "cuda").startswith("refused: QLoRA under fastft_fsdp")
+    assert bench.refusal("fastft_fsdp", "nf4", "cuda").startswith("refused: fastft_fsdp refuses QLoRA")
     assert bench.refusal("fastft_ddp", "nf4", "cuda") is None and bench.refusal("fastft_fsdp", "none", "cuda") is None
