@@ -44,8 +44,8 @@ def fits(model: torch.nn.Module, seq_len: int) -> bool:
         return True
     except torch.cuda.OutOfMemoryError:
         return False
-    except RuntimeError as error:  # pinned host memory for the offloaded layer inputs ran out
-        if "out of memory" not in str(error):
+    except (MemoryError, RuntimeError) as error:  # host memory for the offloaded layer inputs ran out
+        if isinstance(error, RuntimeError) and "out of memory" not in str(error):
             raise
         print(f"host memory: {error}", flush=True)
         return False

@@ -22,6 +22,7 @@ from tiny_models import (
 )
 
 from lightning_fastft.callbacks.offload import ActivationCheckpointing, ActivationOffload
+from lightning_fastft.training.memory_plan import host_piece_sizes
 from lightning_fastft.training.checkpointing import (
     HostOffloader,
     apply_activation_checkpointing,
@@ -29,7 +30,6 @@ from lightning_fastft.training.checkpointing import (
     checkpointed_layers,
     find_decoder_layer_lists,
     hf_gradient_checkpointing_on,
-    host_piece_sizes,
     remove_activation_checkpointing,
 )
 
@@ -337,6 +337,17 @@ def test_growing_inputs_give_the_smaller_pinned_buffer_back(monkeypatch):
         tensor = torch.randn(numel, device="cuda")
         torch.testing.assert_close(offloader.fetch(offloader.offload(tensor, slot=0)), tensor, rtol=0, atol=0)
     assert offloader.host_buffers_allocated == 2 and len(emptied) == 1
+
+
+def test_offload_refuses_what_the_host_cannot_hold(monkeypatch):
+    from lightning_fastft.training import checkpointing
+
+    monkeypatch.setattr(checkpointing, "host_memory_available", lambda: checkpointing.HOST_MARGIN_BYTES + 1000)
+    offloader = HostOffloader(emulate_on_cpu=True)
+    stored = offloader.offload(torch.randn(100), slot=0)  # 512 bytes: fits
+    with pytest.raises(MemoryError, match=r"checkpointing='offload' needs 0\.00 GiB more host memory .*checkpointing='auto'"):
+        offloader.offload(torch.randn(1000), slot=1)  # 4096 bytes: does not
+    assert offloader.fetch(stored).numel() == 100
 
 
 def test_offload_two_forwards_before_backward(device):

@@ -26,6 +26,7 @@ from lightning_fastft.training.memory_plan import (
     GIB,
     StackMemory,
     estimate_peak_bytes,
+    host_bytes,
     loss_workspace_bytes,
     plan_checkpointing,
     saved_activation_bytes,
@@ -68,6 +69,29 @@ def test_plan_maximises_plain_layers_then_recompute(budget, counts):
     assert result.fixed_bytes == 1000 and result.budget_bytes == budget and result.tokens == 64
     with pytest.raises(ValueError, match="below the 0.00 GiB that training needs with every decoder layer offloaded"):
         plan(1209)
+
+
+@pytest.mark.parametrize(
+    "host_budget, counts",
+    [
+        (None, (4, 2, 2)),
+        (48, (4, 2, 2)),  # 3 inputs of 16 host bytes: the best plan offloads only 2 anyway
+        (16, (3, 5, 0)),  # one offloaded: 4 none would need 1530; its offload then turns into recompute
+        (15, (3, 5, 0)),  # none offloaded
+    ],
+)
+def test_plan_offloads_no_more_than_the_host_holds(host_budget, counts):
+    assert host_bytes(10) == 16  # one piece, rounded up to a power of two
+    result = plan(1525, host_budget_bytes=host_budget)
+    assert (result.count(None), result.count("recompute"), result.count("offload")) == counts
+    assert result.peak_bytes <= 1525
+
+
+def test_plan_names_the_host_limit_when_nothing_fits():
+    with pytest.raises(ValueError, match=r"every decoder layer offloaded as far as host memory holds them \(3 of 8\) "
+                       r"and the rest recomputed"):
+        plan(1239, host_budget_bytes=48)  # 3 offloaded, 5 recomputed: 1000 + 40 below the top + 200
+    assert plan(1240, host_budget_bytes=48).count("offload") == 3
 
 
 def test_plan_checkpoints_the_lowest_layers():
@@ -219,6 +243,21 @@ def test_plan_follows_the_budget_and_grads_equal_plain_training():
 
     with pytest.raises(ValueError, match=r"memory_budget_gib=0\.00 GiB is below the fixed memory of training, 0\.00 GiB"):
         loss_and_grads(planned(model, fixed - 1), make_batch("cpu"), 0)
+
+
+def test_plan_offloads_nothing_when_the_host_has_no_room(monkeypatch):
+    from lightning_fastft.training import checkpointing
+
+    model = lora_llama()
+    stack, fixed, loss = probe(model)
+    monkeypatch.setattr(checkpointing, "host_memory_available", lambda: checkpointing.HOST_MARGIN_BYTES)
+    wrapped = planned(model, estimate_peak_bytes([stack], [(1, 2, 0)], fixed, loss), HostOffloader(emulate_on_cpu=True))
+    loss_and_grads(wrapped, make_batch("cpu"), 0)
+    result = checkpoint_planner_of(wrapped).plan
+    assert (result.count(None), result.count("recompute"), result.count("offload")) == (1, 2, 0)
+    budget = estimate_peak_bytes([stack], [(1, 1, 1)], fixed, loss)  # enough only with one layer offloaded
+    with pytest.raises(ValueError, match="needs with every decoder layer recomputed"):
+        loss_and_grads(planned(model, budget, HostOffloader(emulate_on_cpu=True)), make_batch("cpu"), 0)
 
 
 def test_plans_again_when_batches_grow():

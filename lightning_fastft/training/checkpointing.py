@@ -49,9 +49,13 @@ from lightning_fastft.patching.options import (
 )
 from lightning_fastft.training.memory_plan import (
     GIB,
+    HOST_MARGIN_BYTES,
+    HOST_PIECE_BYTES,
     CheckpointPlan,
     StackMemory,
     default_memory_budget,
+    host_memory_available,
+    host_piece_sizes,
     loss_workspace_bytes,
     model_state_bytes,
     plan_checkpointing,
@@ -389,6 +393,7 @@ class AutoCheckpointing:
             loss_workspace_bytes=loss_workspace_bytes(self.model, tokens),
             budget_bytes=self.budget_bytes,
             offload=device.type == "cuda" or self.offloader.runs_on_cpu,
+            host_budget_bytes=self.offloader.host_budget_bytes(),
         )
         modes = [(None,) * len(stack) for stack in self.stacks]
         for s, stack_modes in zip(measured, plan.modes):
@@ -582,18 +587,6 @@ class DeviceStore:
 _KEEP_ON_DEVICE = DeviceStore()  # the CPU fallback of checkpointing="offload"
 
 
-def host_piece_sizes(numel: int, element_size: int, piece_bytes: int) -> list[int]:
-    """Element counts of the pieces of a host buffer for ``numel`` elements: each piece's byte size
-    a power of two, largest first. Up to ``piece_bytes`` one piece (at most twice the bytes
-    needed); beyond, multiples of ``piece_bytes`` (a power of two) by the binary digits of the
-    count of ``piece_bytes`` units that covers ``numel`` (less than one unit more than needed)."""
-    unit = piece_bytes // element_size
-    if numel <= unit:
-        return [1 << max(numel - 1, 0).bit_length()]
-    units = -(-numel // unit)
-    return [unit << bit for bit in reversed(range(units.bit_length())) if units >> bit & 1]
-
-
 def _empty_host_cache() -> None:
     """Free the pinned host memory torch caches and no tensor uses (``torch.accelerator.empty_host_cache``
     from torch 2.13; the same call under its private name before)."""
@@ -640,7 +633,7 @@ class HostOffloader:
     synchronous copies into ordinary host buffers (tests); CUDA tensors always take the stream path.
     """
 
-    piece_bytes = 32 * 2**20
+    piece_bytes = HOST_PIECE_BYTES
     """The smallest piece of a host buffer holding more than this many bytes."""
 
     def __init__(self, emulate_on_cpu: bool = False):
@@ -717,12 +710,27 @@ class HostOffloader:
             free.pop()  # its pinned memory back (torch's pinned-memory cache would keep it)
             if pin:
                 _empty_host_cache()
-        self.host_buffers_allocated += 1
         element_size = torch.empty((), dtype=key[1]).element_size()
-        return [
-            torch.empty(size, dtype=key[1], pin_memory=pin)
-            for size in host_piece_sizes(numel, element_size, self.piece_bytes)
-        ]
+        sizes = host_piece_sizes(numel, element_size, self.piece_bytes)
+        needed, available = sum(sizes) * element_size, host_memory_available()
+        if available is not None and needed > available - HOST_MARGIN_BYTES:
+            raise MemoryError(
+                f"lightning_fastft: checkpointing='offload' needs {needed / GIB:.2f} GiB more host memory for a "
+                f"layer input but only {available / GIB:.2f} GiB is available ({HOST_MARGIN_BYTES / GIB:.0f} GiB "
+                "kept free); the offloaded inputs of all layers live in host memory at once. Use "
+                "checkpointing='auto' (it offloads only what the host holds), 'recompute', or shorter sequences."
+            )
+        self.host_buffers_allocated += 1
+        return [torch.empty(size, dtype=key[1], pin_memory=pin) for size in sizes]
+
+    def host_budget_bytes(self) -> int | None:
+        """Host memory offloaded inputs may take: what the system has available plus the pooled
+        buffers, less :data:`HOST_MARGIN_BYTES` (``None`` where the system does not say)."""
+        available = host_memory_available()
+        if available is None:
+            return None
+        pooled = sum(piece.nbytes for buffers in self._free_buffers.values() for buffer in buffers for piece in buffer)
+        return available + pooled - HOST_MARGIN_BYTES
 
     def _return_buffer(self, key: tuple[int, torch.dtype], buffer: list[Tensor]) -> None:
         self._free_buffers.setdefault(key, []).append(buffer)

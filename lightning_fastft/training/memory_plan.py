@@ -48,6 +48,12 @@ The terms:
   rotary tables and the mask, are left out).
 * loss workspace (:func:`loss_workspace_bytes`): the head and the loss at the end of the forward.
 
+**Host memory**: every offloaded input sits in pinned host memory until its backward, all at once.
+The offloaded layers are capped by what the host has available (Linux ``MemAvailable`` plus the
+buffers the offloader already pools, less :data:`HOST_MARGIN_BYTES`); beyond the cap, layers are
+recomputed. ``checkpointing="offload"`` itself refuses, with a ``MemoryError`` naming the numbers,
+a buffer the host cannot hold (rather than letting the system's out-of-memory killer end the process).
+
 The budget is the peak of ``torch.cuda.max_memory_allocated`` (every tensor of the process on the
 device). Without ``memory_budget_gib`` it is the device's free memory when the plan is made plus what
 PyTorch's caching allocator already holds, minus :data:`DEFAULT_MARGIN_FRACTION` of the device's
@@ -78,6 +84,44 @@ HF_LOSS_BYTES_PER_LOGIT = 12
 its log-softmax and that one's gradient."""
 
 MODES: tuple[Optional[LayerCheckpointing], ...] = (None, "recompute", "offload")
+
+HOST_PIECE_BYTES = 32 * 2**20
+"""The smallest piece of an offload host buffer of more than this many bytes (:func:`host_piece_sizes`)."""
+
+HOST_MARGIN_BYTES = 4 * GIB
+"""Host memory that offload buffers leave to everything else (the process, the data loaders, the system)."""
+
+
+def host_piece_sizes(numel: int, element_size: int, piece_bytes: int = HOST_PIECE_BYTES) -> list[int]:
+    """Element counts of the pieces of an offload host buffer for ``numel`` elements: each piece's
+    byte size a power of two, largest first. Up to ``piece_bytes`` one piece (at most twice the
+    bytes needed); beyond, multiples of ``piece_bytes`` (a power of two) by the binary digits of the
+    count of ``piece_bytes`` units that covers ``numel`` (less than one unit more than needed).
+    torch's pinned-memory allocator rounds every allocation up to a power of two: pieces of such
+    sizes waste nothing there."""
+    unit = piece_bytes // element_size
+    if numel <= unit:
+        return [1 << max(numel - 1, 0).bit_length()]
+    units = -(-numel // unit)
+    return [unit << bit for bit in reversed(range(units.bit_length())) if units >> bit & 1]
+
+
+def host_bytes(input_bytes: int) -> int:
+    """Host memory an offloaded input of ``input_bytes`` holds (its pieces)."""
+    return sum(host_piece_sizes(input_bytes, 1))
+
+
+def host_memory_available() -> Optional[int]:
+    """Bytes of host memory new allocations can take without swapping (Linux ``MemAvailable``),
+    ``None`` where the system does not say."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 @dataclass(frozen=True)
@@ -155,19 +199,36 @@ def plan_checkpointing(
     loss_workspace_bytes: int,
     budget_bytes: int,
     offload: bool = True,
+    host_budget_bytes: Optional[int] = None,
 ) -> CheckpointPlan:
     """The fastest plan by the module docstring's rule whose :func:`estimate_peak_bytes` fits ``budget_bytes``.
 
     Stacks are filled in order of their layers' saved bytes, smallest first: first the count of
     layers without checkpointing (each count tried from the most down: the fit is not monotone in
     it), with every later layer offloaded; then recompute instead of offload, the same way. ``offload=False`` (no CUDA): only none and recompute.
+    ``host_budget_bytes`` caps the host memory of the offloaded inputs (:func:`host_bytes` each): the
+    layers beyond the cap start recomputed instead of offloaded, and are the first to go without
+    checkpointing.
 
     Raises:
         ValueError: the budget is below the fixed memory, or below the least any plan needs (every
-            layer offloaded, or recomputed without ``offload``); both numbers are named.
+            layer offloaded as far as the host holds them and the others recomputed, or all recomputed
+            without ``offload``); the numbers are named.
     """
-    cheapest = "offload" if offload else "recompute"
     counts = [[0, 0, stack.layers] if offload else [0, stack.layers, 0] for stack in stacks]
+    host_left = host_budget_bytes
+    for stack, stack_counts in zip(stacks, counts):
+        if host_left is not None and stack_counts[2]:
+            fits = min(stack.layers, max(0, host_left) // host_bytes(stack.input_bytes))
+            stack_counts[1:] = [stack.layers - fits, fits]
+            host_left -= fits * host_bytes(stack.input_bytes)
+    offloaded = sum(stack_counts[2] for stack_counts in counts)
+    layers = sum(stack.layers for stack in stacks)
+    cheapest = (
+        "offloaded (checkpointing='offload')" if offloaded == layers
+        else "recomputed (checkpointing='recompute')" if not offloaded
+        else f"offloaded as far as host memory holds them ({offloaded} of {layers}) and the rest recomputed"
+    )  # fmt: skip
 
     def peak() -> int:
         return estimate_peak_bytes(stacks, counts, fixed_bytes, loss_workspace_bytes)
@@ -180,13 +241,13 @@ def plan_checkpointing(
     if peak() > budget_bytes:
         raise ValueError(
             f"memory_budget_gib={budget_bytes / GIB:.2f} GiB is below the {peak() / GIB:.2f} GiB that training "
-            f"needs with every decoder layer {'offloaded' if offload else 'recomputed'} (checkpointing="
-            f"{cheapest!r}), of which {fixed_bytes / GIB:.2f} GiB fixed memory; give a larger budget or "
-            "smaller batches"
+            f"needs with every decoder layer {cheapest}, of which {fixed_bytes / GIB:.2f} GiB fixed memory; give "
+            "a larger budget or smaller batches"
         )
     order = sorted(range(len(stacks)), key=lambda s: stacks[s].saved_bytes)
     # (from, to) count indices: none 0, recompute 1, offload 2
-    phases = ((2, 0), (2, 1)) if offload else ((1, 0),)
+    # the recomputed layers beyond the host's cap go without checkpointing first: they keep I, offloaded ones 0
+    phases = ((1, 0), (2, 0), (2, 1)) if offload else ((1, 0),)
     for source, target in phases:
         for s in order:
             available = counts[s][source]
