@@ -65,9 +65,10 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Non
     compiled for arguments like these.
 
     Triton's own launch path binds the arguments to the signature, computes their specialisation
-    and a cache key, evaluates launch metadata and calls two (empty) hook chains on every call:
-    about 50 of the ~65 microseconds a launch costs the host on the H200 machines, which a batch-1
-    step with ~400 launches pays on its critical path. Here the first call with a given
+    and a cache key, evaluates launch metadata and calls two (empty) hook chains on every call.
+    On an H200 machine that is only a few microseconds of a launch's host cost (the rest is the op's
+    Python wrapper, its autograd Function and PyTorch; ``benchmarks/results/launch_ab_llama8b_bs1.md``).
+    Here the first call with a given
     specialisation goes through ``kernel[grid]`` (compiling as usual) and keeps the compiled
     kernel under a key at least as fine as Triton's: per tensor its dtype and whether its address
     is 16-byte aligned, per integer whether it is 1, divisible by 16 and its width, the exact value
@@ -75,7 +76,8 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Non
     calls with that key hand the arguments straight to the compiled kernel's launcher, as the
     runner of ``CompiledKernel[grid]`` does. Under the Triton interpreter, while launch hooks are
     installed (profilers), on a Triton without this launcher layout, or with :data:`CACHED_LAUNCH`
-    off, every call is ``kernel[grid]``.
+    off, every call is ``kernel[grid]``. Keywords are for constexprs and launch options (their values
+    are the key); tensors go by position.
     """
     if not CACHED_LAUNCH or _HOOKS is None or not isinstance(kernel, JITFunction) or _HOOKS[0].calls or _HOOKS[1].calls:
         kernel[grid](*args, **kwargs)

@@ -629,7 +629,8 @@ class HostOffloader:
     before one backward are safe. A buffer is a list of pinned pieces whose byte sizes are powers
     of two of at least ``piece_bytes`` (:func:`host_piece_sizes`): torch's pinned-memory allocator
     rounds every allocation up to a power of two, which would reserve up to twice the host memory
-    the inputs need (4 GiB for each 2.8 GB layer input of an 8B model at 344k tokens). ``emulate_on_cpu=True`` runs the same logic on CPU tensors with
+    the inputs need (4 GiB for each 2.8 GB layer input of an 8B model at 344k tokens).
+    ``emulate_on_cpu=True`` runs the same logic on CPU tensors with
     synchronous copies into ordinary host buffers (tests); CUDA tensors always take the stream path.
     """
 
