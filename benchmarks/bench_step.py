@@ -26,7 +26,9 @@ QLoRA (``--quant nf4``): bitsandbytes NF4 with double quantisation and bf16 comp
 on q,k,v,o,gate,up,down (dense) or "all-linear" (MoE: attention + stacked experts, routers frozen).
 Plain loop: forward with ``labels = input_ids`` (the same random rows everywhere), backward, AdamW
 (lr 1e-4) on the trainable parameters, ``zero_grad(set_to_none=True)``. tokens/s from the median of
-``--steps`` synchronised steps after ``--warmup`` (Unsloth compiles in its first steps); peak
+``--steps`` synchronised steps after ``--warmup`` (Unsloth compiles in its first steps; with ``--rounds
+N`` every variant runs N times, every other round in reverse order, and the timed steps of all rounds
+are pooled: host-bound batch-1 steps drift by +-15% over minutes on the GPU machines); peak
 allocated and reserved memory from the step loop (peaks reset once the model is loaded; the loaded
 model is ``weights_gib``); every step's loss, so exactness is visible (B = 0 at LoRA init, so the first
 loss is the base model's for every variant).
@@ -237,20 +239,23 @@ def parent(args: argparse.Namespace) -> None:
     for quant in args.quant:
         for batch in args.batch:
             group: dict[str, dict] = {}
-            for variant in args.variants:
-                argv = ["--variant", variant, "--quant", quant, "--batch", str(batch), "--seq-len", str(args.seq_len),
-                        "--weights", str(weights), "--device", args.device, "--warmup", str(args.warmup),
-                        "--steps", str(args.steps)]  # fmt: skip
-                if variant == "fastft_auto_unsloth":
-                    peak = group.get("unsloth", {}).get("peak_gib")
-                    if peak is None:
-                        rows.append({"variant": variant, "quant": quant, "batch": batch, "status": "skipped: no unsloth peak"})
-                        continue
-                    argv += ["--memory-budget-gib", f"{peak:.3f}"]
-                print(f"== {quant} bs {batch} {variant}", flush=True)
-                row = {**child(argv, args.timeout), "variant": variant, "quant": quant, "batch": batch}
-                group[variant] = row
-                rows.append(row)
+            for round_index in range(args.rounds):
+                order = args.variants if round_index % 2 == 0 else args.variants[::-1]
+                for variant in order:
+                    argv = ["--variant", variant, "--quant", quant, "--batch", str(batch), "--seq-len", str(args.seq_len),
+                            "--weights", str(weights), "--device", args.device, "--warmup", str(args.warmup),
+                            "--steps", str(args.steps)]  # fmt: skip
+                    if variant == "fastft_auto_unsloth":
+                        peak = group.get("unsloth", {}).get("peak_gib")
+                        if peak is None:
+                            group[variant] = {"variant": variant, "quant": quant, "batch": batch,
+                                              "status": "skipped: no unsloth peak"}  # fmt: skip
+                            continue
+                        argv += ["--memory-budget-gib", f"{peak:.3f}"]
+                    print(f"== {quant} bs {batch} {variant} (round {round_index + 1})", flush=True)
+                    row = {**child(argv, args.timeout), "variant": variant, "quant": quant, "batch": batch}
+                    group[variant] = pool_rounds(group.get(variant), row, args.warmup, batch * args.seq_len)
+            rows += [group[variant] for variant in args.variants if variant in group]
             for row in group.values():
                 for base in ("hf", "unsloth"):
                     reference = group.get(base, {}).get("tokens_per_sec")
@@ -260,10 +265,31 @@ def parent(args: argparse.Namespace) -> None:
             write(args, fields, meta, rows)  # after every group: a run cut short keeps what it measured
 
 
+def pool_rounds(earlier: Optional[dict], row: dict, warmup: int, tokens: int) -> dict:
+    """``row`` joined with the same variant's row of the earlier rounds: the timed steps of every round
+    pooled (``step_s`` and tokens/s from their median), ``round_step_s`` each round's median, the
+    highest peaks. The first round that did not finish stands for the variant."""
+    if earlier is not None and earlier["status"] != "ok":
+        return earlier
+    if row["status"] != "ok":
+        return row
+    timed = row["step_times"][warmup:]
+    if earlier is None:
+        return {**row, "timed_step_times": timed, "round_step_s": [row["step_s"]]}
+    timed = earlier["timed_step_times"] + timed
+    pooled = {**earlier, "timed_step_times": timed, "round_step_s": earlier["round_step_s"] + [row["step_s"]]}
+    pooled.update(step_s=statistics.median(timed), tokens_per_sec=tokens / statistics.median(timed))
+    for key in ("peak_gib", "reserved_gib"):
+        if key in row:
+            pooled[key] = max(earlier[key], row[key])
+    return pooled
+
+
 def write(args: argparse.Namespace, fields: dict[str, Any], meta: dict, rows: list[dict]) -> None:
+    rounds = f" in each of {args.rounds} rounds (every other round in reverse order), pooled" if args.rounds > 1 else ""
     notes = [
         f"{args.shape} ({fields.get('num_hidden_layers')} layers), seq {args.seq_len}, LoRA r16 on "
-        f"{lora_targets(fields)}; median of {args.steps} steps after {args.warmup} warm-up steps; every variant in "
+        f"{lora_targets(fields)}; median of {args.steps} steps after {args.warmup} warm-up steps{rounds}; every variant in "
         "its own process, loaded from the same saved weights. vs_hf / vs_unsloth: tokens/s ratios at the same "
         "quant and batch. peak/reserved: max allocated/reserved over the step loop (absolute).",
         "", "Losses per step:", "",
@@ -287,6 +313,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=1, help="run the variants this many times, every other round in "
+                        "reverse order, and pool their timed steps (host-bound runs drift over minutes)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--weights", default=None, help="folder for the saved weights (default: the temp folder)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per variant process")
