@@ -278,7 +278,8 @@ def pool_rounds(earlier: Optional[dict], row: dict, warmup: int, tokens: int) ->
         return {**row, "timed_step_times": timed, "round_step_s": [row["step_s"]]}
     timed = earlier["timed_step_times"] + timed
     pooled = {**earlier, "timed_step_times": timed, "round_step_s": earlier["round_step_s"] + [row["step_s"]]}
-    pooled.update(step_s=statistics.median(timed), tokens_per_sec=tokens / statistics.median(timed))
+    step = statistics.median(timed)
+    pooled.update(step_s=step, tokens_per_sec=tokens / step)
     for key in ("peak_gib", "reserved_gib"):
         if key in row:
             pooled[key] = max(earlier[key], row[key])

@@ -610,10 +610,8 @@ def _gather(stored: _HostCopy, non_blocking: bool) -> Tensor:
     """``stored``'s pieces copied into one new tensor of its shape on its device."""
     tensor = torch.empty(stored.shape, dtype=stored.pieces[0].dtype, device=stored.device)
     flat = tensor.view(-1)
-    start = 0
-    for piece in stored.pieces:
-        flat[start : start + piece.numel()].copy_(piece, non_blocking=non_blocking)
-        start += piece.numel()
+    for piece, start, stop in _spans(stored.pieces, flat.numel()):
+        flat[start:stop].copy_(piece, non_blocking=non_blocking)
     return tensor
 
 
@@ -634,8 +632,7 @@ class HostOffloader:
     synchronous copies into ordinary host buffers (tests); CUDA tensors always take the stream path.
     """
 
-    piece_bytes = HOST_PIECE_BYTES
-    """The smallest piece of a host buffer holding more than this many bytes."""
+    piece_bytes = HOST_PIECE_BYTES  # per instance: tests make it small to split tiny inputs
 
     def __init__(self, emulate_on_cpu: bool = False):
         self.runs_on_cpu = emulate_on_cpu
