@@ -205,7 +205,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--impls", nargs="+", default=["hf", "fastft"], choices=["hf", "fastft", "liger"])
+    parser.add_argument("--impls", nargs="+", default=["hf", "fastft"], choices=["hf", "fastft", "fastft_graphs", "liger"],
+                        help="fastft_graphs: fastft with cuda_graphs=True (after fastft, on the same patched model)")
     parser.add_argument("--checkpointing", default="recompute", choices=["none", "recompute", "offload"])
     parser.add_argument("--experts-tokens", type=int, nargs="*", default=[2048, 8192])
     parser.add_argument("--lora-dtype", default="fp32", choices=["fp32", "bf16"],
@@ -226,7 +227,7 @@ def main() -> None:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     rows, expert_table = [], []
-    impls = sorted(args.impls, key=["hf", "liger", "fastft"].index)  # HF before fastft patches the instance
+    impls = sorted(args.impls, key=["hf", "liger", "fastft", "fastft_graphs"].index)  # HF before fastft patches
     hf_checkpointing = "none" if args.checkpointing == "none" else "hf"
     for impl in impls:
         if impl == "liger":
@@ -244,13 +245,17 @@ def main() -> None:
             print(patch_model(model), flush=True)
             harness.set_checkpointing(model, args.checkpointing)
             expert_table = expert_rows(model, args.experts_tokens) if args.experts_tokens else []
+        elif impl == "fastft_graphs":
+            graphs = {} if args.checkpointing == "none" else {"checkpointing": args.checkpointing}
+            print(patch_model(model, cuda_graphs=True, **graphs), flush=True)
         else:
             harness.set_checkpointing(model, hf_checkpointing)
-        mode = args.checkpointing if impl == "fastft" else hf_checkpointing
+        mode = args.checkpointing if impl.startswith("fastft") else hf_checkpointing
         for batch in args.batches:
             rows.append(
                 train_rows(model, impl, batch, args.seq, args.steps, args.warmup, args.layers,
-                           f"checkpointing {mode}, LoRA {args.lora_dtype}", args.profile)  # fmt: skip
+                           f"checkpointing {mode}, LoRA {args.lora_dtype}" + (", CUDA graphs" if impl == "fastft_graphs" else ""),
+                           args.profile)  # fmt: skip
             )
             print(rows[-1], flush=True)
     notes = [

@@ -57,6 +57,7 @@ from lightning_fastft.patching.moe import (
 )
 from lightning_fastft.patching.options import PatchOptions, takes_patch_options
 from lightning_fastft.training.checkpointing import apply_activation_checkpointing
+from lightning_fastft.training.cuda_graphs import apply_cuda_graphs, remove_cuda_graphs
 
 GLU_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
 """HF ``hidden_act`` names the GLU kernel computes, mapped to the kernel's activation name."""
@@ -569,12 +570,14 @@ def patch_model(model: nn.Module, **options: Any) -> PatchReport:
 
     ``fused_lora`` alone also replaces the attention/MLP forwards that have a fused path; with
     ``checkpointing`` set, the decoder layers are then wrapped by
-    :func:`~lightning_fastft.training.checkpointing.apply_activation_checkpointing`. An
+    :func:`~lightning_fastft.training.checkpointing.apply_activation_checkpointing`, and with
+    ``cuda_graphs`` last by :func:`~lightning_fastft.training.cuda_graphs.apply_cuda_graphs`. An
     architecture without a spec is left as it is, with one warning.
     """
     patch_options = PatchOptions(**options)
     switches = patch_options.kernel_switches()
     report = PatchReport()
+    remove_cuda_graphs(model)  # captured from the forwards patched now: undone first, redone last
     for path, module in model.named_modules():
         if is_causal_lm(module):
             report.models.append(_patch_causal_lm(path or type(model).__name__, module, switches))
@@ -587,4 +590,6 @@ def patch_model(model: nn.Module, **options: Any) -> PatchReport:
         )
     if patch_options.checkpointing is not None:
         apply_activation_checkpointing(model, patch_options.checkpointing, **patch_options.checkpointing_options())
+    if patch_options.cuda_graphs:
+        apply_cuda_graphs(model)
     return report

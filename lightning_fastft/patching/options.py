@@ -94,6 +94,9 @@ class PatchOptions:
             ``torch.cuda.max_memory_allocated`` counts it) the plan must fit; default (None): the
             device's free memory when the plan is made minus a margin
             (:func:`~lightning_fastft.training.memory_plan.default_memory_budget`). Needed on a CPU.
+        cuda_graphs: replay each decoder layer's training forward and backward from CUDA graphs
+            captured once (:mod:`~lightning_fastft.training.cuda_graphs`): for host-bound steps (small
+            batches) with fixed shapes. With ``checkpointing`` None or ``"recompute"`` only.
     """
 
     rms_norm: bool = True
@@ -104,12 +107,18 @@ class PatchOptions:
     checkpointing: Optional[Checkpointing] = None
     checkpoint_fraction: float = 1.0
     memory_budget_gib: Optional[float] = None
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
-        check_bool_options(**self.kernel_switches())
+        check_bool_options(**self.kernel_switches(), cuda_graphs=self.cuda_graphs)
         check_checkpointing(
             self.checkpointing, checkpoint_fraction=self.checkpoint_fraction, memory_budget_gib=self.memory_budget_gib
         )
+        if self.cuda_graphs and self.checkpointing not in (None, "recompute"):
+            raise ValueError(
+                f"cuda_graphs=True goes with checkpointing None or 'recompute', got {self.checkpointing!r}: "
+                "offloaded layers copy to the host on a side stream, which a CUDA graph cannot capture"
+            )
 
     def checkpointing_options(self) -> dict[str, Any]:
         """The activation-checkpointing fields (:data:`CHECKPOINTING_FIELDS`) but ``checkpointing``,
@@ -117,8 +126,9 @@ class PatchOptions:
         return {name: getattr(self, name) for name in CHECKPOINTING_FIELDS if name != "checkpointing"}
 
     def kernel_switches(self) -> dict[str, bool]:
-        """The on/off switches of the kernel patches (every field but :data:`CHECKPOINTING_FIELDS`)."""
-        return {name: value for name, value in dataclasses.asdict(self).items() if name not in CHECKPOINTING_FIELDS}
+        """The on/off switches of the kernel patches (every field but :data:`CHECKPOINTING_FIELDS` and ``cuda_graphs``)."""
+        fields = dataclasses.asdict(self).items()
+        return {name: value for name, value in fields if name not in (*CHECKPOINTING_FIELDS, "cuda_graphs")}
 
 
 CHECKPOINTING_FIELDS = ("checkpointing", "checkpoint_fraction", "memory_budget_gib")

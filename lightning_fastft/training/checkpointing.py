@@ -63,6 +63,7 @@ from lightning_fastft.training.memory_plan import (
 )
 
 _WRAPPED_ATTRIBUTE = "_fastft_checkpointing"  # the layer's _Wrapping
+GRAPHED_ATTRIBUTE = "_fastft_cuda_graphs"  # set by training.cuda_graphs on the layers it replays from graphs
 _warned_cpu_fallback = False
 _TENSOR_SLOT = object()  # stands for a tensor in a flattened call or output held by _LayerCall
 _side_outputs: list[list[Tensor]] = []  # one list per checkpointed layer call running (see keep_differentiable)
@@ -180,6 +181,11 @@ def apply_activation_checkpointing(
     stacks = find_decoder_layer_lists(model)
     if not stacks:
         raise ValueError(f"no decoder-layer ModuleList found inside {type(model).__name__}")
+    if any(GRAPHED_ATTRIBUTE in layer.__dict__ for stack in stacks for layer in stack):
+        raise ValueError(
+            "the decoder layers run from CUDA graphs, captured from their current forwards: call "
+            "remove_cuda_graphs(model) first and apply_cuda_graphs(model) after (patch_model does both)"
+        )
     _turn_off_hf_gradient_checkpointing(model)
     _keep_router_logits(model)
     for stack in stacks:
@@ -220,6 +226,15 @@ def checkpointed_layers(model: nn.Module) -> list[nn.Module]:
     ]
 
 
+def layer_checkpointing(layer: nn.Module) -> Optional[str]:
+    """How :func:`apply_activation_checkpointing` wrapped ``layer``: ``"recompute"``, ``"offload"``,
+    ``"auto"`` (its planner chooses), or None (not wrapped)."""
+    wrapping = layer.__dict__.get(_WRAPPED_ATTRIBUTE)
+    if wrapping is None:
+        return None
+    return "auto" if wrapping.planner is not None else wrapping.mode
+
+
 def checkpoint_planner_of(model: nn.Module) -> AutoCheckpointing | None:
     """The :class:`AutoCheckpointing` planner of the layers inside ``model`` (``checkpointing="auto"``), or None."""
     wrappings = (module.__dict__.get(_WRAPPED_ATTRIBUTE) for module in model.modules())
@@ -256,7 +271,7 @@ def disable_hf_gradient_checkpointing(model: nn.Module) -> None:
             disable()
 
 
-def _without_cache(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def without_cache(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Drop KV caches: a training step has no use for them and a recompute would update them twice."""
     args = tuple(None if isinstance(value, Cache) else value for value in args)
     kwargs = {name: None if isinstance(value, Cache) else value for name, value in kwargs.items()}
@@ -279,7 +294,7 @@ def _offload_forward(
     global _warned_cpu_fallback
     if not torch.is_grad_enabled():
         return run_layer(*args, **kwargs)
-    args, kwargs = _without_cache(args, kwargs)
+    args, kwargs = without_cache(args, kwargs)
     hidden_states = args[0] if args else kwargs["hidden_states"]
     leaves, spec = pytree.tree_flatten((args, kwargs))
     hidden_index = next(i for i, leaf in enumerate(leaves) if leaf is hidden_states)
@@ -362,7 +377,7 @@ class AutoCheckpointing:
         if tokens <= self._measured_tokens[s]:
             return
         layer = self.stacks[s][i]
-        args, kwargs = _without_cache(args, kwargs)
+        args, kwargs = without_cache(args, kwargs)
         others = [leaf for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, Tensor)]
         others = [tensor for tensor in others if tensor is not hidden_states]
         if not _needs_grad(_trainable_parameters(layer), hidden_states, others):
@@ -447,12 +462,15 @@ class _LayerCall:
 
 
 class _RngState:
-    """CPU and device RNG states at forward time, restored (in a fork) for the backward recompute."""
+    """CPU and device RNG states at forward time, restored (in a fork) for the backward recompute.
+    Not the device's while a CUDA graph is being captured: graphed layers draw no random numbers
+    (:mod:`~lightning_fastft.training.cuda_graphs` leaves layers with dropout eager)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.cpu_state = torch.get_rng_state()
-        self.cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        self.cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" and not capturing else None
 
     @contextlib.contextmanager
     def restored(self):

@@ -1,0 +1,269 @@
+"""CUDA graphs of the decoder layers (``cuda_graphs=True``): the graphed training equals the eager one
+(losses and every LoRA gradient, micro-batch accumulation included) and the graphs are really
+replayed; shape changes, dropout, two forwards before one backward and moved weights fall back to
+the layers' own forwards. The capture itself needs CUDA; on a CPU the wiring, the fallback and the
+gradient bookkeeping are tested."""
+
+import copy
+
+import pytest
+import torch
+from tiny_models import LORA_VOCAB, checkpointing_llama, checkpointing_lora, lora_llama, moe_lm
+
+from lightning_fastft.patching import patch_model
+from lightning_fastft.patching.options import PatchOptions
+from lightning_fastft.training import cuda_graphs
+from lightning_fastft.training.checkpointing import apply_activation_checkpointing
+from lightning_fastft.training.cuda_graphs import (
+    _GradCopies,
+    call_signature,
+    cuda_graphs_of,
+    remove_cuda_graphs,
+)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+
+
+def _lora_model(device):
+    model, _ = lora_llama(device)
+    return model
+
+
+def _train(model, batches, accumulate=1, lr=1e-2):
+    """AdamW steps over ``batches`` (``accumulate`` micro-batches per step): the losses and, per step,
+    the trainable gradients."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses, grads = [], []
+    for start in range(0, len(batches), accumulate):
+        for batch in batches[start : start + accumulate]:
+            loss = model(input_ids=batch, labels=batch).loss
+            (loss / accumulate).backward()
+            losses.append(loss.detach().float())
+        grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return losses, grads
+
+
+def _assert_same(result, reference, tol=1e-6):
+    (losses, grads), (ref_losses, ref_grads) = result, reference
+    torch.testing.assert_close(torch.stack(losses), torch.stack(ref_losses), rtol=tol, atol=tol)
+    for step, (got, want) in enumerate(zip(grads, ref_grads)):
+        assert got.keys() == want.keys()
+        for name in want:
+            assert want[name].abs().sum() > 0, name
+            torch.testing.assert_close(got[name], want[name], rtol=tol, atol=tol, msg=f"step {step}: {name}")
+
+
+def _batches(lengths, device, vocab=LORA_VOCAB, rows=2):
+    return [torch.randint(0, vocab, (rows, length), device=device) for length in lengths]
+
+
+def _graphed_and_eager(model, checkpointing="recompute", **options):
+    eager = copy.deepcopy(model)
+    patch_model(eager, checkpointing=checkpointing, **options)
+    graphed = copy.deepcopy(model)
+    patch_model(graphed, checkpointing=checkpointing, cuda_graphs=True, **options)
+    return graphed, eager
+
+
+# ---------------------------------------------------------------- options, wiring (any device)
+
+
+@pytest.mark.parametrize("checkpointing", ["offload", "auto"])
+def test_refuses_offloading_checkpointing(checkpointing):
+    with pytest.raises(ValueError, match="cuda_graphs=True goes with checkpointing None or 'recompute'"):
+        PatchOptions(cuda_graphs=True, checkpointing=checkpointing)
+
+
+def test_refuses_a_non_bool():
+    with pytest.raises(TypeError, match="cuda_graphs must be True or False"):
+        PatchOptions(cuda_graphs="yes")
+
+
+def test_checkpointing_a_graphed_model_directly_raises(device):
+    model = _lora_model(device)
+    patch_model(model, checkpointing="recompute", cuda_graphs=True)
+    with pytest.raises(ValueError, match="remove_cuda_graphs"):
+        apply_activation_checkpointing(model, "recompute")
+    assert remove_cuda_graphs(model) == 2 and cuda_graphs_of(model) == []
+    apply_activation_checkpointing(model, "recompute")  # now allowed
+
+
+def test_patching_again_replaces_the_graphs(device):
+    model = _lora_model(device)
+    patch_model(model, checkpointing="recompute", cuda_graphs=True)
+    first = cuda_graphs_of(model)
+    patch_model(model, checkpointing="recompute", cuda_graphs=True)
+    assert len(cuda_graphs_of(model)) == 1 and cuda_graphs_of(model)[0] is not first[0]
+    patch_model(model, checkpointing="recompute")
+    assert cuda_graphs_of(model) == []
+    layer = model.base_model.model.model.layers[0]
+    assert "_fastft_cuda_graphs" not in layer.__dict__
+
+
+def test_deepcopy_gives_an_uncaptured_copy(device):
+    model = _lora_model(device)
+    patch_model(model, checkpointing="recompute", cuda_graphs=True)
+    clone = copy.deepcopy(model)
+    (state,) = cuda_graphs_of(clone)
+    assert state is not cuda_graphs_of(model)[0] and state.graphs is None and state.captures == 0
+    assert state.layers[0] is clone.base_model.model.model.layers[0]
+    batch = _batches([9], device)[0]
+    torch.testing.assert_close(clone(input_ids=batch).logits, model(input_ids=batch).logits)
+
+
+def test_call_signature_separates_what_a_graph_depends_on():
+    x = torch.randn(2, 5, 4)
+    cos = torch.randn(2, 5, 3)
+    key, tensors = call_signature((x,), {"position_embeddings": (cos, cos), "use_cache": False})
+    assert tensors == [x, cos, cos]
+    same = call_signature((torch.randn(2, 5, 4),), {"position_embeddings": (cos, cos), "use_cache": False})[0]
+    assert same == key
+    others = [
+        call_signature((torch.randn(2, 6, 4),), {"position_embeddings": (cos, cos), "use_cache": False}),
+        call_signature((x.double(),), {"position_embeddings": (cos, cos), "use_cache": False}),
+        call_signature((x.requires_grad_(),), {"position_embeddings": (cos, cos), "use_cache": False}),
+        call_signature((x,), {"position_embeddings": (cos, cos), "use_cache": True}),
+        call_signature((x,), {"position_embeddings": (cos, None), "use_cache": False}),
+    ]
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_available()):
+        others.append(call_signature((x,), {"position_embeddings": (cos, cos), "use_cache": False}))
+    keys = [key] + [other[0] for other in others if torch.cuda.is_available() or other is not others[-1]]
+    assert len(set(keys)) == len(keys)
+    assert call_signature((x,), {"window": [1, 2]}) is not None  # lists are structure, not constants
+    assert call_signature((x,), {"cache": {1: object}.keys()}) is None  # unhashable: not graphed
+
+
+def test_grad_copies_keep_micro_batch_accumulation_exact():
+    """A graph hands out its gradient buffers: kept as .grad, the next replay would overwrite them."""
+    buffer = torch.zeros(3)
+
+    class Replayed(torch.autograd.Function):  # as make_graphed_callables' backward: a static buffer
+        @staticmethod
+        def forward(ctx, weight, x):
+            ctx.save_for_backward(x)
+            return weight * x
+
+        @staticmethod
+        def backward(ctx, grad):
+            (x,) = ctx.saved_tensors
+            buffer.copy_(grad * x)
+            return buffer.detach(), None
+
+    def accumulate(copies):
+        weight = torch.nn.Parameter(torch.randn(3))
+        for x in (torch.full((3,), 1.0), torch.full((3,), 2.0)):
+            w = _GradCopies.apply(weight)[0] if copies else weight
+            Replayed.apply(w, x).sum().backward()
+        return weight.grad
+
+    torch.testing.assert_close(accumulate(copies=True), torch.full((3,), 3.0))
+    assert not torch.equal(accumulate(copies=False), torch.full((3,), 3.0))  # the failure the copies prevent
+
+
+def test_on_a_cpu_the_layers_run_their_own_forward_once_warned(monkeypatch):
+    monkeypatch.setattr(cuda_graphs, "_warned_no_cuda", False)
+    graphed, eager = _graphed_and_eager(_lora_model("cpu"))
+    batches = _batches([7, 7, 7], "cpu")
+    with pytest.warns(UserWarning, match="cuda_graphs needs CUDA tensors; layers on cpu"):
+        result = _train(graphed, batches)
+    _assert_same(result, _train(eager, batches))
+    assert cuda_graphs_of(graphed)[0].replays == 0
+
+
+# ---------------------------------------------------------------- on a CUDA device
+
+
+@needs_cuda
+@pytest.mark.parametrize("checkpointing", ["recompute", None])
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_graphed_training_equals_eager(checkpointing, accumulate):
+    graphed, eager = _graphed_and_eager(_lora_model("cuda"), checkpointing=checkpointing)
+    batches = _batches([13] * 8, "cuda")
+    _assert_same(_train(graphed, batches, accumulate), _train(eager, batches, accumulate))
+    (state,) = cuda_graphs_of(graphed)
+    assert state.captures == 1 and state.eager_reason is None
+    assert state.replays == 2 * (len(batches) - 1)  # 2 layers; the first forward runs eagerly
+
+
+@needs_cuda
+def test_shape_changes_run_eagerly_then_capture_again():
+    graphed, eager = _graphed_and_eager(_lora_model("cuda"))
+    batches = _batches([11, 11, 11, 17, 17, 17, 11], "cuda")
+    _assert_same(_train(graphed, batches), _train(eager, batches))
+    (state,) = cuda_graphs_of(graphed)
+    assert state.captures == 2 and state.replays == 2 * 3  # steps 2, 3 (11) and 5, 6 (17)
+
+
+@needs_cuda
+def test_two_forwards_before_one_backward():
+    graphed, eager = _graphed_and_eager(_lora_model("cuda"))
+
+    def run(model):
+        first, second = _batches([10, 10], "cuda")
+        losses = []
+        for _ in range(3):
+            loss = model(input_ids=first, labels=first).loss + model(input_ids=second, labels=second).loss
+            loss.backward()
+            losses.append(loss.detach())
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        return losses, [grads]
+
+    torch.manual_seed(0)
+    result = run(graphed)
+    torch.manual_seed(0)
+    _assert_same(result, run(eager))
+    assert cuda_graphs_of(graphed)[0].replays > 0
+
+
+@needs_cuda
+def test_moved_weights_drop_the_graphs():
+    graphed, eager = _graphed_and_eager(_lora_model("cuda"))
+    batches = _batches([9] * 3, "cuda")
+    _train(graphed, batches[:2])
+    _train(eager, batches[:2])
+    for model in (graphed, eager):  # a new allocation for one LoRA matrix of every layer
+        for layer in model.base_model.model.model.layers:
+            weight = layer.self_attn.q_proj.lora_A["default"].weight
+            weight.data = weight.data.clone()
+    (state,) = cuda_graphs_of(graphed)
+    assert state.graphs is not None
+    _assert_same(_train(graphed, batches), _train(eager, batches))
+    assert state.captures == 2  # dropped at the first call, captured again at the next forward
+
+
+@needs_cuda
+def test_dropout_layers_stay_eager_with_a_warning():
+    model = checkpointing_lora(checkpointing_llama(dropout=0.1)).cuda()
+    graphed = copy.deepcopy(model)
+    patch_model(graphed, checkpointing="recompute", cuda_graphs=True)
+    batches = [torch.randint(0, 101, (2, 12), device="cuda") for _ in range(3)]
+    with pytest.warns(UserWarning, match="dropout"):
+        _train(graphed, batches)
+    (state,) = cuda_graphs_of(graphed)
+    assert state.replays == 0 and state.eager_reason == "dropout is active in every layer"
+
+
+@needs_cuda
+def test_under_bf16_autocast():
+    graphed, eager = _graphed_and_eager(_lora_model("cuda"))
+    batches = _batches([12] * 4, "cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        result, reference = _train(graphed, batches), _train(eager, batches)
+    _assert_same(result, reference, tol=1e-5)
+    assert cuda_graphs_of(graphed)[0].replays == 2 * 3
+
+
+@needs_cuda
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+def test_mixture_of_experts(model_type):
+    """Routing decides how many rows each expert gets: the grouped GEMMs must take that on the device."""
+    from lightning_fastft.qlora import attach_lora
+
+    model = attach_lora(moe_lm(model_type), lora_r=4, lora_alpha=8, target_modules="all-linear").cuda()
+    graphed, eager = _graphed_and_eager(model)
+    batches = [torch.randint(0, 97, (2, 14), device="cuda") for _ in range(4)]
+    _assert_same(_train(graphed, batches), _train(eager, batches), tol=1e-5)
+    (state,) = cuda_graphs_of(graphed)
+    assert state.eager_reason is None and state.replays > 0
