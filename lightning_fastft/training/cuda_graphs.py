@@ -181,7 +181,8 @@ class StackGraphs:
         if graphed is None:
             self.samples[i] = _Sample.of(key, tensors, hidden_states)
             return self.forwards[i](*args, **kwargs)
-        output = graphed(*tensors, *_GradCopies.apply(*_trainable(layer)))
+        parameters = _trainable(layer)
+        output = graphed(*tensors, *(_GradCopies.apply(*parameters) if parameters else ()))
         self.replays += 1
         nodes = (leaf.grad_fn for leaf in pytree.tree_leaves(output) if isinstance(leaf, Tensor))
         node = next((node for node in nodes if node is not None), None)
@@ -232,10 +233,11 @@ class StackGraphs:
         if not chosen:
             self._stay_eager("dropout is active in every layer")
             return
+        aliases = [_aliases(self.layers[i]) for i in chosen]
         functions = tuple(_layer_function(self.forwards[i], samples[i].key) for i in chosen)
-        arguments = tuple(samples[i].capture_arguments(_trainable(self.layers[i])) for i in chosen)
+        arguments = tuple(samples[i].capture_arguments(list(a.values())) for i, a in zip(chosen, aliases))
         try:
-            with _autocast_cache_off():
+            with _autocast_cache_off(), _swapped(self.layers, chosen, aliases):
                 graphed = torch.cuda.make_graphed_callables(functions, arguments, allow_unused_input=True)
         except Exception as error:  # noqa: BLE001 - any capture failure leaves the stack eager, named
             self._stay_eager(f"its capture failed: {type(error).__name__}: {error}")
@@ -262,6 +264,31 @@ def _backward_done(stack: weakref.ref, i: int, *_: Any) -> None:
 
 def _trainable(layer: nn.Module) -> list[nn.Parameter]:
     return [parameter for parameter in layer.parameters() if parameter.requires_grad]
+
+
+def _aliases(layer: nn.Module) -> dict[str, nn.Parameter]:
+    """New trainable parameters sharing the storage of ``layer``'s, by name: the capture differentiates
+    for these. The real parameters' gradient accumulators may be held by an earlier step's graph (or
+    DDP) with the stream they were created on; differentiating for them inside a capture would make
+    the capture wait on that stream, which invalidates it when it is the default stream."""
+    return {name: nn.Parameter(p.detach(), requires_grad=True) for name, p in layer.named_parameters() if p.requires_grad}
+
+
+@contextlib.contextmanager
+def _swapped(layers: list[nn.Module], chosen: list[int], aliases: list[dict[str, nn.Parameter]]):
+    """The chosen layers run with their trainable parameters replaced by ``aliases`` (restored after)."""
+    slots = []
+    for i, named in zip(chosen, aliases):
+        for name, alias in named.items():
+            module_name, _, attribute = name.rpartition(".")
+            module = layers[i].get_submodule(module_name)
+            slots.append((module, attribute, module._parameters[attribute]))
+            module._parameters[attribute] = alias
+    try:
+        yield
+    finally:
+        for module, attribute, parameter in slots:
+            module._parameters[attribute] = parameter
 
 
 def _layer_function(forward: Callable, key: tuple) -> Callable:
