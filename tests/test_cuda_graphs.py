@@ -4,8 +4,10 @@ replayed; shape changes, dropout, two forwards before one backward and moved wei
 the layers' own forwards. The capture itself needs CUDA; on a CPU the wiring, the fallback and the
 gradient bookkeeping are tested."""
 
+import contextlib
 import copy
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from tiny_models import LORA_VOCAB, checkpointing_llama, checkpointing_lora, lora_llama, moe_lm
@@ -193,7 +195,7 @@ def test_shape_changes_run_eagerly_then_capture_again():
     batches = _batches([11, 11, 11, 17, 17, 17, 11], "cuda")
     _assert_same(_train(graphed, batches), _train(eager, batches))
     (state,) = cuda_graphs_of(graphed)
-    assert state.captures == 2 and state.replays == 2 * 3  # steps 2, 3 (11) and 5, 6 (17)
+    assert state.captures == 2 and state.replays == 2 * 4  # steps 2, 3 (11) and 5, 6 (17)
 
 
 @needs_cuda
@@ -256,14 +258,56 @@ def test_under_bf16_autocast():
 
 
 @needs_cuda
+@pytest.mark.parametrize("router_logits", [False, True])
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
-def test_mixture_of_experts(model_type):
-    """Routing decides how many rows each expert gets: the grouped GEMMs must take that on the device."""
+def test_mixture_of_experts(model_type, router_logits, monkeypatch):
+    """Routing decides how many rows each expert gets: the grouped GEMMs take that on the device.
+    With ``output_router_logits`` (the load-balancing loss) a replay could not record the router
+    logits: those forwards run eagerly, and the loss still equals the eager one."""
     from lightning_fastft.qlora import attach_lora
 
-    model = attach_lora(moe_lm(model_type), lora_r=4, lora_alpha=8, target_modules="all-linear").cuda()
+    monkeypatch.setattr(cuda_graphs, "_warned_recorded", False)
+    model = moe_lm(model_type, output_router_logits=router_logits)
+    model = attach_lora(model, lora_r=4, lora_alpha=8, target_modules="all-linear").cuda()
     graphed, eager = _graphed_and_eager(model)
     batches = [torch.randint(0, 97, (2, 14), device="cuda") for _ in range(4)]
-    _assert_same(_train(graphed, batches), _train(eager, batches), tol=1e-5)
+    with pytest.warns(UserWarning, match="records router_logits") if router_logits else contextlib.nullcontext():
+        result = _train(graphed, batches)
+    _assert_same(result, _train(eager, batches), tol=1e-5)
     (state,) = cuda_graphs_of(graphed)
-    assert state.eager_reason is None and state.replays > 0
+    assert state.eager_reason is None and state.replays == (0 if router_logits else 2 * 3)
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_lightning_fit_with_the_strategy_option(precision):
+    """``FastFTStrategy(cuda_graphs=True)`` under ``Trainer.fit`` (a DataLoader, Lightning's optimizer
+    loop and precision plugin) trains as the strategy without graphs, and replays the graphs."""
+    from helpers import quiet_trainer
+    from torch.utils.data import DataLoader
+
+    from lightning_fastft import CausalLMFineTune, FastFTStrategy
+
+    rows = [torch.randint(0, 50, (12,)) for _ in range(12)]
+    data = [{"input_ids": row, "labels": row.clone()} for row in rows]
+
+    def fit(cuda_graphs):
+        torch.manual_seed(0)
+        module = CausalLMFineTune(lora_r=4, init_seed=0)
+        strategy = FastFTStrategy(checkpointing="recompute", cuda_graphs=cuda_graphs)
+        losses = []
+
+        class Record(pl.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                losses.append(outputs["loss"].detach().float())
+
+        trainer = quiet_trainer("cuda", max_steps=5, strategy=strategy, precision=precision, callbacks=[Record()])
+        trainer.fit(module, DataLoader(data, batch_size=2, pin_memory=True))
+        return losses, module
+
+    graphed_losses, module = fit(True)
+    eager_losses, _ = fit(False)
+    torch.testing.assert_close(torch.stack(graphed_losses), torch.stack(eager_losses), rtol=1e-5, atol=1e-5)
+    (state,) = cuda_graphs_of(module)
+    assert state.replays == 2 * 4 and state.eager_reason is None
+

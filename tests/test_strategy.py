@@ -122,7 +122,7 @@ def test_patches_applied_before_optimizers(device, monkeypatch):
     assert seen["optimizers_at_patch_time"] == [] and seen["optimizers_at_checkpointing_time"] == []
     assert seen["switches"] == dict(
         rms_norm=True, rope=False, mlp=True, cross_entropy=True, fused_lora=True,
-        checkpointing="recompute", checkpoint_fraction=1.0, memory_budget_gib=None,
+        checkpointing="recompute", checkpoint_fraction=1.0, memory_budget_gib=None, cuda_graphs=False,
     )  # fmt: skip
     report = trainer.strategy.patch_report.models[0]
     assert report.patched["rms_norm"] > 0 and report.patched["cross_entropy"] == 1

@@ -12,7 +12,10 @@ the step stays what the checkpointing plan makes it.
 When a layer call replays its graph, and when it runs its own forward ("eagerly"):
 
 * Only training calls are graphed: grad enabled, the layer in train mode, CUDA tensors, no dropout
-  active in the layer (a replayed recompute could not redraw the forward's random mask).
+  active in the layer (a replayed recompute could not redraw the forward's random mask), and no
+  Hugging Face output recorded from inside the layers (``output_router_logits=True`` for the
+  load-balancing loss, ``output_attentions``): a replay runs no module hooks, so a forward that
+  records them runs eagerly, with a warning once.
 * A stack is captured at the start of a forward in which every layer's call has the signature
   (tensor shapes, dtypes, ``requires_grad``, the non-tensor arguments, autocast) it had in the
   previous training forward: fixed shapes, as fixed-length packing or padding gives. The first
@@ -47,6 +50,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
+from lightning_fastft._hf import hf_output_recording_paused, hf_recorded_outputs
 from lightning_fastft.training.checkpointing import (
     GRAPHED_ATTRIBUTE,
     find_decoder_layer_lists,
@@ -59,6 +63,7 @@ MAX_CAPTURES = 8
 
 _TENSOR = object()  # stands for a tensor among a call's leaves
 _warned_no_cuda = False
+_warned_recorded = False
 
 
 class _GradCopies(torch.autograd.Function):
@@ -175,6 +180,10 @@ class StackGraphs:
         if not hidden_states.is_cuda:
             _warn_no_cuda(hidden_states.device)
             return self.forwards[i](*args, **kwargs)
+        recorded = [name for name in hf_recorded_outputs() if name != "hidden_states"]  # that one: the layer's own hook
+        if recorded:
+            _warn_recorded(recorded)
+            return self.forwards[i](*args, **kwargs)
         if i == 0 and self._repeats(key):
             self._capture()
         graphed = self._graphed(i, key)
@@ -237,7 +246,7 @@ class StackGraphs:
         functions = tuple(_layer_function(self.forwards[i], samples[i].key) for i in chosen)
         arguments = tuple(samples[i].capture_arguments(list(a.values())) for i, a in zip(chosen, aliases))
         try:
-            with _autocast_cache_off(), _swapped(self.layers, chosen, aliases):
+            with _autocast_cache_off(), _swapped(self.layers, chosen, aliases), hf_output_recording_paused():
                 graphed = torch.cuda.make_graphed_callables(functions, arguments, allow_unused_input=True)
         except Exception as error:  # noqa: BLE001 - any capture failure leaves the stack eager, named
             self._stay_eager(f"its capture failed: {type(error).__name__}: {error}")
@@ -314,6 +323,18 @@ def _autocast_cache_off():
         yield
     finally:
         torch.set_autocast_cache_enabled(enabled)
+
+
+def _warn_recorded(recorded: list[str]) -> None:
+    global _warned_recorded
+    if not _warned_recorded:
+        _warned_recorded = True
+        warnings.warn(
+            f"lightning_fastft: cuda_graphs: Hugging Face records {', '.join(recorded)} from inside the decoder "
+            "layers in this forward (e.g. output_router_logits=True); a graph replay runs no module hooks, so "
+            "such forwards run without CUDA graphs.",
+            stacklevel=4,
+        )
 
 
 def _warn_no_cuda(device: torch.device) -> None:
