@@ -36,6 +36,14 @@ def hf_recorded_outputs() -> tuple[str, ...]:
     return tuple(key for key in collected or () if not key.startswith("_"))
 
 
+def hf_record(key: str, tensors: list) -> None:
+    """Add ``tensors`` to what Hugging Face's output recording collects under ``key`` in the forward
+    running now, if it collects ``key`` (for module calls whose hooks did not run: a CUDA graph replay)."""
+    collected = _active_collector.get()
+    if collected is not None and key in collected:
+        collected[key].extend(tensors)
+
+
 @contextlib.contextmanager
 def hf_output_recording_paused():
     """Hugging Face's output-recording hooks collect nothing inside (layers run outside the model's

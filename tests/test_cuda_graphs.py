@@ -4,7 +4,6 @@ replayed; shape changes, dropout, two forwards before one backward and moved wei
 the layers' own forwards. The capture itself needs CUDA; on a CPU the wiring, the fallback and the
 gradient bookkeeping are tested."""
 
-import contextlib
 import copy
 
 import lightning.pytorch as pl
@@ -258,24 +257,37 @@ def test_under_bf16_autocast():
 
 
 @needs_cuda
+@pytest.mark.parametrize("checkpointing", ["recompute", None])
 @pytest.mark.parametrize("router_logits", [False, True])
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
-def test_mixture_of_experts(model_type, router_logits, monkeypatch):
+def test_mixture_of_experts(model_type, router_logits, checkpointing):
     """Routing decides how many rows each expert gets: the grouped GEMMs take that on the device.
-    With ``output_router_logits`` (the load-balancing loss) a replay could not record the router
-    logits: those forwards run eagerly, and the loss still equals the eager one."""
+    With ``output_router_logits`` (the load-balancing loss in the training loss) the router logits
+    are outputs of the graphs, handed to HF's recording with their gradient."""
     from lightning_fastft.qlora import attach_lora
 
-    monkeypatch.setattr(cuda_graphs, "_warned_recorded", False)
     model = moe_lm(model_type, output_router_logits=router_logits)
     model = attach_lora(model, lora_r=4, lora_alpha=8, target_modules="all-linear").cuda()
-    graphed, eager = _graphed_and_eager(model)
+    graphed, eager = _graphed_and_eager(model, checkpointing=checkpointing)
     batches = [torch.randint(0, 97, (2, 14), device="cuda") for _ in range(4)]
-    with pytest.warns(UserWarning, match="records router_logits") if router_logits else contextlib.nullcontext():
-        result = _train(graphed, batches)
-    _assert_same(result, _train(eager, batches), tol=1e-5)
+    _assert_same(_train(graphed, batches), _train(eager, batches), tol=1e-5)
     (state,) = cuda_graphs_of(graphed)
-    assert state.eager_reason is None and state.replays == (0 if router_logits else 2 * 3)
+    assert state.eager_reason is None and state.replays == 2 * 3
+
+
+@needs_cuda
+def test_attentions_recorded_run_eagerly_once_warned(monkeypatch):
+    """``output_attentions``: HF records them with hooks inside the layers, which a replay does not run."""
+    monkeypatch.setattr(cuda_graphs, "_warned_recorded", False)
+    graphed, eager = _graphed_and_eager(_lora_model("cuda"))
+    for model in (graphed, eager):
+        model.config.output_attentions = True
+        model.set_attn_implementation("eager")  # SDPA returns no attention weights
+    batches = _batches([9] * 3, "cuda")
+    with pytest.warns(UserWarning, match="records attentions"):
+        result = _train(graphed, batches)
+    _assert_same(result, _train(eager, batches))
+    assert cuda_graphs_of(graphed)[0].replays == 0
 
 
 @needs_cuda

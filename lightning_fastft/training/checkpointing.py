@@ -106,7 +106,9 @@ def _keep_router_logits(model: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def _collecting_side_outputs():
+def collecting_side_outputs():
+    """The tensors handed to :func:`keep_differentiable` inside (by layers not checkpointed within it;
+    a checkpointed layer hands its own on once they have its backward), in call order."""
     _side_outputs.append([])
     try:
         yield _side_outputs[-1]
@@ -323,6 +325,9 @@ def _offload_forward(
         slot=slot,
     )
     output_tensors = _OffloadedLayer.apply(call, hidden_states, *other_inputs, *parameters)
+    layer_outputs = sum(leaf is _TENSOR_SLOT for leaf in call.output_leaves)
+    for tensor in output_tensors[layer_outputs:]:  # on to a collection around this call (a CUDA graph's)
+        keep_differentiable(tensor)
     return call.rebuild_output(output_tensors)
 
 
@@ -523,7 +528,7 @@ class _OffloadedLayer(torch.autograd.Function):
         ctx.autocast = _AutocastState(hidden_states.device.type)
         ctx.stored_input = call.offloader.offload(hidden_states, call.slot)
         ctx.save_for_backward(*other_inputs)
-        with _collecting_side_outputs() as side_outputs:
+        with collecting_side_outputs() as side_outputs:
             output = call.run(hidden_states, list(other_inputs))
         leaves, call.output_spec = pytree.tree_flatten(output)
         call.output_leaves = [_TENSOR_SLOT if isinstance(leaf, Tensor) else leaf for leaf in leaves]
@@ -538,7 +543,7 @@ class _OffloadedLayer(torch.autograd.Function):
             tensor.detach().requires_grad_(needs)
             for tensor, needs in zip(ctx.saved_tensors, needs_grad[1 : 1 + len(call.other_positions)])
         ]
-        with torch.enable_grad(), ctx.rng.restored(), ctx.autocast.restored(), _collecting_side_outputs() as side:
+        with torch.enable_grad(), ctx.rng.restored(), ctx.autocast.restored(), collecting_side_outputs() as side:
             output = call.run(hidden_states, other_inputs)
         output_tensors = [leaf for leaf in pytree.tree_leaves(output) if isinstance(leaf, Tensor)] + side
         differentiable = [

@@ -13,9 +13,10 @@ When a layer call replays its graph, and when it runs its own forward ("eagerly"
 
 * Only training calls are graphed: grad enabled, the layer in train mode, CUDA tensors, no dropout
   active in the layer (a replayed recompute could not redraw the forward's random mask), and no
-  Hugging Face output recorded from inside the layers (``output_router_logits=True`` for the
-  load-balancing loss, ``output_attentions``): a replay runs no module hooks, so a forward that
-  records them runs eagerly, with a warning once.
+  Hugging Face output recorded from inside the layers but the router logits (``output_attentions``):
+  a replay runs no module hooks, so such a forward runs eagerly, with a warning once. Router logits
+  (``output_router_logits=True``, the load-balancing loss) are outputs of the graphs instead: each
+  replay hands its layer's logits to Hugging Face's recording, with their gradient.
 * A stack is captured at the start of a forward in which every layer's call has the signature
   (tensor shapes, dtypes, ``requires_grad``, the non-tensor arguments, autocast) it had in the
   previous training forward: fixed shapes, as fixed-length packing or padding gives. The first
@@ -50,9 +51,10 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-from lightning_fastft._hf import hf_output_recording_paused, hf_recorded_outputs
+from lightning_fastft._hf import hf_output_recording_paused, hf_record, hf_recorded_outputs
 from lightning_fastft.training.checkpointing import (
     GRAPHED_ATTRIBUTE,
+    collecting_side_outputs,
     find_decoder_layer_lists,
     layer_checkpointing,
     without_cache,
@@ -180,7 +182,8 @@ class StackGraphs:
         if not hidden_states.is_cuda:
             _warn_no_cuda(hidden_states.device)
             return self.forwards[i](*args, **kwargs)
-        recorded = [name for name in hf_recorded_outputs() if name != "hidden_states"]  # that one: the layer's own hook
+        # hidden states: recorded by the layer's own hook, which runs; router logits: outputs of the graphs
+        recorded = [name for name in hf_recorded_outputs() if name not in ("hidden_states", "router_logits")]
         if recorded:
             _warn_recorded(recorded)
             return self.forwards[i](*args, **kwargs)
@@ -191,7 +194,8 @@ class StackGraphs:
             self.samples[i] = _Sample.of(key, tensors, hidden_states)
             return self.forwards[i](*args, **kwargs)
         parameters = _trainable(layer)
-        output = graphed(*tensors, *(_GradCopies.apply(*parameters) if parameters else ()))
+        output, router_logits = graphed(*tensors, *(_GradCopies.apply(*parameters) if parameters else ()))
+        hf_record("router_logits", router_logits)
         self.replays += 1
         nodes = (leaf.grad_fn for leaf in pytree.tree_leaves(output) if isinstance(leaf, Tensor))
         node = next((node for node in nodes if node is not None), None)
@@ -302,14 +306,17 @@ def _swapped(layers: list[nn.Module], chosen: list[int], aliases: list[dict[str,
 
 def _layer_function(forward: Callable, key: tuple) -> Callable:
     """``forward`` taking the call's tensors, then the layer's trainable parameters (not read here:
-    they are passed so that the capture differentiates for them), as the graphed function does."""
+    they are passed so that the capture differentiates for them), as the graphed function does;
+    returns the layer's output and the router logits made inside (:func:`keep_differentiable`)."""
     spec, constants, shapes, _ = key
 
-    def run(*tensors: Tensor) -> Any:
+    def run(*tensors: Tensor) -> tuple[Any, tuple[Tensor, ...]]:
         call_tensors = iter(tensors[: len(shapes)])
         leaves = [next(call_tensors) if leaf is _TENSOR else leaf for leaf in constants]
         args, kwargs = pytree.tree_unflatten(leaves, spec)
-        return forward(*args, **kwargs)
+        with collecting_side_outputs() as router_logits:
+            output = forward(*args, **kwargs)
+        return output, tuple(router_logits)
 
     return run
 
