@@ -18,7 +18,8 @@ the tokenizer of ``examples/assets``) under ``--weights``; every variant then lo
 * ``unsloth``: ``FastLanguageModel.from_pretrained`` + ``get_peft_model(use_gradient_checkpointing="unsloth")``;
 * ``fastft``, ``fastft_offload``: ``from_pretrained`` + PEFT LoRA + ``patch_model(checkpointing="recompute" /
   "offload")``; ``fastft_graphs``: ``fastft`` with ``cuda_graphs=True`` (the decoder layers replayed from
-  CUDA graphs; the JSON row has their ``captures`` / ``replays``);
+  CUDA graphs; the JSON row has their ``captures`` / ``replays``), ``fastft_graphs_auto80`` the same with
+  ``fastft_auto80``'s checkpointing;
 * ``fastft_auto80``: ``checkpointing="auto"`` with ``memory_budget_gib=80``; ``fastft_auto_unsloth``: with the
   budget set to the peak that ``unsloth`` measured in this run at the same batch and quantisation.
 
@@ -60,13 +61,15 @@ import harness  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = (
-    "hf", "liger", "unsloth", "fastft", "fastft_graphs", "fastft_offload", "fastft_auto80", "fastft_auto_unsloth",
+    "hf", "liger", "unsloth", "fastft", "fastft_graphs", "fastft_offload", "fastft_auto80", "fastft_graphs_auto80",
+    "fastft_auto_unsloth",
 )  # fmt: skip
 FASTFT_VARIANTS = {
     "fastft": {"checkpointing": "recompute"},
     "fastft_graphs": {"checkpointing": "recompute", "cuda_graphs": True},
     "fastft_offload": {"checkpointing": "offload"},
     "fastft_auto80": {"checkpointing": "auto", "memory_budget_gib": 80.0},
+    "fastft_graphs_auto80": {"checkpointing": "auto", "memory_budget_gib": 80.0, "cuda_graphs": True},
     "fastft_auto_unsloth": {"checkpointing": "auto"},  # memory_budget_gib: unsloth's measured peak
 }
 COLUMNS = (
@@ -197,13 +200,13 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     if on_cuda:
         row["peak_gib"] = torch.cuda.max_memory_allocated() / harness.GIB
         row["reserved_gib"] = torch.cuda.max_memory_reserved() / harness.GIB
-    if args.variant == "fastft_graphs":
+    if "graphs" in args.variant:
         from lightning_fastft.training.cuda_graphs import cuda_graphs_of
 
         row["cuda_graphs"] = [
             {"captures": s.captures, "replays": s.replays, "eager_reason": s.eager_reason} for s in cuda_graphs_of(model)
         ]
-    if args.variant.startswith("fastft_auto"):
+    if "auto" in args.variant:
         from lightning_fastft.training.checkpointing import checkpoint_planner_of
 
         planner = checkpoint_planner_of(model)

@@ -71,10 +71,15 @@ def _graphed_and_eager(model, checkpointing="recompute", **options):
 # ---------------------------------------------------------------- options, wiring (any device)
 
 
-@pytest.mark.parametrize("checkpointing", ["offload", "auto"])
-def test_refuses_offloading_checkpointing(checkpointing):
-    with pytest.raises(ValueError, match="cuda_graphs=True goes with checkpointing None or 'recompute'"):
-        PatchOptions(cuda_graphs=True, checkpointing=checkpointing)
+def test_refuses_offload_checkpointing(device):
+    with pytest.raises(ValueError, match="cuda_graphs=True does not go with checkpointing='offload'"):
+        PatchOptions(cuda_graphs=True, checkpointing="offload")
+    model = _lora_model(device)
+    apply_activation_checkpointing(model, "offload")
+    with pytest.raises(ValueError, match="cannot capture layers checkpointed with 'offload'"):
+        cuda_graphs.apply_cuda_graphs(model)
+    layer = model.base_model.model.model.layers[0]  # what keeps a layer of an "auto" plan out of the capture
+    assert cuda_graphs._not_graphed(layer) == "its input is offloaded to the host (checkpointing='auto' planned so)"
 
 
 def test_refuses_a_non_bool():
@@ -240,10 +245,24 @@ def test_dropout_layers_stay_eager_with_a_warning():
     graphed = copy.deepcopy(model)
     patch_model(graphed, checkpointing="recompute", cuda_graphs=True)
     batches = [torch.randint(0, 101, (2, 12), device="cuda") for _ in range(3)]
-    with pytest.warns(UserWarning, match="dropout"):
+    with pytest.warns(UserWarning, match="3 of 3 decoder layers run without CUDA graphs; layer 0: dropout is active"):
         _train(graphed, batches)
     (state,) = cuda_graphs_of(graphed)
-    assert state.replays == 0 and state.eager_reason == "dropout is active in every layer"
+    assert state.replays == 0 and state.eager_reason.startswith("no layer can be captured (layer 0: dropout")
+
+
+@needs_cuda
+def test_auto_checkpointing_graphs_the_layers_it_does_not_offload():
+    """``checkpointing="auto"`` with room for every layer: its plan checkpoints none, all are graphed."""
+    model = _lora_model("cuda")
+    graphed = copy.deepcopy(model)
+    patch_model(graphed, checkpointing="auto", memory_budget_gib=80.0, cuda_graphs=True)
+    eager = copy.deepcopy(model)
+    patch_model(eager, checkpointing="auto", memory_budget_gib=80.0)
+    batches = _batches([13] * 4, "cuda")
+    _assert_same(_train(graphed, batches), _train(eager, batches))
+    (state,) = cuda_graphs_of(graphed)
+    assert state.replays == 2 * 3 and state.eager_reason is None
 
 
 @needs_cuda
@@ -268,6 +287,10 @@ def test_mixture_of_experts(model_type, router_logits, checkpointing):
 
     model = moe_lm(model_type, output_router_logits=router_logits)
     model = attach_lora(model, lora_r=4, lora_alpha=8, target_modules="all-linear").cuda()
+    with torch.no_grad():  # random lora_B: every LoRA matrix gets a gradient from the first step
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, 0.1)
     graphed, eager = _graphed_and_eager(model, checkpointing=checkpointing)
     batches = [torch.randint(0, 97, (2, 14), device="cuda") for _ in range(4)]
     _assert_same(_train(graphed, batches), _train(eager, batches), tol=1e-5)
@@ -281,8 +304,8 @@ def test_attentions_recorded_run_eagerly_once_warned(monkeypatch):
     monkeypatch.setattr(cuda_graphs, "_warned_recorded", False)
     graphed, eager = _graphed_and_eager(_lora_model("cuda"))
     for model in (graphed, eager):
-        model.config.output_attentions = True
         model.set_attn_implementation("eager")  # SDPA returns no attention weights
+        model.config.output_attentions = True
     batches = _batches([9] * 3, "cuda")
     with pytest.warns(UserWarning, match="records attentions"):
         result = _train(graphed, batches)

@@ -96,7 +96,8 @@ class PatchOptions:
             (:func:`~lightning_fastft.training.memory_plan.default_memory_budget`). Needed on a CPU.
         cuda_graphs: replay each decoder layer's training forward and backward from CUDA graphs
             captured once (:mod:`~lightning_fastft.training.cuda_graphs`): for host-bound steps (small
-            batches) with fixed shapes. With ``checkpointing`` None or ``"recompute"`` only.
+            batches) with fixed shapes. Not with ``checkpointing="offload"`` (under ``"auto"`` the layers
+            its plan offloads run without graphs).
     """
 
     rms_norm: bool = True
@@ -114,10 +115,10 @@ class PatchOptions:
         check_checkpointing(
             self.checkpointing, checkpoint_fraction=self.checkpoint_fraction, memory_budget_gib=self.memory_budget_gib
         )
-        if self.cuda_graphs and self.checkpointing not in (None, "recompute"):
+        if self.cuda_graphs and self.checkpointing == "offload":
             raise ValueError(
-                f"cuda_graphs=True goes with checkpointing None or 'recompute', got {self.checkpointing!r}: "
-                "offloaded layers copy to the host on a side stream, which a CUDA graph cannot capture"
+                "cuda_graphs=True does not go with checkpointing='offload': offloaded layers copy to the host "
+                "on a side stream, which a CUDA graph cannot capture (use 'recompute', 'auto' or None)"
             )
 
     def checkpointing_options(self) -> dict[str, Any]:

@@ -91,7 +91,7 @@ class _KeepOutput:
             keep_differentiable(output[self.index])
 
 
-def _keep_router_logits(model: nn.Module) -> None:
+def keep_router_logits(model: nn.Module) -> None:
     """Hook (once) every module whose output a HF model records as ``router_logits`` (its
     ``_can_record_outputs``): the load-balancing loss reads them outside the layers."""
     for hf_model in model.modules():
@@ -189,7 +189,7 @@ def apply_activation_checkpointing(
             "remove_cuda_graphs(model) first and apply_cuda_graphs(model) after (patch_model does both)"
         )
     _turn_off_hf_gradient_checkpointing(model)
-    _keep_router_logits(model)
+    keep_router_logits(model)
     for stack in stacks:
         for layer in stack:
             _unwrap(layer)
@@ -228,13 +228,11 @@ def checkpointed_layers(model: nn.Module) -> list[nn.Module]:
     ]
 
 
-def layer_checkpointing(layer: nn.Module) -> Optional[str]:
-    """How :func:`apply_activation_checkpointing` wrapped ``layer``: ``"recompute"``, ``"offload"``,
-    ``"auto"`` (its planner chooses), or None (not wrapped)."""
+def layer_checkpointing(layer: nn.Module) -> Optional[LayerCheckpointing]:
+    """How ``layer`` is checkpointed now: ``"recompute"``, ``"offload"``, or None (not wrapped by
+    :func:`apply_activation_checkpointing`, or not checkpointed by the current plan of ``"auto"``)."""
     wrapping = layer.__dict__.get(_WRAPPED_ATTRIBUTE)
-    if wrapping is None:
-        return None
-    return "auto" if wrapping.planner is not None else wrapping.mode
+    return None if wrapping is None else wrapping.mode
 
 
 def checkpoint_planner_of(model: nn.Module) -> AutoCheckpointing | None:

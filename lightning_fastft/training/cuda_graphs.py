@@ -12,7 +12,8 @@ the step stays what the checkpointing plan makes it.
 When a layer call replays its graph, and when it runs its own forward ("eagerly"):
 
 * Only training calls are graphed: grad enabled, the layer in train mode, CUDA tensors, no dropout
-  active in the layer (a replayed recompute could not redraw the forward's random mask), and no
+  active in the layer (a replayed recompute could not redraw the forward's random mask), the layer
+  not offloaded by the plan of ``checkpointing="auto"`` (host copies on a side stream), and no
   Hugging Face output recorded from inside the layers but the router logits (``output_attentions``):
   a replay runs no module hooks, so such a forward runs eagerly, with a warning once. Router logits
   (``output_router_logits=True``, the load-balancing loss) are outputs of the graphs instead: each
@@ -55,6 +56,7 @@ from lightning_fastft._hf import hf_output_recording_paused, hf_record, hf_recor
 from lightning_fastft.training.checkpointing import (
     GRAPHED_ATTRIBUTE,
     collecting_side_outputs,
+    keep_router_logits,
     find_decoder_layer_lists,
     layer_checkpointing,
     without_cache,
@@ -98,6 +100,14 @@ def call_signature(args: tuple, kwargs: dict) -> Optional[tuple[tuple, list[Tens
     except TypeError:
         return None
     return key, tensors
+
+
+def _not_graphed(layer: nn.Module) -> Optional[str]:
+    """Why ``layer`` cannot be captured now (active dropout, offloaded input), or None."""
+    if layer_checkpointing(layer) == "offload":
+        return "its input is offloaded to the host (checkpointing='auto' planned so)"
+    dropout = _active_dropout(layer)
+    return None if dropout is None else f"dropout is active in it ({dropout}; set dropout to 0 to graph it)"
 
 
 def _active_dropout(layer: nn.Module) -> Optional[str]:
@@ -235,16 +245,17 @@ class StackGraphs:
             return
         self.captures += 1
         samples, self.samples = self.samples, [None] * len(self.layers)
-        chosen = [i for i, layer in enumerate(self.layers) if _active_dropout(layer) is None]
-        dropout = [(i, _active_dropout(self.layers[i])) for i in range(len(self.layers)) if i not in chosen]
-        if dropout:
+        reasons = [_not_graphed(layer) for layer in self.layers]
+        chosen = [i for i, reason in enumerate(reasons) if reason is None]
+        left_out = [(i, reason) for i, reason in enumerate(reasons) if reason is not None]
+        if left_out:
             warnings.warn(
-                f"lightning_fastft: cuda_graphs: {len(dropout)} decoder layers run without CUDA graphs: dropout "
-                f"is active in them (layer {dropout[0][0]}: {dropout[0][1]}); set dropout to 0 to graph them.",
+                f"lightning_fastft: cuda_graphs: {len(left_out)} of {len(self.layers)} decoder layers run without "
+                f"CUDA graphs; layer {left_out[0][0]}: {left_out[0][1]}.",
                 stacklevel=4,
             )
         if not chosen:
-            self._stay_eager("dropout is active in every layer")
+            self._stay_eager(f"no layer can be captured (layer 0: {reasons[0]})")
             return
         aliases = [_aliases(self.layers[i]) for i in chosen]
         functions = tuple(_layer_function(self.forwards[i], samples[i].key) for i in chosen)
@@ -369,20 +380,21 @@ def apply_cuda_graphs(model: nn.Module) -> list[StackGraphs]:
     (see the module docstring for when); returns one :class:`StackGraphs` per decoder stack.
 
     Apply it after activation checkpointing (``patch_model`` does): the graphs capture the layers'
-    forwards as they are then, recompute included. Offloading layer inputs to the host
-    (``checkpointing="offload"`` or ``"auto"``) copies on a side stream and waits on the host, which
-    a graph cannot hold: those layers raise ``ValueError`` here. Applying again starts afresh.
+    forwards as they are then, recompute included. Offloading layer inputs to the host copies on a
+    side stream and waits on the host, which a graph cannot hold: ``checkpointing="offload"`` raises
+    ``ValueError`` here (under ``"auto"`` the layers its plan offloads run eagerly). Applying again
+    starts afresh.
     """
     stacks = find_decoder_layer_lists(model)
     if not stacks:
         raise ValueError(f"no decoder-layer ModuleList found inside {type(model).__name__}")
     remove_cuda_graphs(model)
-    for layer in model.modules():
-        if layer_checkpointing(layer) not in (None, "recompute"):
-            raise ValueError(
-                f"cuda_graphs=True cannot capture layers checkpointed with {layer_checkpointing(layer)!r} (host "
-                "copies on a side stream); use checkpointing='recompute' or None with cuda_graphs"
-            )
+    keep_router_logits(model)  # their gate hooks hand the router logits to the graphs as outputs
+    if any(layer_checkpointing(layer) == "offload" for layer in model.modules()):
+        raise ValueError(
+            "cuda_graphs=True cannot capture layers checkpointed with 'offload' (host copies on a side stream); "
+            "use checkpointing='recompute', 'auto' or None with cuda_graphs"
+        )
     states = []
     for stack in stacks:
         state = StackGraphs(list(stack), [layer.forward for layer in stack])
