@@ -261,7 +261,7 @@ class StackGraphs:
         functions = tuple(_layer_function(self.forwards[i], samples[i].key) for i in chosen)
         arguments = tuple(samples[i].capture_arguments(list(a.values())) for i, a in zip(chosen, aliases))
         try:
-            with _autocast_cache_off(), _swapped(self.layers, chosen, aliases), hf_output_recording_paused():
+            with _autocast_cache_off(), _swapped(self.layers, chosen, aliases), hf_output_recording_paused(), _quiet():
                 graphed = torch.cuda.make_graphed_callables(functions, arguments, allow_unused_input=True)
         except Exception as error:  # noqa: BLE001 - any capture failure leaves the stack eager, named
             self._stay_eager(f"its capture failed: {type(error).__name__}: {error}")
@@ -330,6 +330,19 @@ def _layer_function(forward: Callable, key: tuple) -> Callable:
         return output, tuple(router_logits)
 
     return run
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Without torch's warning that an AccumulateGrad node runs on another stream than its producer:
+    inside the capture that is the aliases' (created in the warm-up on its side stream), which is
+    harmless; the warning is about the default stream, which :func:`_aliases` keeps out."""
+    enabled = torch._C._warn_on_accumulate_grad_stream_mismatch()
+    torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(False)
+    try:
+        yield
+    finally:
+        torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(enabled)
 
 
 @contextlib.contextmanager
