@@ -141,6 +141,27 @@ def test_call_signature_separates_what_a_graph_depends_on():
     assert call_signature((x,), {"cache": {1: object}.keys()}) is None  # unhashable: not graphed
 
 
+def test_hf_recording_seen_paused_and_added_to():
+    """The three views of HF's output recording that the graphs rely on, inside a real MoE forward."""
+    from lightning_fastft._hf import hf_output_recording_paused, hf_record, hf_recorded_outputs
+
+    model = moe_lm("qwen3_moe")  # output_router_logits=True; layer 0 sparse, layer 1 dense
+    seen = []
+
+    def hook(module, args):
+        seen.append(hf_recorded_outputs())
+        with hf_output_recording_paused():
+            seen.append(hf_recorded_outputs())
+        hf_record("router_logits", [torch.zeros(2 * 6, 7)])
+        hf_record("attentions", [torch.zeros(1)])  # not recorded in this forward: ignored
+
+    model.model.layers[0].register_forward_pre_hook(hook)
+    output = model(input_ids=torch.randint(0, 97, (2, 6)))
+    assert seen == [("router_logits",), ()]
+    assert hf_recorded_outputs() == ()  # outside a forward
+    assert len(output.router_logits) == 2 and torch.equal(output.router_logits[0], torch.zeros(12, 7))
+
+
 def test_grad_copies_keep_micro_batch_accumulation_exact():
     """A graph hands out its gradient buffers: kept as .grad, the next replay would overwrite them."""
     buffer = torch.zeros(3)
