@@ -9,7 +9,15 @@ import copy
 import lightning.pytorch as pl
 import pytest
 import torch
-from tiny_models import LORA_VOCAB, checkpointing_llama, checkpointing_lora, lora_llama, moe_lm
+from tiny_models import (
+    LORA_VOCAB,
+    PATCHING_VOCAB,
+    checkpointing_llama,
+    checkpointing_lora,
+    lora_llama,
+    moe_lm,
+    patching_lm,
+)
 
 from lightning_fastft.patching import patch_model
 from lightning_fastft.patching.options import PatchOptions
@@ -317,6 +325,31 @@ def test_mixture_of_experts(model_type, router_logits, checkpointing):
     _assert_same(_train(graphed, batches), _train(eager, batches), tol=1e-5)
     (state,) = cuda_graphs_of(graphed)
     assert state.eager_reason is None and state.replays == 2 * 3
+
+
+@needs_cuda
+@pytest.mark.parametrize("checkpointing", ["recompute", None])
+def test_qlora_dequantisation_inside_the_graphs(checkpointing):
+    """QLoRA: every projection's NF4 dequantisation runs inside the captured layer (fp32 compute, so the
+    graphed and eager runs agree to 1e-5)."""
+    from lightning_fastft.qlora import prepare_qlora
+
+    def build():
+        torch.manual_seed(0)
+        model = prepare_qlora(patching_lm("llama").cuda(), lora_r=4, lora_alpha=8, compute_dtype=torch.float32)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(0.0, 0.1)
+        return model
+
+    graphed, eager = build(), build()
+    patch_model(graphed, checkpointing=checkpointing, cuda_graphs=True)
+    patch_model(eager, checkpointing=checkpointing)
+    batches = _batches([13] * 4, "cuda", vocab=PATCHING_VOCAB)
+    _assert_same(_train(graphed, batches), _train(eager, batches), tol=1e-5)
+    (state,) = cuda_graphs_of(graphed)
+    assert state.captures == 1 and state.replays == 2 * 3 and state.eager_reason is None
 
 
 @needs_cuda
