@@ -50,12 +50,16 @@ MISSING = "—"
 
 # bench_step.py runs (one lease each): (row label, results file); every (quant, batch) in a file is one pair of rows
 STEP_ROWS: tuple[tuple[str, str], ...] = (
-    ("8B LoRA", "step_llama8b_bf16_h200.json"),
-    ("8B LoRA", "step_llama8b_bf16_bs1_h200.json"),
-    ("8B QLoRA", "step_llama8b_nf4_h200.json"),
-    ("Qwen3-30B-A3B shape, 8 layers, LoRA", "step_qwen3moe_8l_h200.json"),
+    ("8B LoRA (12-02)", "step_llama8b_bf16_h200.json"),
+    ("8B QLoRA (12-02)", "step_llama8b_nf4_h200.json"),
+    ("Qwen3-30B-A3B shape, 8 layers, LoRA (12-02)", "step_qwen3moe_8l_h200.json"),
+    ("8B LoRA (12-03)", "step_llama8b_bf16_bs4_graphs_h200.json"),
+    ("8B LoRA (12-03, 2 rounds)", "step_llama8b_bf16_bs1_graphs_rounds_h200.json"),
 )
-STEP_VARIANTS = ("hf", "liger", "unsloth", "fastft", "fastft_offload", "fastft_auto80", "fastft_auto_unsloth")
+STEP_VARIANTS = (
+    "hf", "liger", "unsloth", "fastft", "fastft_offload", "fastft_auto80", "fastft_auto_unsloth", "fastft_graphs",
+    "fastft_graphs_auto80",
+)  # fmt: skip
 
 
 def _train_rows(results_dir: Path, file: str, shape: str, quant: Optional[str], seq_len: int) -> dict[str, dict]:
