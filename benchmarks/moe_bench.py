@@ -12,8 +12,9 @@ build. bf16 LoRA r16 (alpha 16) on the attention projections and the stacked exp
 "all-linear" on this model.
 
 Training rows: random tokens, seq 2048, batch 1 and 4, AdamW on the LoRA parameters; each
-implementation's tokens/s (median step after warm-up) and peak CUDA memory (absolute, and above
-the allocation before the measured steps: activations, gradients and transients). Checkpointing:
+implementation's tokens/s (median step after warm-up) and peak CUDA memory (absolute; above
+the allocation before the measured steps, which includes AdamW's temporaries; and ``activation_gib``:
+one more step's forward + backward peak less parameters, buffers, optimizer state and gradients). Checkpointing:
 Hugging Face's gradient checkpointing for HF/Liger, ours (``--checkpointing``) for fastft.
 
 Experts rows (``--experts-tokens``): one MoE layer's experts, forward + backward (frozen base,
@@ -51,7 +52,9 @@ QWEN3_30B_A3B = {
     "output_router_logits": True, "router_aux_loss_coef": 0.001, "use_cache": False,
 }  # fmt: skip
 LORA_R = 16
-TRAIN_COLUMNS = ("impl", "batch", "seq", "layers", "tok_s", "step_s", "peak_gib", "above_start_gib", "loss", "note")
+TRAIN_COLUMNS = (
+    "impl", "batch", "seq", "layers", "tok_s", "step_s", "peak_gib", "above_start_gib", "activation_gib", "loss", "note",
+)  # fmt: skip
 EXPERT_COLUMNS = ("impl", "tokens", "rows", "fwd_ms", "fwd_bwd_ms", "tflops", "dense_floor_ms", "vs_dense_floor")
 
 
@@ -119,6 +122,7 @@ def train_rows(
         row |= {
             "tok_s": batch * seq / step_s, "step_s": step_s, "peak_gib": memory.peak_gib,
             "above_start_gib": memory.above_baseline / harness.GIB, "loss": loss.item(),
+            "activation_gib": activation_peak(model, optimizer, lambda: model(input_ids=ids, labels=ids).loss) / harness.GIB,
         }  # fmt: skip
         if profile:  # where the step's time goes: GPU kernels vs wall time, host functions, host syncs
             from profile_step import host_profile, kernel_profile
@@ -137,6 +141,24 @@ def train_rows(
     gc.collect()
     torch.cuda.empty_cache()
     return row
+
+
+def activation_peak(model, optimizer, loss_fn) -> int:
+    """Peak bytes of one forward + backward above the model's state: the peak allocated during
+    ``loss_fn().backward()`` minus the parameters, buffers, optimizer state and the gradients it made.
+    What remains is activations, saved tensors and transients — CUDA graphs' static buffers and pool
+    included (allocated at capture, they are part of it). The optimizer step runs after the measure."""
+    state = [*model.parameters(), *model.buffers()]
+    state += [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    memory = harness.PeakMemory().start()
+    loss_fn().backward()
+    memory.stop()
+    tensors = state + [p.grad for p in model.parameters() if p.grad is not None]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t.is_cuda}
+    held = sum(storages.values())
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return memory.peak - held
 
 
 def expert_rows(model, token_counts: list[int]) -> list[dict]:
