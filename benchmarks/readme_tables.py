@@ -55,6 +55,7 @@ STEP_ROWS: tuple[tuple[str, str], ...] = (
     ("Qwen3-30B-A3B shape, 8 layers, LoRA (12-02)", "step_qwen3moe_8l_h200.json"),
     ("8B LoRA (12-03)", "step_llama8b_bf16_bs4_graphs_h200.json"),
     ("8B LoRA (12-03, 2 rounds)", "step_llama8b_bf16_bs1_graphs_rounds_h200.json"),
+    ("8B QLoRA (12-03b)", "step_llama8b_nf4_bs1_graphs_h200.json"),
 )
 STEP_VARIANTS = (
     "hf", "liger", "unsloth", "fastft", "fastft_offload", "fastft_auto80", "fastft_auto_unsloth", "fastft_graphs",
