@@ -432,6 +432,58 @@ class PeakMemory:
         return self.peak / GIB
 
 
+def live_at_peak(events: Sequence[dict], keep: Sequence[str] = ("lightning_fastft", "transformers", "peft")):
+    """What was allocated at the moment of most memory in a CUDA allocator trace (the events of
+    ``torch.cuda.memory._snapshot()["device_traces"][device]``, recorded with Python stacks).
+
+    Counts only allocations the trace saw (``alloc`` adds, ``free_completed`` removes: what
+    ``torch.cuda.memory_allocated`` follows). Returns ``(peak_bytes, rows)``, the rows
+    ``{"where", "mib", "count"}`` largest first: the live allocations grouped by their innermost
+    frame in a file whose path contains one of ``keep`` (else their innermost frame)."""
+
+    def replay(stop: int) -> tuple[dict, int, int]:
+        live, total, peak, peak_at = {}, 0, 0, -1
+        for i, event in enumerate(events[:stop]):
+            if event["action"] == "alloc":
+                live[event["addr"]] = event
+                total += event["size"]
+            elif event["action"] == "free_completed" and event["addr"] in live:
+                total -= live.pop(event["addr"])["size"]
+            if total > peak:
+                peak, peak_at = total, i
+        return live, peak, peak_at
+
+    _, peak, peak_at = replay(len(events))
+    live, _, _ = replay(peak_at + 1)
+    groups: dict[str, list[int]] = {}
+    for event in live.values():
+        frames = event.get("frames") or [{"filename": "?", "line": 0, "name": "?"}]
+        frame = next((f for f in frames if any(k in f["filename"] for k in keep)), frames[0])
+        path = frame["filename"]
+        short = next((path[path.index(k) :] for k in keep if k in path), path.rsplit("/", 1)[-1])
+        where = f"{short}:{frame['line']} {frame['name']}"
+        group = groups.setdefault(where, [0, 0])
+        group[0] += event["size"]
+        group[1] += 1
+    rows = [{"where": w, "mib": b / MIB, "count": n} for w, (b, n) in groups.items()]
+    return peak, sorted(rows, key=lambda row: -row["mib"])
+
+
+def record_peak(fn: Callable[[], Any], device: Any = "cuda", max_entries: int = 500_000):
+    """Run ``fn()`` with the CUDA allocator's history recorded (Python stacks): :func:`live_at_peak`
+    of what it allocated."""
+    synchronize(device)
+    torch.cuda.memory._record_memory_history(stacks="python", max_entries=max_entries, device=device)
+    try:
+        fn()
+        synchronize(device)
+        snapshot = torch.cuda.memory._snapshot(device)
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None, device=device)
+    index = torch.device(device).index or 0
+    return live_at_peak(snapshot["device_traces"][index])
+
+
 # ---------------------------------------------------------------------------------------------
 # results
 # ---------------------------------------------------------------------------------------------

@@ -92,8 +92,9 @@ def attach_expert_lora(model):
 
 
 def train_rows(
-    model, impl: str, batch: int, seq: int, steps: int, warmup: int, layers: int, note: str, profile: bool = False
-) -> dict:
+    model, impl: str, batch: int, seq: int, steps: int, warmup: int, layers: int, note: str, profile: bool = False,
+    memory_trace: bool = False,
+) -> dict:  # fmt: skip
     vocab = QWEN3_30B_A3B["vocab_size"]
     generator = torch.Generator(device="cuda").manual_seed(1)
     ids = torch.randint(0, vocab, (batch, seq), device="cuda", generator=generator)
@@ -124,6 +125,14 @@ def train_rows(
             "above_start_gib": memory.above_baseline / harness.GIB, "loss": loss.item(),
             "activation_gib": activation_peak(model, optimizer, lambda: model(input_ids=ids, labels=ids).loss) / harness.GIB,
         }  # fmt: skip
+        if memory_trace:  # what is allocated at the forward + backward's peak, by where it was allocated
+            _, where = harness.record_peak(lambda: model(input_ids=ids, labels=ids).loss.backward())
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            row["peak_where"] = where[:20]
+            print(f"== {impl} bs {batch}: live at the forward + backward peak (allocated during it)", flush=True)
+            for item in where[:20]:
+                print(f"   {item['mib']:9.1f} MiB  x{item['count']:<5d} {item['where']}", flush=True)
         if profile:  # where the step's time goes: GPU kernels vs wall time, host functions, host syncs
             from profile_step import host_profile, kernel_profile
 
@@ -234,6 +243,8 @@ def main() -> None:
     parser.add_argument("--lora-dtype", default="fp32", choices=["fp32", "bf16"],
                         help="bf16: the LoRA factors cast to bf16, as Lightning's bf16-true precision does")
     parser.add_argument("--profile", action="store_true", help="profile one step per row (kernels, host, syncs)")
+    parser.add_argument("--memory-trace", action="store_true",
+                        help="per row, what one forward + backward has allocated at its peak, by allocation site")
     parser.add_argument("--out", type=Path, default=harness.RESULTS_DIR / "moe_qwen3_30b_a3b")
     args = parser.parse_args()
     if "liger" in args.impls and len(args.impls) > 1:
@@ -277,7 +288,7 @@ def main() -> None:
             rows.append(
                 train_rows(model, impl, batch, args.seq, args.steps, args.warmup, args.layers,
                            f"checkpointing {mode}, LoRA {args.lora_dtype}" + (", CUDA graphs" if impl == "fastft_graphs" else ""),
-                           args.profile)  # fmt: skip
+                           args.profile, args.memory_trace)  # fmt: skip
             )
             print(rows[-1], flush=True)
     notes = [
@@ -290,6 +301,10 @@ def main() -> None:
         "",
         harness.markdown_table(expert_table, EXPERT_COLUMNS),
     ]
+    for row in rows:
+        if row.get("peak_where"):
+            notes += ["", f"Live at the forward + backward peak, {row['impl']} bs {row['batch']} (allocated during it):", ""]
+            notes.append(harness.markdown_table(row["peak_where"], ("mib", "count", "where")))
     meta = harness.run_meta(layers=args.layers, checkpointing=args.checkpointing, lora_dtype=args.lora_dtype,
                             experts=expert_table)  # fmt: skip
     harness.write_results(args.out, f"Qwen3-30B-A3B shape, {args.layers} layers: MoE LoRA training", meta, rows,
