@@ -377,6 +377,25 @@ def test_offload_backward_twice_raises(device):
         loss.backward()
 
 
+def test_recompute_frees_the_layer_inputs_at_backward(device):
+    """The inputs kept for the recompute go with the backward, not with the graph: a loss tensor
+    kept past ``backward()`` (a plain loop's ``loss = ...``) must not hold every layer's input into
+    the next step's forward."""
+    import weakref
+
+    model = checkpointing_llama(layers=3, dropout=0.0).to(device)
+    apply_activation_checkpointing(model, "recompute")
+    inputs = []
+    for layer in model.model.layers:
+        layer.register_forward_pre_hook(lambda module, args, kwargs: inputs.append(weakref.ref(
+            args[0] if args else kwargs["hidden_states"])), with_kwargs=True)  # fmt: skip
+    loss = model(**make_batch(device)).loss
+    assert len(inputs) == 3 and all(ref() is not None for ref in inputs)
+    loss.backward()
+    assert [ref() is None for ref in inputs] == [True, True, True]
+    assert loss.grad_fn is not None  # the graph itself is still referenced
+
+
 def count_saved_hidden_states(model, device):
     shapes = []
 

@@ -525,7 +525,9 @@ class _OffloadedLayer(torch.autograd.Function):
         ctx.rng = _RngState(hidden_states.device)
         ctx.autocast = _AutocastState(hidden_states.device.type)
         ctx.stored_input = call.offloader.offload(hidden_states, call.slot)
-        ctx.save_for_backward(*other_inputs)
+        # kept on the device: saved by autograd, which frees it after the backward (an attribute of
+        # ctx would live on as long as the graph does: a loss tensor kept past backward held them all)
+        ctx.save_for_backward(*([hidden_states] if ctx.stored_input is None else []), *other_inputs)
         with collecting_side_outputs() as side_outputs:
             output = call.run(hidden_states, list(other_inputs))
         leaves, call.output_spec = pytree.tree_flatten(output)
@@ -536,10 +538,12 @@ class _OffloadedLayer(torch.autograd.Function):
     def backward(ctx, *grad_outputs: Tensor | None):
         call: _LayerCall = ctx.call
         needs_grad = ctx.needs_input_grad[1:]  # hidden states, other inputs, parameters
-        hidden_states = call.offloader.fetch(ctx.stored_input).detach().requires_grad_(needs_grad[0])
+        saved = list(ctx.saved_tensors)
+        stored = saved.pop(0) if ctx.stored_input is None else call.offloader.fetch(ctx.stored_input)
+        hidden_states = stored.detach().requires_grad_(needs_grad[0])
         other_inputs = [
             tensor.detach().requires_grad_(needs)
-            for tensor, needs in zip(ctx.saved_tensors, needs_grad[1 : 1 + len(call.other_positions)])
+            for tensor, needs in zip(saved, needs_grad[1 : 1 + len(call.other_positions)])
         ]
         with torch.enable_grad(), ctx.rng.restored(), ctx.autocast.restored(), collecting_side_outputs() as side:
             output = call.run(hidden_states, other_inputs)
@@ -583,26 +587,17 @@ class _HostCopy:
         return not self.release.alive
 
 
-class _DeviceCopy:
-    """A layer input kept where it is (``checkpointing="recompute"``)."""
-
-    def __init__(self, tensor: Tensor):
-        self.tensor = tensor
-
-
 class DeviceStore:
-    """The store of ``checkpointing="recompute"``: layer inputs stay on their device, nothing is copied."""
+    """The store of ``checkpointing="recompute"``: layer inputs stay on their device, nothing is copied
+    (``offload`` returns None: the layer saves its input for backward as autograd does)."""
 
     runs_on_cpu = True
 
     def new_slot(self) -> int:
         return 0
 
-    def offload(self, tensor: Tensor, slot: int) -> _DeviceCopy:
-        return _DeviceCopy(tensor)
-
-    def fetch(self, stored: _DeviceCopy) -> Tensor:
-        return stored.tensor
+    def offload(self, tensor: Tensor, slot: int) -> None:
+        return None
 
 
 _KEEP_ON_DEVICE = DeviceStore()  # the CPU fallback of checkpointing="offload"
