@@ -28,7 +28,7 @@ gradient only, the base is frozen) the same again; LoRA adds 2·S·r·(3H + 3I) 
     python benchmarks/moe_bench.py --layers 8 --out benchmarks/results/moe_qwen3_30b_a3b_8l
     python benchmarks/moe_bench.py --out benchmarks/results/moe_qwen3_30b_a3b     # all 48 layers
     python benchmarks/moe_bench.py --layers 8 --impls liger --out benchmarks/results/moe_liger_8l
-    python benchmarks/moe_bench.py --batches 1 --impls hf fastft --experts-tokens --memory-trace   # what is live at the peak
+    python benchmarks/moe_bench.py --batches 1 --impls hf fastft --experts-tokens --memory-trace
 """
 
 from __future__ import annotations
