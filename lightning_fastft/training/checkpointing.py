@@ -506,11 +506,12 @@ class _AutocastState:
 
 
 class _OffloadedLayer(torch.autograd.Function):
-    """A decoder layer that saves only its input, and keeps that in host memory until backward.
+    """A decoder layer that saves only its input: in host memory until backward (offload), or on the
+    device as an autograd saved tensor (recompute: :class:`DeviceStore`), freed by the backward.
 
-    forward: y = layer(x, *others) under no_grad; x goes to the host store, ``others`` (masks,
+    forward: y = layer(x, *others) under no_grad; x goes to the store, ``others`` (masks,
     rotary cos/sin) are saved as they are; RNG and autocast state are recorded.
-    backward: x is fetched back (the previous layer's input is prefetched meanwhile), the layer is
+    backward: x is fetched back (offload: the previous layer's input is prefetched meanwhile), the layer is
     re-run with grad under the recorded RNG/autocast state, and
     (dL/dx, dL/dothers, dL/dparams) = vjp(layer at x, dL/dy) by ``torch.autograd.grad``.
     Tensors handed to :func:`keep_differentiable` during the call are extra outputs (y includes them).
