@@ -103,11 +103,18 @@ def train_rows(
     optimizer = torch.optim.AdamW(parameters, lr=1e-5)
     model.train()
 
-    def step():
+    def forward_backward():
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
+        return loss
+
+    def update():
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    def step():
+        loss = forward_backward()
+        update()
         return loss
 
     row = {"impl": impl, "batch": batch, "seq": seq, "layers": layers, "note": note}
@@ -124,12 +131,12 @@ def train_rows(
         row |= {
             "tok_s": batch * seq / step_s, "step_s": step_s, "peak_gib": memory.peak_gib,
             "above_start_gib": memory.above_baseline / harness.GIB, "loss": loss.item(),
-            "activation_gib": activation_peak(model, optimizer, lambda: model(input_ids=ids, labels=ids).loss) / harness.GIB,
+            "activation_gib": activation_peak(model, optimizer, forward_backward) / harness.GIB,
         }  # fmt: skip
+        update()
         if memory_trace:  # what is allocated at the forward + backward's peak, by where it was allocated
-            _, where = harness.record_peak(lambda: model(input_ids=ids, labels=ids).loss.backward())
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            _, where = harness.record_peak(forward_backward)
+            update()
             row["peak_where"] = where[:20]
             print(f"== {impl} bs {batch}: live at the forward + backward peak (allocated during it)", flush=True)
             for item in where[:20]:
@@ -153,22 +160,19 @@ def train_rows(
     return row
 
 
-def activation_peak(model, optimizer, loss_fn) -> int:
+def activation_peak(model, optimizer, forward_backward) -> int:
     """Peak bytes of one forward + backward above the model's state: the peak allocated during
-    ``loss_fn().backward()`` minus the parameters, buffers, optimizer state and the gradients it made.
+    ``forward_backward()`` minus the parameters, buffers, optimizer state and the gradients it made.
     What remains is activations, saved tensors and transients — CUDA graphs' static buffers and pool
-    included (allocated at capture, they are part of it). The optimizer step runs after the measure."""
+    included (allocated at capture, they are part of it). The caller steps the optimizer after."""
     state = [*model.parameters(), *model.buffers()]
     state += [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
     memory = harness.PeakMemory().start()
-    loss_fn().backward()
+    forward_backward()
     memory.stop()
     tensors = state + [p.grad for p in model.parameters() if p.grad is not None]
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t.is_cuda}
-    held = sum(storages.values())
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return memory.peak - held
+    return memory.peak - sum(storages.values())
 
 
 def expert_rows(model, token_counts: list[int]) -> list[dict]:
