@@ -17,6 +17,7 @@ from tiny_models import (
     lora_llama,
     moe_lm,
     patching_lm,
+    random_lora_b,
 )
 
 from lightning_fastft.patching import patch_model
@@ -315,11 +316,7 @@ def test_mixture_of_experts(model_type, router_logits, checkpointing):
     from lightning_fastft.qlora import attach_lora
 
     model = moe_lm(model_type, output_router_logits=router_logits)
-    model = attach_lora(model, lora_r=4, lora_alpha=8, target_modules="all-linear").cuda()
-    with torch.no_grad():  # random lora_B: every LoRA matrix gets a gradient from the first step
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0.0, 0.1)
+    model = random_lora_b(attach_lora(model, lora_r=4, lora_alpha=8, target_modules="all-linear").cuda(), 0.1)
     graphed, eager = _graphed_and_eager(model, checkpointing=checkpointing)
     batches = [torch.randint(0, 97, (2, 14), device="cuda") for _ in range(4)]
     _assert_same(_train(graphed, batches), _train(eager, batches), tol=1e-5)
@@ -337,11 +334,7 @@ def test_qlora_dequantisation_inside_the_graphs(checkpointing):
     def build():
         torch.manual_seed(0)
         model = prepare_qlora(patching_lm("llama").cuda(), lora_r=4, lora_alpha=8, compute_dtype=torch.float32)
-        with torch.no_grad():
-            for name, parameter in model.named_parameters():
-                if "lora_B" in name:
-                    parameter.normal_(0.0, 0.1)
-        return model
+        return random_lora_b(model, 0.1)
 
     graphed, eager = build(), build()
     patch_model(graphed, checkpointing=checkpointing, cuda_graphs=True)

@@ -99,16 +99,22 @@ def patching_lm(model_type: str, attn_implementation: str = "sdpa") -> nn.Module
     return model
 
 
+def random_lora_b(model: nn.Module, std: float) -> nn.Module:
+    """Every ``lora_B`` drawn from N(0, std) in place, as after training (PEFT starts them at zero, so
+    ``lora_A`` would get no gradient at the first step)."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, std)
+    return model
+
+
 def patching_lora(model: nn.Module) -> nn.Module:
     """PEFT LoRA (r 4, alpha 8, no dropout) on every projection, lora_B drawn from N(0, 0.2) as after training."""
     peft_model = get_peft_model(
         model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(PROJECTIONS))
     )
-    with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0.0, 0.2)
-    return peft_model
+    return random_lora_b(peft_model, 0.2)
 
 
 def patching_gpt2() -> nn.Module:
