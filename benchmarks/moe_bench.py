@@ -28,7 +28,7 @@ gradient only, the base is frozen) the same again; LoRA adds 2·S·r·(3H + 3I) 
     python benchmarks/moe_bench.py --layers 8 --out benchmarks/results/moe_qwen3_30b_a3b_8l
     python benchmarks/moe_bench.py --out benchmarks/results/moe_qwen3_30b_a3b     # all 48 layers
     python benchmarks/moe_bench.py --layers 8 --impls liger --out benchmarks/results/moe_liger_8l
-    python benchmarks/moe_bench.py --batches 1 --impls hf fastft --experts-tokens --memory-trace
+    python benchmarks/moe_bench.py --batches 1 --impls hf fastft --experts-tokens --memory-trace  # no experts rows
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def activation_peak(model, optimizer, forward_backward) -> int:
     return memory.peak - sum(storages.values())
 
 
-def expert_rows(model, token_counts: list[int]) -> list[dict]:
+def expert_rows(model, token_counts: list[int], profile: bool = False) -> list[dict]:
     """One layer's experts, fwd+bwd: fastft grouped GEMMs, HF's experts module, the dense floor."""
     from lightning_fastft.kernels.moe import moe_experts
     from lightning_fastft.patching.moe import _fused_experts
@@ -226,6 +226,14 @@ def expert_rows(model, token_counts: list[int]) -> list[dict]:
                 )
                 row["tflops"] = flops / (row["fwd_bwd_ms"] * 1e-3) / 1e12
                 row["vs_dense_floor"] = dense_ms / row["fwd_bwd_ms"]
+                if profile:  # the forward + backward's kernels, summed per name
+                    from profile_step import kernel_profile
+
+                    fwd_bwd = (lambda forward=forward, dout=dout: torch.autograd.backward(forward(), dout))
+                    row["top_kernels"] = kernel_profile(fwd_bwd, 15)["top_kernels"]
+                    print(f"== experts {impl} {tokens} tokens: {row['fwd_bwd_ms']:.3f} ms fwd + bwd", flush=True)
+                    for kernel in row["top_kernels"]:
+                        print(f"   {kernel['s'] * 1e3:8.3f} ms  x{kernel['calls']:<3d} {kernel['name']}", flush=True)
             except torch.OutOfMemoryError:
                 row["fwd_ms"] = "OOM"
             rows.append(row)
@@ -237,17 +245,19 @@ def expert_rows(model, token_counts: list[int]) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=48, help="decoder layers (48: the full model, ~61 GB)")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--batches", type=int, nargs="*", default=[1, 4], help="none given: no training rows")
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--impls", nargs="+", default=["hf", "fastft"], choices=["hf", "fastft", "fastft_graphs", "liger"],
                         help="fastft_graphs: fastft with cuda_graphs=True (after fastft, on the same patched model)")
     parser.add_argument("--checkpointing", default="recompute", choices=["none", "recompute", "offload"])
-    parser.add_argument("--experts-tokens", type=int, nargs="*", default=[2048, 8192])
+    parser.add_argument("--experts-tokens", type=int, nargs="*", default=[2048, 8192],
+                        help="token counts of the experts rows (none given: no experts rows)")
     parser.add_argument("--lora-dtype", default="fp32", choices=["fp32", "bf16"],
                         help="bf16: the LoRA factors cast to bf16, as Lightning's bf16-true precision does")
-    parser.add_argument("--profile", action="store_true", help="profile one step per row (kernels, host, syncs)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one step per row (kernels, host, syncs) and each experts row's kernels")
     parser.add_argument("--memory-trace", action="store_true",
                         help="per row, what one forward + backward has allocated at its peak, by allocation site")
     parser.add_argument("--out", type=Path, default=harness.RESULTS_DIR / "moe_qwen3_30b_a3b")
@@ -282,7 +292,7 @@ def main() -> None:
         if impl == "fastft":
             print(patch_model(model), flush=True)
             harness.set_checkpointing(model, args.checkpointing)
-            expert_table = expert_rows(model, args.experts_tokens) if args.experts_tokens else []
+            expert_table = expert_rows(model, args.experts_tokens, args.profile) if args.experts_tokens else []
         elif impl == "fastft_graphs":
             graphs = {} if args.checkpointing == "none" else {"checkpointing": args.checkpointing}
             print(patch_model(model, cuda_graphs=True, **graphs), flush=True)

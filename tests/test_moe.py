@@ -27,7 +27,7 @@ from lightning_fastft.kernels.grouped_gemm import (
     grouped_mm_weight_grad,
     grouped_mm_weight_grad_reference,
 )
-from lightning_fastft.kernels.moe import ExpertLora, moe_experts, moe_experts_reference
+from lightning_fastft.kernels.moe import ExpertLora, moe_experts, moe_experts_reference, unsort_sum, unsort_sum_reference
 from lightning_fastft.patching import patch_model
 from lightning_fastft.qlora import attach_lora
 
@@ -80,6 +80,30 @@ def test_grouped_mm_matches_reference(device):
     assert_close(grouped_mm_weight_grad(dy16, x16, offsets).double(), want, rtol=2**-8)
 
 
+def test_grouped_mm_adds_the_second_pair_to_torch_grouped_mm(device, monkeypatch):
+    """Where torch._grouped_mm computes the base product (CUDA sm90, bf16), the Triton kernel adds
+    the LoRA term and the bias to it in place: that path here with the reference standing in
+    for torch._grouped_mm, fp32 and bf16, LoRA factors in fp32 under bf16 rows (mixed operands)."""
+    from lightning_fastft.kernels import grouped_gemm
+
+    monkeypatch.setattr(grouped_gemm, "_use_torch_grouped_mm", lambda *operands: True)
+    monkeypatch.setattr(torch, "_grouped_mm", lambda x, m, offs: grouped_mm_reference(x, m, offs), raising=False)
+    counts = [9, 0, 40, 3]
+    rows, k, n, rank = sum(counts), 37, 19, 16
+    offsets = _offsets(counts, device)
+    x, x2 = torch.randn(rows, k, device=device), torch.randn(rows, rank, device=device)
+    m, m2, bias = torch.randn(4, k, n, device=device), torch.randn(4, rank, n, device=device), torch.randn(4, n, device=device)
+    want = grouped_mm_reference(x.double(), m.double(), offsets, x2.double(), m2.double(), 0.6, bias.double())
+    assert_close(grouped_mm(x, m, offsets, x2, m2, 0.6, bias), want)
+    assert_close(grouped_mm(x, m, offsets, bias=bias), grouped_mm_reference(x.double(), m.double(), offsets, bias=bias.double()))
+    x16, m16 = x.bfloat16(), m.bfloat16()
+    base = grouped_mm_reference(x16.double(), m16.double(), offsets).bfloat16().double()  # rounded first
+    want = base + 0.6 * grouped_mm_reference(x2.bfloat16().double(), m2.double(), offsets)
+    got = grouped_mm(x16, m16, offsets, x2.bfloat16(), m2, 0.6)  # bf16 rows, fp32 factors
+    assert got.dtype == torch.bfloat16
+    assert_close(got.double(), want, rtol=2**-7)  # one bf16 rounding (truncation under the interpreter)
+
+
 def test_grouped_mm_rejects_bad_shapes(device):
     x, m = torch.randn(6, 4, device=device), torch.randn(3, 4, 5, device=device)
     with pytest.raises(ValueError, match="one end row per expert"):
@@ -88,6 +112,29 @@ def test_grouped_mm_rejects_bad_shapes(device):
         grouped_mm(x, m.transpose(1, 2), _offsets([2, 2, 2], device))
     with pytest.raises(ValueError, match=r"bias must be \(experts, N\)"):
         grouped_mm(x, m, _offsets([2, 2, 2], device), bias=torch.randn(3, 4, device=device))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unsort_sum_matches_reference(device, dtype):
+    """Rows sorted by expert back to token order, weighted, the k slots summed: against a
+    per-token fp64 loop (bf16: each weighted row rounded to bf16 first, as Hugging Face does)."""
+    tokens, k, n = 7, 3, 1500  # more columns than one block
+    inverse = torch.randperm(tokens * k, device=device)
+    rows = torch.randn(tokens * k, n, device=device).to(dtype)
+    weights = torch.rand(tokens, k, device=device)
+    # bf16: one ulp (2^-7 relative): the Triton interpreter truncates to bf16 where GPUs round
+    rtol = 2**-7 if dtype == torch.bfloat16 else 1e-6
+    for w in (None, weights):
+        got = unsort_sum(rows, inverse, k, w)
+        assert got.dtype == dtype and got.shape == (tokens, n)
+        want = torch.zeros(tokens, n, dtype=torch.float64, device=device)
+        for t in range(tokens):
+            for j in range(k):
+                row = rows[inverse[t * k + j]]
+                want[t] += (row * w[t, j].to(dtype) if w is not None else row).double()
+        assert_close(got.double(), want, rtol=rtol)
+    strided = torch.randn(tokens * k, 2 * n, device=device).to(dtype)[:, ::2]
+    assert_close(unsort_sum(strided, inverse, k).double(), unsort_sum_reference(strided, inverse, k).double(), rtol)
 
 
 def _routing(tokens, experts, top_k, unused, device):

@@ -15,9 +15,12 @@ empty group (equal consecutive offsets).
 
 Both accumulate in fp32 and round once to the output dtype. The Triton kernels walk a tile map
 computed on the device (no host synchronisation): the row tiles of every expert laid end to end,
-at most ``cdiv(rows, BLOCK_M) + experts`` of them. On CUDA with bf16 operands and a torch that
-has ``torch._grouped_mm`` (compute capability 9.0 or later), :func:`grouped_mm` runs that
-instead; the weight gradient always runs the Triton kernel.
+at most ``cdiv(rows, BLOCK_M) + experts`` of them. On CUDA with bf16 ``x`` and ``m`` and a torch
+that has ``torch._grouped_mm`` (compute capability 9.0 or later), :func:`grouped_mm` runs the
+base product by that, and the Triton kernel adds the second pair and the bias to its bf16 result
+in place (so ``y = round(round(x m) + scale2 x2 m2 + bias)``: the base rounded first, as PEFT adds
+a LoRA term to its base layer's output); the weight gradient always runs the Triton kernel.
+Operands of mixed dtypes (bf16 rows, fp32 LoRA factors) multiply in fp32.
 """
 
 from __future__ import annotations
@@ -106,9 +109,9 @@ def _upcast(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.element_size() == 2
 
 
-def _input_precision(dtype: torch.dtype) -> str | None:
-    """fp32 operands multiply in full fp32 (no TF32); 16-bit ones take the default."""
-    return "ieee" if dtype in (torch.float32, torch.float64) else None
+def _input_precision(*operands: torch.Tensor) -> str | None:
+    """Any fp32 operand: the products in full fp32 (no TF32); all 16-bit: the default."""
+    return "ieee" if any(t.dtype in (torch.float32, torch.float64) for t in operands) else None
 
 
 @triton.jit
@@ -129,7 +132,7 @@ def _accumulate_tile(
             M + e * stride_me + ks[:, None] * stride_mk + cols[None, :] * stride_mn,
             mask=(ks[:, None] < K) & col_mask[None, :], other=0.0,
         )  # fmt: skip
-        if UPCAST:
+        if UPCAST or a.dtype != b.dtype:  # mixed operands (bf16 rows, fp32 LoRA factors) multiply in fp32
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     return acc
@@ -141,7 +144,8 @@ def _grouped_mm_kernel(
     stride_xs, stride_xk, stride_me, stride_mk, stride_mn, stride_ys, stride_yn,
     stride_x2s, stride_x2k, stride_m2e, stride_m2k, stride_m2n, stride_be, stride_bn,
     N, K, K2, scale2,
-    HAS_SECOND: tl.constexpr, HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_FIRST: tl.constexpr, HAS_SECOND: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
@@ -154,10 +158,14 @@ def _grouped_mm_kernel(
         row_mask = rows < row_end
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < N
-        acc = _accumulate_tile(
-            X, M, e, rows, row_mask, cols, col_mask, stride_xs, stride_xk, stride_me, stride_mk, stride_mn, K,
-            INPUT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K,
-        )  # fmt: skip
+        y_tile = Y + rows[:, None] * stride_ys + cols[None, :] * stride_yn
+        y_mask = row_mask[:, None] & col_mask[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if HAS_FIRST:
+            acc += _accumulate_tile(
+                X, M, e, rows, row_mask, cols, col_mask, stride_xs, stride_xk, stride_me, stride_mk, stride_mn, K,
+                INPUT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K,
+            )  # fmt: skip
         if HAS_SECOND:  # the LoRA term, accumulated apart and scaled once
             acc += scale2 * _accumulate_tile(
                 X2, M2, e, rows, row_mask, cols, col_mask, stride_x2s, stride_x2k, stride_m2e, stride_m2k,
@@ -166,11 +174,9 @@ def _grouped_mm_kernel(
         if HAS_BIAS:
             bias = tl.load(BIAS + e * stride_be + cols * stride_bn, mask=col_mask, other=0.0)
             acc += bias.to(tl.float32)[None, :]
-        tl.store(
-            Y + rows[:, None] * stride_ys + cols[None, :] * stride_yn,
-            acc.to(Y.dtype.element_ty),
-            mask=row_mask[:, None] & col_mask[None, :],
-        )
+        if ACCUMULATE:  # y already holds a product (torch._grouped_mm's): add to it, round once
+            acc += tl.load(y_tile, mask=y_mask, other=0.0).to(tl.float32)
+        tl.store(y_tile, acc.to(Y.dtype.element_ty), mask=y_mask)
 
 
 @triton.jit
@@ -200,7 +206,7 @@ def _grouped_weight_grad_kernel(
             X + rows[:, None] * stride_xs + ks[None, :] * stride_xk,
             mask=row_mask[:, None] & (ks[None, :] < K), other=0.0,
         )  # fmt: skip
-        if UPCAST:
+        if UPCAST or dy.dtype != x.dtype:
             dy, x = dy.to(tl.float32), x.to(tl.float32)
         acc = tl.dot(tl.trans(dy), x, acc, input_precision=INPUT_PRECISION)
     tl.store(
@@ -243,30 +249,41 @@ def grouped_mm(
     if not triton_enabled(*operands):
         warn_fallback("grouped_mm")
         return grouped_mm_reference(x, m, offsets, x2, m2, scale2, bias)
-    if _use_torch_grouped_mm(*operands):
+    if _use_torch_grouped_mm(x, m):
+        # the base product by torch's grouped GEMM; the LoRA term and the bias added to it in
+        # place by the Triton kernel (one pass over y, no second (rows, N) product made)
         y = torch._grouped_mm(x, m, offs=offsets)
-        if x2 is not None:
-            y.add_(torch._grouped_mm(x2, m2, offs=offsets), alpha=scale2)
-        if bias is not None:  # each row's expert, found on the device (no host synchronisation)
-            rows = torch.arange(x.shape[0], device=x.device, dtype=offsets.dtype)
-            y.add_(bias[torch.searchsorted(offsets, rows, right=True)])
+        if x2 is not None or bias is not None:
+            _launch_grouped_mm(y, None, None, offsets, x2, m2, scale2, bias, accumulate=True)
         return y
     y = torch.empty(x.shape[0], m.shape[2], dtype=x.dtype, device=x.device)
-    if x.shape[0] == 0 or y.shape[1] == 0:
+    return _launch_grouped_mm(y, x, m, offsets, x2, m2, scale2, bias, accumulate=False)
+
+
+def _launch_grouped_mm(y, x, m, offsets, x2, m2, scale2, bias, accumulate: bool) -> torch.Tensor:
+    """``y (+)= x @ m + scale2 * x2 @ m2 + bias`` per expert group by the Triton kernel; either
+    pair may be absent (None)."""
+    rows, n = y.shape
+    if rows == 0 or n == 0:
         return y
-    block_m, block_n, block_k, num_warps = _tiles(x.device)
-    expert, row_start, row_end, n_tiles = _tile_map(offsets, x.shape[0], block_m)
-    second = (x2, m2) if x2 is not None else (x, m)
+    absent = (y, y.unsqueeze(0))  # stands in for an absent pair (never read)
+    first, second = (x, m) if x is not None else absent, (x2, m2) if x2 is not None else absent
+    block_m, block_n, block_k, num_warps = _tiles(y.device)
+    if x is None and x2 is not None:  # only the rank-r term: K is small
+        block_k = max(16, min(block_k, triton.next_power_of_2(x2.shape[1])))
+    expert, row_start, row_end, n_tiles = _tile_map(offsets, rows, block_m)
     bias_or_y = bias if bias is not None else y
+    operands = [t for t in (x, m, x2, m2) if t is not None]
     launch(
-        _grouped_mm_kernel, (n_tiles, triton.cdiv(y.shape[1], block_n)),
-        x, m, y, second[0], second[1], bias_or_y, expert, row_start, row_end,
-        x.stride(0), x.stride(1), m.stride(0), m.stride(1), m.stride(2), y.stride(0), y.stride(1),
+        _grouped_mm_kernel, (n_tiles, triton.cdiv(n, block_n)),
+        first[0], first[1], y, second[0], second[1], bias_or_y, expert, row_start, row_end,
+        first[0].stride(0), first[0].stride(1), first[1].stride(0), first[1].stride(1), first[1].stride(2),
+        y.stride(0), y.stride(1),
         second[0].stride(0), second[0].stride(1), second[1].stride(0), second[1].stride(1), second[1].stride(2),
         bias_or_y.stride(0), bias_or_y.stride(1),
-        y.shape[1], x.shape[1], second[0].shape[1], float(scale2),
-        HAS_SECOND=x2 is not None, HAS_BIAS=bias is not None,
-        INPUT_PRECISION=_input_precision(x.dtype), UPCAST=_upcast(x),
+        n, first[0].shape[1], second[0].shape[1], float(scale2),
+        HAS_FIRST=x is not None, HAS_SECOND=x2 is not None, HAS_BIAS=bias is not None, ACCUMULATE=accumulate,
+        INPUT_PRECISION=_input_precision(*operands), UPCAST=any(_upcast(t) for t in operands),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
     )  # fmt: skip
     return y
@@ -290,7 +307,7 @@ def grouped_mm_weight_grad(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Ten
         dy, x, g, offsets,
         dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), g.stride(0), g.stride(1), g.stride(2),
         n, k,
-        INPUT_PRECISION=_input_precision(x.dtype), UPCAST=_upcast(x), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        INPUT_PRECISION=_input_precision(dy, x), UPCAST=_upcast(dy) or _upcast(x), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=num_warps,
     )  # fmt: skip
     return g
