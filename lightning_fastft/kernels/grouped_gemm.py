@@ -13,9 +13,10 @@ empty group (equal consecutive offsets).
 * :func:`grouped_mm_weight_grad`: ``g[e] = dy[rows of e]^T @ x[rows of e]`` of shape
   (experts, N, K), zero for an expert with no rows: the weight gradient of ``y = x @ W_e^T``.
 
-Both accumulate in fp32 and round once to the output dtype. The Triton kernels walk a tile map
-computed on the device (no host synchronisation): the row tiles of every expert laid end to end,
-at most ``cdiv(rows, BLOCK_M) + experts`` of them. On CUDA with bf16 ``x`` and ``m`` and a torch
+Both accumulate in fp32 and round once to the output dtype. The grouped product's programs
+walk the row tiles of every expert laid end to end (at most ``cdiv(rows, BLOCK_M) + experts``
+of them), each finding its expert and rows from ``offsets`` on the device: no host
+synchronisation, no tile map built per call. On CUDA with bf16 ``x`` and ``m`` and a torch
 that has ``torch._grouped_mm`` (compute capability 9.0 or later), :func:`grouped_mm` runs the
 base product by that, and the Triton kernel adds the second pair and the bias to its bf16 result
 in place (so ``y = round(round(x m) + scale2 x2 m2 + bias)``: the base rounded first, as PEFT adds
@@ -139,21 +140,39 @@ def _accumulate_tile(
 
 
 @triton.jit
+def _tile_rows(OFFSETS, tile, n_experts, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """(expert, first row, end row) of row tile ``tile`` when every expert's rows are cut into
+    BLOCK_M tiles laid end to end (end == first: past the last tile). Read from the group ends
+    alone, on the device: no tile map is built on the host."""
+    es = tl.arange(0, BLOCK_E)
+    valid = es < n_experts
+    ends = tl.load(OFFSETS + es, mask=valid, other=0)
+    starts = tl.load(OFFSETS + es - 1, mask=valid & (es > 0), other=0)
+    tiles = tl.where(valid, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0)
+    tiles_through = tl.cumsum(tiles, 0)  # tiles of the experts up to and including each one
+    e = tl.sum((tiles_through <= tile).to(tl.int32), 0)  # experts whose tiles all come before
+    this = es == e
+    first_tile = tl.sum(tl.where(this, tiles_through - tiles, 0), 0)
+    row_start = tl.sum(tl.where(this, starts, 0), 0) + (tile - first_tile) * BLOCK_M
+    row_end = tl.where(e < n_experts, tl.sum(tl.where(this, ends, 0), 0), row_start)
+    return e, row_start, row_end
+
+
+@triton.jit
 def _grouped_mm_kernel(
-    X, M, Y, X2, M2, BIAS, TILE_EXPERT, TILE_START, TILE_END,
+    X, M, Y, X2, M2, BIAS, OFFSETS, n_experts,
     stride_xs, stride_xk, stride_me, stride_mk, stride_mn, stride_ys, stride_yn,
     stride_x2s, stride_x2k, stride_m2e, stride_m2k, stride_m2n, stride_be, stride_bn,
     N, K, K2, scale2,
     HAS_FIRST: tl.constexpr, HAS_SECOND: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     pid_n = tl.program_id(1)
-    row_start = tl.load(TILE_START + tile)
-    row_end = tl.load(TILE_END + tile)
+    e, row_start, row_end = _tile_rows(OFFSETS, tile, n_experts, BLOCK_M, BLOCK_E)
     if row_start < row_end:
-        e = tl.load(TILE_EXPERT + tile).to(tl.int64)
+        e = e.to(tl.int64)
         rows = row_start + tl.arange(0, BLOCK_M)
         row_mask = rows < row_end
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -216,23 +235,6 @@ def _grouped_weight_grad_kernel(
     )
 
 
-def _tile_map(offsets: torch.Tensor, n_rows: int, block_m: int):
-    """Per row tile: its expert, first row and end row (start == end: an unused tile)."""
-    offsets = offsets.long()
-    n_experts = offsets.shape[0]
-    starts = torch.cat([offsets.new_zeros(1), offsets[:-1]])
-    tiles = (offsets - starts + block_m - 1) // block_m
-    tile_end_cum = torch.cumsum(tiles, 0)
-    n_tiles = triton.cdiv(n_rows, block_m) + n_experts
-    t = torch.arange(n_tiles, device=offsets.device)
-    expert = torch.searchsorted(tile_end_cum, t, right=True).clamp_(max=n_experts - 1)
-    first = tile_end_cum[expert] - tiles[expert]
-    row_start = starts[expert] + (t - first) * block_m
-    used = t < tile_end_cum[-1]
-    row_end = torch.where(used, offsets[expert], row_start)
-    return expert.to(torch.int32), row_start.to(torch.int32), row_end.to(torch.int32), n_tiles
-
-
 def grouped_mm(
     x: torch.Tensor,
     m: torch.Tensor,
@@ -271,12 +273,13 @@ def _launch_grouped_mm(y, x, m, offsets, x2, m2, scale2, bias, accumulate: bool)
     block_m, block_n, block_k, num_warps = _tiles(y.device)
     if x is None and x2 is not None:  # only the rank-r term: K is small
         block_k = max(16, min(block_k, triton.next_power_of_2(x2.shape[1])))
-    expert, row_start, row_end, n_tiles = _tile_map(offsets, rows, block_m)
+    n_experts = offsets.shape[0]
+    n_tiles = triton.cdiv(rows, block_m) + n_experts  # at most: one partial tile per expert
     bias_or_y = bias if bias is not None else y
     operands = [t for t in (x, m, x2, m2) if t is not None]
     launch(
         _grouped_mm_kernel, (n_tiles, triton.cdiv(n, block_n)),
-        first[0], first[1], y, second[0], second[1], bias_or_y, expert, row_start, row_end,
+        first[0], first[1], y, second[0], second[1], bias_or_y, offsets, n_experts,
         first[0].stride(0), first[0].stride(1), first[1].stride(0), first[1].stride(1), first[1].stride(2),
         y.stride(0), y.stride(1),
         second[0].stride(0), second[0].stride(1), second[1].stride(0), second[1].stride(1), second[1].stride(2),
@@ -284,7 +287,8 @@ def _launch_grouped_mm(y, x, m, offsets, x2, m2, scale2, bias, accumulate: bool)
         n, first[0].shape[1], second[0].shape[1], float(scale2),
         HAS_FIRST=x is not None, HAS_SECOND=x2 is not None, HAS_BIAS=bias is not None, ACCUMULATE=accumulate,
         INPUT_PRECISION=_input_precision(*operands), UPCAST=any(_upcast(t) for t in operands),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_E=triton.next_power_of_2(n_experts),
+        num_warps=num_warps,
     )  # fmt: skip
     return y
 
