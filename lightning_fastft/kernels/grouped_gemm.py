@@ -103,16 +103,16 @@ def _tiles(device: torch.device) -> tuple[int, int, int, int]:
     return (64, 128, 64, 8) if device.type == "cuda" else (32, 64, 64, 1)
 
 
-def _upcast(x: torch.Tensor) -> bool:
-    """16-bit operands go to fp32 before ``tl.dot`` under the interpreter (its dot multiplies the raw
-    bf16 bits as integers); exact either way: products of 16-bit floats are exact in fp32, and
-    the GPU's tensor cores accumulate them in fp32 too."""
-    return x.device.type == "cpu" and x.element_size() == 2
+def _dot_flags(a: torch.Tensor, b: torch.Tensor) -> tuple[str | None, bool]:
+    """How ``tl.dot`` multiplies the pair ``a @ b``: ``(input_precision, upcast)``.
 
-
-def _input_precision(*operands: torch.Tensor) -> str | None:
-    """Any fp32 operand: the products in full fp32 (no TF32); all 16-bit: the default."""
-    return "ieee" if any(t.dtype in (torch.float32, torch.float64) for t in operands) else None
+    Any fp32 operand: the products in full fp32 (``"ieee"``, no TF32); all 16-bit: the default.
+    Upcast to fp32 first when the dtypes differ (bf16 rows, fp32 LoRA factors) and for 16-bit
+    operands under the interpreter (its dot multiplies the raw bf16 bits as integers); exact
+    either way: products of 16-bit floats are exact in fp32, and the GPU's tensor cores
+    accumulate them in fp32 too."""
+    precision = "ieee" if {a.dtype, b.dtype} & {torch.float32, torch.float64} else None
+    return precision, a.dtype != b.dtype or (a.device.type == "cpu" and min(a.element_size(), b.element_size()) == 2)
 
 
 @triton.jit
@@ -133,7 +133,7 @@ def _accumulate_tile(
             M + e * stride_me + ks[:, None] * stride_mk + cols[None, :] * stride_mn,
             mask=(ks[:, None] < K) & col_mask[None, :], other=0.0,
         )  # fmt: skip
-        if UPCAST or a.dtype != b.dtype:  # mixed operands (bf16 rows, fp32 LoRA factors) multiply in fp32
+        if UPCAST:
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     return acc
@@ -165,14 +165,14 @@ def _grouped_mm_kernel(
     stride_x2s, stride_x2k, stride_m2e, stride_m2k, stride_m2n, stride_be, stride_bn,
     N, K, K2, scale2,
     HAS_FIRST: tl.constexpr, HAS_SECOND: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION2: tl.constexpr, UPCAST2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     pid_n = tl.program_id(1)
-    e, row_start, row_end = _tile_rows(OFFSETS, tile, n_experts, BLOCK_M, BLOCK_E)
+    expert, row_start, row_end = _tile_rows(OFFSETS, tile, n_experts, BLOCK_M, BLOCK_E)
     if row_start < row_end:
-        e = e.to(tl.int64)
+        e = expert.to(tl.int64)
         rows = row_start + tl.arange(0, BLOCK_M)
         row_mask = rows < row_end
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -188,7 +188,7 @@ def _grouped_mm_kernel(
         if HAS_SECOND:  # the LoRA term, accumulated apart and scaled once
             acc += scale2 * _accumulate_tile(
                 X2, M2, e, rows, row_mask, cols, col_mask, stride_x2s, stride_x2k, stride_m2e, stride_m2k,
-                stride_m2n, K2, INPUT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K,
+                stride_m2n, K2, INPUT_PRECISION2, UPCAST2, BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
         if HAS_BIAS:
             bias = tl.load(BIAS + e * stride_be + cols * stride_bn, mask=col_mask, other=0.0)
@@ -225,7 +225,7 @@ def _grouped_weight_grad_kernel(
             X + rows[:, None] * stride_xs + ks[None, :] * stride_xk,
             mask=row_mask[:, None] & (ks[None, :] < K), other=0.0,
         )  # fmt: skip
-        if UPCAST or dy.dtype != x.dtype:
+        if UPCAST:
             dy, x = dy.to(tl.float32), x.to(tl.float32)
         acc = tl.dot(tl.trans(dy), x, acc, input_precision=INPUT_PRECISION)
     tl.store(
@@ -276,7 +276,8 @@ def _launch_grouped_mm(y, x, m, offsets, x2, m2, scale2, bias, accumulate: bool)
     n_experts = offsets.shape[0]
     n_tiles = triton.cdiv(rows, block_m) + n_experts  # at most: one partial tile per expert
     bias_or_y = bias if bias is not None else y
-    operands = [t for t in (x, m, x2, m2) if t is not None]
+    precision, upcast = _dot_flags(*first)
+    precision2, upcast2 = _dot_flags(*second)
     launch(
         _grouped_mm_kernel, (n_tiles, triton.cdiv(n, block_n)),
         first[0], first[1], y, second[0], second[1], bias_or_y, offsets, n_experts,
@@ -286,7 +287,7 @@ def _launch_grouped_mm(y, x, m, offsets, x2, m2, scale2, bias, accumulate: bool)
         bias_or_y.stride(0), bias_or_y.stride(1),
         n, first[0].shape[1], second[0].shape[1], float(scale2),
         HAS_FIRST=x is not None, HAS_SECOND=x2 is not None, HAS_BIAS=bias is not None, ACCUMULATE=accumulate,
-        INPUT_PRECISION=_input_precision(*operands), UPCAST=any(_upcast(t) for t in operands),
+        INPUT_PRECISION=precision, UPCAST=upcast, INPUT_PRECISION2=precision2, UPCAST2=upcast2,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_E=triton.next_power_of_2(n_experts),
         num_warps=num_warps,
     )  # fmt: skip
@@ -306,12 +307,13 @@ def grouped_mm_weight_grad(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Ten
         return g
     block_m, block_n, block_k, num_warps = _tiles(x.device)
     block_n = block_k  # square (N, K) output tiles
+    precision, upcast = _dot_flags(dy, x)
     launch(
         _grouped_weight_grad_kernel, (n_experts, triton.cdiv(n, block_n), triton.cdiv(k, block_k)),
         dy, x, g, offsets,
         dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), g.stride(0), g.stride(1), g.stride(2),
         n, k,
-        INPUT_PRECISION=_input_precision(dy, x), UPCAST=_upcast(dy) or _upcast(x), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        INPUT_PRECISION=precision, UPCAST=upcast, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=num_warps,
     )  # fmt: skip
     return g
