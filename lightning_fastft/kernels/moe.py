@@ -36,7 +36,8 @@ Backward, from ``dout`` (T, H), with ``dy_s = dout[tok[s]]``:
   recomputes ``h`` from ``u``
 * ``dD_e = sum_s (w_s dy_s)^T h_s``, ``dc_d,e = sum_s w_s dy_s``; LoRA:
   ``db_e = scale sum (w_s dy_s)^T (h_s a_e^T)``, ``da_e = scale sum (w_s dy_s b_e)^T h_s``
-  (grouped weight-gradient GEMMs)
+  (grouped weight-gradient GEMMs; with the base frozen, ``w_s`` scales the rank-r factor
+  ``h_s a_e^T`` rather than the wide ``dy_s``)
 * ``dx_s = du_s W_e + scale (du_s b_e) a_e``; ``dW_e``, ``dc_e``, ``db_e``, ``da_e`` as for the
   down projection with ``du`` and ``x``
 * ``dhidden[t] = sum over the k pairs of t of dx_s`` (un-permuted and summed: deterministic)
@@ -293,10 +294,13 @@ class _MoEExpertsFunction(torch.autograd.Function):
         grad_weights = d_weights.index_select(0, inverse).to(top_k_weights.dtype)
         del big_g, d_weights
 
-        dd = _scale_rows(dy, weights) if (need_d or need_d_b or need_d_bias) else None
+        dd = _scale_rows(dy, weights) if (need_d or need_d_bias) else None
         grad_down = _weight_grad(dd, h, offsets, transposed) if need_d else None
         grad_d_bias = _segment_sum(dd, offsets) if need_d_bias else None
-        grad_d_b = grouped_mm_weight_grad(dd, ha, offsets) * d_scale if need_d_b else None
+        grad_d_b = None
+        if need_d_b:  # the routing weight goes on the rank-r side when dd is not needed otherwise
+            dd_ha = (dd, ha) if dd is not None else (dy, _scale_rows(ha, weights))
+            grad_d_b = grouped_mm_weight_grad(*dd_ha, offsets) * d_scale
         grad_d_a = None
         if need_d_a:
             grad_d_a = grouped_mm_weight_grad(_scale_rows(dyb, weights), h, offsets) * d_scale
