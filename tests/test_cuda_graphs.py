@@ -5,6 +5,7 @@ the layers' own forwards. The capture itself needs CUDA; on a CPU the wiring, th
 gradient bookkeeping are tested."""
 
 import copy
+import gc
 
 import lightning.pytorch as pl
 import pytest
@@ -279,6 +280,33 @@ def test_dropout_layers_stay_eager_with_a_warning():
         _train(graphed, batches)
     (state,) = cuda_graphs_of(graphed)
     assert state.replays == 0 and state.eager_reason.startswith("no layer can be captured (layer 0: dropout")
+
+
+@needs_cuda
+def test_a_failed_capture_leaves_the_stack_eager_and_the_process_as_it_was(monkeypatch):
+    """A capture that fails at its end (the side stream still current, as torch leaves it) keeps the
+    stack eager with the error named, restores the caller's stream and Python's garbage collector
+    (off during the capture), and training goes on equal to eager."""
+    model = _lora_model("cuda")
+    graphed, eager = copy.deepcopy(model), copy.deepcopy(model)
+    patch_model(graphed, checkpointing="recompute", cuda_graphs=True)
+    patch_model(eager, checkpointing="recompute")
+    side, seen = torch.cuda.Stream(), {}
+
+    def failing_capture(*args, **kwargs):
+        seen["gc_enabled"] = gc.isenabled()
+        torch.cuda.set_stream(side)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", failing_capture)
+    stream = torch.cuda.current_stream()
+    batches = _batches([13] * 4, "cuda")
+    with pytest.warns(UserWarning, match="stays eager: its capture failed: RuntimeError: operation not permitted"):
+        losses = _train(graphed, batches)
+    _assert_same(losses, _train(eager, batches))
+    assert seen == {"gc_enabled": False} and gc.isenabled() and torch.cuda.current_stream() == stream
+    (state,) = cuda_graphs_of(graphed)
+    assert state.replays == 0 and state.eager_reason.startswith("its capture failed")
 
 
 @needs_cuda

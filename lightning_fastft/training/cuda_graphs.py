@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import itertools
 import warnings
 import weakref
@@ -260,13 +261,23 @@ class StackGraphs:
         aliases = [_aliases(self.layers[i]) for i in chosen]
         functions = tuple(_layer_function(self.forwards[i], samples[i].key) for i in chosen)
         arguments = tuple(samples[i].capture_arguments(list(a.values())) for i, a in zip(chosen, aliases))
+        # Garbage collected during a capture (an old graph, a pinned buffer, a CUDA event of an earlier
+        # model) frees device resources, which a capturing stream does not allow: collect first, and
+        # not during it (torch did the same before its captures until 2.9).
+        stream, collecting = torch.cuda.current_stream(), gc.isenabled()
+        gc.collect()
+        gc.disable()
         try:
             with _autocast_cache_off(), _swapped(self.layers, chosen, aliases), hf_output_recording_paused(), _quiet():
                 graphed = torch.cuda.make_graphed_callables(functions, arguments, allow_unused_input=True)
         except Exception as error:  # noqa: BLE001 - any capture failure leaves the stack eager, named
+            torch.cuda.set_stream(stream)  # a capture that failed at its end leaves its side stream current
             self._stay_eager(f"its capture failed: {type(error).__name__}: {error}")
             torch.cuda.synchronize()
             return
+        finally:
+            if collecting:
+                gc.enable()
         keys: list[Optional[tuple]] = [None] * len(self.layers)
         functions_by_layer: list[Optional[Callable]] = [None] * len(self.layers)
         for i, function in zip(chosen, graphed):
