@@ -141,7 +141,7 @@ def unsort_sum_reference(
     summed over the slots."""
     rows = sorted_rows.index_select(0, inverse)
     if weights is not None:
-        rows = rows * weights.reshape(-1).to(rows.dtype)[:, None]
+        rows = _scale_rows(rows, weights.reshape(-1))
     return rows.view(-1, k, *rows.shape[1:]).sum(1, dtype=_sum_dtype(rows.dtype)).to(rows.dtype)
 
 
@@ -312,7 +312,7 @@ class _MoEExpertsFunction(torch.autograd.Function):
         if need_hidden:
             gu_lora_term = (dub, gu_a, gu_scale) if gu_b is not None else ()
             dx = grouped_mm(du, w_gu.transpose(1, 2), offsets, *gu_lora_term)
-            grad_hidden = unsort_sum(dx, inverse, k).to(hidden.dtype)
+            grad_hidden = unsort_sum(dx, inverse, k)
             del dx
         x = hidden[tok] if (need_gu or need_gu_a) else None
         grad_gate_up = _weight_grad(du, x, offsets, transposed) if need_gu else None
