@@ -127,10 +127,11 @@ def _sort_by_expert(top_k_index: torch.Tensor, n_experts: int):
     """(order, inverse, tok, offsets): (token, slot) pairs sorted by expert (stable), the inverse
     permutation (sorted position of each pair), their tokens, int32 group ends."""
     flat = top_k_index.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
-    counts = torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
-    offsets = torch.cumsum(counts, 0).to(torch.int32)
+    experts, order = torch.sort(flat, stable=True)
+    positions = torch.arange(order.shape[0], device=order.device)
+    inverse = torch.empty_like(order).scatter_(0, order, positions)
+    ids = positions[:n_experts] if n_experts <= order.shape[0] else torch.arange(n_experts, device=flat.device)
+    offsets = torch.searchsorted(experts, ids, right=True, out_int32=True)  # pairs with expert <= e
     return order, inverse, order // top_k_index.shape[1], offsets
 
 
@@ -253,7 +254,7 @@ class _MoEExpertsFunction(torch.autograd.Function):
         gu_lora = ExpertLora(gu_b, gu_a, gu_scale) if gu_b is not None else None
         d_lora = ExpertLora(d_b, d_a, d_scale) if d_b is not None else None
         order, inverse, tok, offsets = _sort_by_expert(top_k_index, gate_up.shape[0])
-        x = hidden[tok]
+        x = hidden.index_select(0, tok)
         xa = grouped_mm(x, gu_a.transpose(1, 2), offsets) if gu_lora else None
         u = _project(x, w_gu, offsets, gu_lora, xa, gu_bias)
         del x
@@ -280,7 +281,7 @@ class _MoEExpertsFunction(torch.autograd.Function):
         )
         w_gu, w_d = _as_in_out(gate_up, transposed), _as_in_out(down, transposed)
         tok = order // k
-        dy = dout[tok].to(u.dtype)
+        dy = dout.index_select(0, tok).to(u.dtype)
         weights = top_k_weights.reshape(-1)[order]
 
         # down projection, transposed: G = dy D_e + scale (dy b_e) a_e
@@ -314,7 +315,7 @@ class _MoEExpertsFunction(torch.autograd.Function):
             dx = grouped_mm(du, w_gu.transpose(1, 2), offsets, *gu_lora_term)
             grad_hidden = unsort_sum(dx, inverse, k)
             del dx
-        x = hidden[tok] if (need_gu or need_gu_a) else None
+        x = hidden.index_select(0, tok) if (need_gu or need_gu_a) else None
         grad_gate_up = _weight_grad(du, x, offsets, transposed) if need_gu else None
         grad_gu_bias = _segment_sum(du, offsets) if need_gu_bias else None
         grad_gu_b = grouped_mm_weight_grad(du, xa, offsets) * gu_scale if need_gu_b else None
