@@ -26,7 +26,8 @@ from lightning_fastft.patching.options import PatchOptions
 from lightning_fastft.training import cuda_graphs
 from lightning_fastft.training.checkpointing import apply_activation_checkpointing
 from lightning_fastft.training.cuda_graphs import (
-    _GradCopies,
+    _GraphGradients,
+    _unshare_gradients,
     call_signature,
     cuda_graphs_of,
     remove_cuda_graphs,
@@ -172,8 +173,10 @@ def test_hf_recording_seen_paused_and_added_to():
     assert len(output.router_logits) == 2 and torch.equal(output.router_logits[0], torch.zeros(12, 7))
 
 
-def test_grad_copies_keep_micro_batch_accumulation_exact():
-    """A graph hands out its gradient buffers: kept as .grad, the next replay would overwrite them."""
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_graph_gradients_become_grad_uncopied_and_accumulate_exactly(set_to_none):
+    """A graph hands out its gradient buffers: kept as .grad (no copy), copied before the next replay
+    overwrites them, so that accumulation over micro-batches and zero_grad both stay exact."""
     buffer = torch.zeros(3)
 
     class Replayed(torch.autograd.Function):  # as make_graphed_callables' backward: a static buffer
@@ -188,15 +191,25 @@ def test_grad_copies_keep_micro_batch_accumulation_exact():
             buffer.copy_(grad * x)
             return buffer.detach(), None
 
-    def accumulate(copies):
-        weight = torch.nn.Parameter(torch.randn(3))
-        for x in (torch.full((3,), 1.0), torch.full((3,), 2.0)):
-            w = _GradCopies.apply(weight)[0] if copies else weight
-            Replayed.apply(w, x).sum().backward()
-        return weight.grad
+    def call(weight, x, buffers, unshare=True):  # as StackGraphs.call
+        if unshare:
+            _unshare_gradients([weight], buffers)
+        Replayed.apply(_GraphGradients.apply(buffers, weight)[0], x).sum().backward()
 
-    torch.testing.assert_close(accumulate(copies=True), torch.full((3,), 3.0))
-    assert not torch.equal(accumulate(copies=False), torch.full((3,), 3.0))  # the failure the copies prevent
+    weight, buffers = torch.nn.Parameter(torch.randn(3)), set()
+    call(weight, torch.full((3,), 1.0), buffers)
+    assert weight.grad.data_ptr() == buffer.data_ptr() and buffers == {buffer.data_ptr()}  # no copy
+    call(weight, torch.full((3,), 2.0), buffers)  # a second micro-batch
+    torch.testing.assert_close(weight.grad, torch.full((3,), 3.0))
+    weight.grad = None if set_to_none else weight.grad.zero_()
+    call(weight, torch.full((3,), 5.0), buffers)
+    call(weight, torch.full((3,), 7.0), buffers)
+    torch.testing.assert_close(weight.grad, torch.full((3,), 12.0))
+
+    weight, buffers = torch.nn.Parameter(torch.randn(3)), set()
+    for x in (1.0, 2.0):
+        call(weight, torch.full((3,), x), buffers, unshare=False)
+    assert not torch.equal(weight.grad, torch.full((3,), 3.0))  # the failure the copy prevents
 
 
 def test_on_a_cpu_the_layers_run_their_own_forward_once_warned(monkeypatch):

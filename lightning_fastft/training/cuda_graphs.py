@@ -31,9 +31,11 @@ When a layer call replays its graph, and when it runs its own forward ("eagerly"
 * A capture that fails (an operation CUDA graphs cannot capture, such as a host synchronisation
   inside the layer) warns once with the error, and that stack stays eager.
 
-Gradients: a graph writes the parameter gradients into buffers that its next replay overwrites;
-they reach autograd as copies (:class:`_GradCopies`), so accumulation over micro-batches stays
-exact. Outputs of a graphed layer are the graph's buffers too: a layer output kept past the next
+Gradients: a graph writes the parameter gradients into buffers that its next replay overwrites.
+They become the parameters' ``.grad`` without a copy (:class:`_GraphGradients`); the layer's next
+graphed call first copies any ``.grad`` still held there, so accumulation over micro-batches stays
+exact. A reference to a ``.grad`` taken before ``zero_grad`` is the graph's buffer, as a layer
+output is. Outputs of a graphed layer are the graph's buffers too: a layer output kept past the next
 step (``output_hidden_states`` stored across steps) is overwritten by the next replay.
 """
 
@@ -71,19 +73,30 @@ _warned_no_cuda = False
 _warned_recorded = False
 
 
-class _GradCopies(torch.autograd.Function):
-    """Identity on a layer's trainable parameters whose backward hands autograd *copies* of their
-    gradients. A graph's parameter gradient is a buffer of the graph; autograd's AccumulateGrad
-    keeps a gradient that nothing else references as ``.grad`` itself, so without the copy the
-    next replay would overwrite the ``.grad`` of an earlier micro-batch."""
+class _GraphGradients(torch.autograd.Function):
+    """Identity on a layer's trainable parameters whose backward hands autograd the graph's own
+    parameter-gradient buffers, noting their addresses in ``buffers``. Autograd's AccumulateGrad
+    keeps a gradient that nothing else references as ``.grad`` itself: after a replay a parameter's
+    ``.grad`` is the graph's buffer, with no copy. The layer's next replay would overwrite it, so
+    the call before that replay clones every ``.grad`` still held there (:func:`_unshare_gradients`):
+    accumulation over micro-batches stays exact, and a step without accumulation copies nothing."""
 
     @staticmethod
-    def forward(ctx, *parameters: Tensor) -> tuple[Tensor, ...]:
+    def forward(ctx, buffers: set[int], *parameters: Tensor) -> tuple[Tensor, ...]:
+        ctx.buffers = buffers
         return tuple(parameter.view_as(parameter) for parameter in parameters)
 
     @staticmethod
     def backward(ctx, *grads: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
-        return tuple(None if grad is None else grad.clone() for grad in grads)
+        ctx.buffers.update(grad.data_ptr() for grad in grads if grad is not None)
+        return (None, *grads)
+
+
+def _unshare_gradients(parameters: list[nn.Parameter], buffers: set[int]) -> None:
+    """Each ``.grad`` that is one of a graph's gradient ``buffers`` replaced by a copy of it."""
+    for parameter in parameters:
+        if parameter.grad is not None and parameter.grad.data_ptr() in buffers:
+            parameter.grad = parameter.grad.clone()
 
 
 def call_signature(args: tuple, kwargs: dict) -> Optional[tuple[tuple, list[Tensor]]]:
@@ -173,10 +186,12 @@ class StackGraphs:
     graphs: Optional[_Graphs] = None
     samples: list[Optional[_Sample]] = field(default_factory=list)
     pending: list[Optional[weakref.ref]] = field(default_factory=list)
+    grad_buffers: list[set[int]] = field(default_factory=list)  # per layer: its graph's gradient buffers
 
     def __post_init__(self) -> None:
         self.samples = [None] * len(self.layers)
         self.pending = [None] * len(self.layers)
+        self.grad_buffers = [set() for _ in self.layers]
 
     def call(self, i: int, *args: Any, **kwargs: Any) -> Any:
         """Layer ``i``'s call: its graph replayed when one fits the call, else its own forward."""
@@ -205,7 +220,9 @@ class StackGraphs:
             self.samples[i] = _Sample.of(key, tensors, hidden_states)
             return self.forwards[i](*args, **kwargs)
         parameters = _trainable(layer)
-        output, router_logits = graphed(*tensors, *(_GradCopies.apply(*parameters) if parameters else ()))
+        _unshare_gradients(parameters, self.grad_buffers[i])
+        routed = _GraphGradients.apply(self.grad_buffers[i], *parameters) if parameters else ()
+        output, router_logits = graphed(*tensors, *routed)
         hf_record("router_logits", router_logits)
         self.replays += 1
         nodes = (leaf.grad_fn for leaf in pytree.tree_leaves(output) if isinstance(leaf, Tensor))
