@@ -30,7 +30,7 @@ def run_with_grads(fn, x, weight, grad):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("style", ["llama", "gemma"])
-@pytest.mark.parametrize("shape", [(3, 5, 96), (7, 4095), (2, 3, 128), (3, 14336)])
+@pytest.mark.parametrize("shape", [(3, 5, 96), (7, 4095), (2, 3, 128), (3, 14336), (5, 61, 48)])
 def test_forward_backward_match_reference(shape, style, dtype, device):
     offset, casting = STYLES[style]
     x = torch.randn(shape, device=device).mul(3.0).to(dtype)

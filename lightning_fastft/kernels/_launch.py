@@ -2,7 +2,8 @@
 
 A kernel that reads rows handles ``block`` elements of a row at once: the row width rounded up to a
 power of two, capped at ``max_block`` for kernels that loop or tile over long rows. ``num_warps``
-follows the block (4 up to 1024 elements, 8 up to 4096, 16 beyond) unless the op fixes it. A
+follows the block (4 up to 1024 elements, 8 up to 4096, 16 beyond) unless the op fixes it; rows
+narrower than :data:`ROW_TILE` go several to a step (:meth:`LaunchPolicy.rows_at_once`). A
 persistent kernel (a grid of programs each looping over a chunk of rows) runs
 ``programs_per_sm`` programs per multiprocessor. Each op module holds its policy in ``_LAUNCH``,
 so a tuning sweep can swap it (``module._LAUNCH = LaunchPolicy(...)``).
@@ -21,6 +22,11 @@ from triton.runtime.jit import JITFunction
 
 MAX_BLOCK = 4096
 """Most elements one program holds at once in a kernel that tiles its rows."""
+
+ROW_TILE = 2048
+"""Elements a row kernel handles at once: rows narrower than this go several per step
+(:meth:`LaunchPolicy.rows_at_once`), so that short rows (a 128-wide per-head norm) do not leave
+a program one tiny row per step."""
 
 _INTERPRETER_PROGRAMS = 4
 """Persistent programs under the Triton interpreter: few, each looping over many rows."""
@@ -43,6 +49,10 @@ class LaunchPolicy:
         if self.num_warps is not None:
             return block, self.num_warps
         return block, 4 if block <= 1024 else 8 if block <= 4096 else 16
+
+    def rows_at_once(self, block: int) -> int:
+        """Rows a row kernel with ``block``-wide rows handles per step: :data:`ROW_TILE` elements."""
+        return max(1, ROW_TILE // block)
 
     def persistent_programs(self, n_rows: int, device: torch.device) -> int:
         """Grid size of a persistent kernel over ``n_rows`` rows: ``programs_per_sm`` per SM on

@@ -68,27 +68,30 @@ def _rms_norm_forward_kernel(
     rstd_ptr,
     x_row_stride,
     y_row_stride,
+    n_rows,
     n_cols,
     eps,
     offset,
     GEMMA_CASTING: tl.constexpr,
+    ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """One row per program: rstd = rsqrt(mean(x^2) + eps), y = (w + offset) * x * rstd.
-
-    Saves the fp32 rstd of the row; the backward recomputes x_hat = x * rstd from it.
+    """ROWS rows per program: rstd = rsqrt(mean(x^2) + eps), y = (w + offset) * x * rstd.
+    Saves the fp32 rstd of each row; the backward recomputes x_hat = x * rstd from it.
     """
-    row = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32) + offset
-    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-    x_hat = x * rstd
+    row_mask = rows < n_rows
+    mask = row_mask[:, None] & (cols < n_cols)[None, :]
+    x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(weight_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32) + offset
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+    x_hat = x * rstd[:, None]
     if not GEMMA_CASTING:  # Llama: x_hat is rounded to the input dtype before the weight
         x_hat = x_hat.to(x_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(rstd_ptr + row, rstd)
-    tl.store(y_ptr + row * y_row_stride + cols, (x_hat * scale).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(rstd_ptr + rows, rstd, mask=row_mask)
+    y = (x_hat * scale[None, :]).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + rows[:, None] * y_row_stride + cols[None, :], y, mask=mask)
 
 
 @triton.jit
@@ -108,10 +111,10 @@ def _rms_norm_backward_kernel(
     rows_per_program,
     GEMMA_CASTING: tl.constexpr,
     COMPUTE_DW: tl.constexpr,
+    ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Each program walks a contiguous chunk of rows.
-
+    """Each program walks a contiguous chunk of rows, ROWS at a time.
     With w' = w + offset and x_hat = x * rstd:
       dx = rstd * (g * w' - x_hat * mean(g * w' * x_hat))    (per row)
       dw = sum_rows(g * x_hat)   (x_hat rounded to x.dtype for Llama casting, as in the forward)
@@ -119,26 +122,29 @@ def _rms_norm_backward_kernel(
     """
     program = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    scale = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32) + offset
-    dw_acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    col_mask = cols < n_cols
+    scale = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32) + offset
+    dw_acc = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
     row_start = program.to(tl.int64) * rows_per_program
-    n_rows_here = tl.minimum(rows_per_program, n_rows - row_start)
-    for i in range(0, n_rows_here):
-        row = row_start + i
-        grad = tl.load(grad_ptr + row * grad_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(rstd_ptr + row)
-        x_hat = x * rstd
-        grad_scaled = grad * scale
-        dx = rstd * (grad_scaled - x_hat * (tl.sum(grad_scaled * x_hat, axis=0) / n_cols))
-        tl.store(dx_ptr + row * dx_row_stride + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    for first in range(row_start, row_end, ROWS):
+        rows = first + tl.arange(0, ROWS)
+        row_mask = rows < row_end
+        mask = row_mask[:, None] & col_mask[None, :]
+        grad = tl.load(grad_ptr + rows[:, None] * grad_row_stride + cols[None, :], mask=mask, other=0.0)
+        x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+        x_hat = x * rstd[:, None]
+        grad_scaled = grad.to(tl.float32) * scale[None, :]
+        dot = tl.sum(grad_scaled * x_hat, axis=1) / n_cols
+        dx = rstd[:, None] * (grad_scaled - x_hat * dot[:, None])
+        tl.store(dx_ptr + rows[:, None] * dx_row_stride + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if COMPUTE_DW:
             if not GEMMA_CASTING:
                 x_hat = x_hat.to(x_ptr.dtype.element_ty).to(tl.float32)
-            dw_acc += grad * x_hat
+            dw_acc += grad.to(tl.float32) * x_hat
     if COMPUTE_DW:
-        tl.store(dw_partial_ptr + program * n_cols + cols, dw_acc, mask=mask)
+        tl.store(dw_partial_ptr + program * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
 
 
 def _as_rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
@@ -161,12 +167,14 @@ def rms_norm_forward(
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)  # not a view: RoPE may write into it
     y_rows = y.view(-1, n_cols)
     rstd = torch.empty(x_rows.shape[0], dtype=torch.float32, device=x.device)
+    n_rows = x_rows.shape[0]
     block, num_warps = _LAUNCH.settings(n_cols)
-    if x_rows.shape[0] > 0:
+    rows = _LAUNCH.rows_at_once(block)
+    if n_rows > 0:
         launch(
-            _rms_norm_forward_kernel, (x_rows.shape[0],),
-            x_rows, weight, y_rows, rstd, x_rows.stride(0), y_rows.stride(0), n_cols, eps, offset,
-            GEMMA_CASTING=gemma, BLOCK=block, num_warps=num_warps,
+            _rms_norm_forward_kernel, (triton.cdiv(n_rows, rows),),
+            x_rows, weight, y_rows, rstd, x_rows.stride(0), y_rows.stride(0), n_rows, n_cols, eps, offset,
+            GEMMA_CASTING=gemma, ROWS=rows, BLOCK=block, num_warps=num_warps,
         )  # fmt: skip
     return y, x_rows, rstd
 
@@ -199,7 +207,8 @@ def rms_norm_backward(
             grad_rows, x_rows, weight, rstd, dx_rows, dw_partial,
             grad_rows.stride(0), x_rows.stride(0), dx_rows.stride(0),
             n_rows, n_cols, offset, triton.cdiv(n_rows, n_programs),
-            GEMMA_CASTING=casting == "gemma", COMPUTE_DW=compute_dw, BLOCK=block, num_warps=num_warps,
+            GEMMA_CASTING=casting == "gemma", COMPUTE_DW=compute_dw, ROWS=_LAUNCH.rows_at_once(block), BLOCK=block,
+            num_warps=num_warps,
         )  # fmt: skip
     dw = None
     if compute_dw:
