@@ -5,7 +5,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_max_relative_close
+from helpers import TOLERANCE, assert_close_scaled, assert_max_relative_close
 
 from lightning_fastft import _runtime
 from lightning_fastft.kernels.glu import (
@@ -13,6 +13,7 @@ from lightning_fastft.kernels.glu import (
     geglu,
     glu,
     glu_backward,
+    glu_backward_weighted,
     glu_forward,
     glu_reference,
     swiglu,
@@ -94,6 +95,32 @@ def test_backward_into_halves_of_one_buffer(device):
     assert_max_relative_close(h, h_ref, torch.float32)
     with pytest.raises(ValueError, match="takes no out tensors"):
         glu_backward(dh, gate, up, "silu", inplace=True, out=(buffer[:, :37], buffer[:, 37:]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_weighted_backward_matches_scaled_rows_reference(device, activation, dtype):
+    """For rows y_s = c_s * act(g_s) * u_s (mixture-of-experts rows and their routing weights):
+    the gradients of g and u for c_s * dh_s, h, and dc_s = <dh_s, h_s>, against fp64, written into
+    the strided halves of one (rows, 2I) buffer; 1500 columns span more than one default block."""
+    for rows, cols in ((7, 37), (3, 1500)):
+        u = torch.randn(rows, 2 * cols, device=device).to(dtype)
+        dh, weights = torch.randn(rows, cols, device=device).to(dtype), torch.rand(rows, device=device)
+        buffer = torch.full((rows, 2 * cols), float("nan"), device=device, dtype=dtype)
+        halves = (buffer[:, :cols], buffer[:, cols:])
+        h, dc = glu_backward_weighted(dh, u[:, :cols], u[:, cols:], weights, activation, out=halves)
+        gate64, up64 = (t.double().requires_grad_() for t in (u[:, :cols], u[:, cols:]))
+        h64 = glu_reference(gate64, up64, activation)
+        scaled_dh = dh * weights.to(dtype)[:, None]  # c_s dh_s rounded to dh's dtype, as HF's multiply
+        h64.backward(scaled_dh.double())
+        rtol = 2 * TOLERANCE[dtype]  # two roundings in a row: c_s dh_s, then the gradient
+        assert_close_scaled(h.double(), h64.detach(), rtol)
+        assert_close_scaled(buffer.double(), torch.cat([gate64.grad, up64.grad], dim=1), rtol)
+        dc64 = (dh.double() * h64.detach().to(dtype).double()).sum(1)  # <dh_s, h_s>, h as stored
+        assert dc.dtype == torch.float32
+        assert_close_scaled(dc.double(), dc64, rtol)
+    with pytest.raises(ValueError, match="unit column stride"):
+        glu_backward_weighted(dh, u[:, :cols].t(), u[:, cols:], weights, activation, out=halves)
 
 
 def test_out_of_place_launchers_leave_inputs_intact(device):

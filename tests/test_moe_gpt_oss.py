@@ -23,6 +23,7 @@ from lightning_fastft.kernels.clamped_swiglu import (
     ClampedSwiGLU,
     clamped_swiglu,
     clamped_swiglu_backward,
+    clamped_swiglu_backward_weighted,
     clamped_swiglu_reference,
 )
 from lightning_fastft.kernels.moe import ExpertLora, moe_experts, moe_experts_reference
@@ -86,6 +87,23 @@ def test_clamped_swiglu_strided_rows_and_h_from_backward(device):
     (grad64,) = torch.autograd.grad(h64, gate_up64, dh.double())
     assert_close(h, h64)
     assert_close(grad, grad64)
+
+
+def test_clamped_swiglu_weighted_backward(device):
+    """Rows scaled by routing weights after the gate: the gate/up gradient for c_s * dh_s, h and
+    dc_s = <dh_s, h_s> against fp64, on values past the clamp limit."""
+    gate_up = _gate_up_values((9, 2 * 41), device)
+    dh, weights = torch.randn(9, 41, device=device), torch.rand(9, device=device)
+    h, grad, dc = clamped_swiglu_backward_weighted(dh, gate_up, weights, ALPHA, LIMIT)
+    gate_up64, c64 = gate_up.double().requires_grad_(), weights.double().requires_grad_()
+    h64 = clamped_swiglu_reference(gate_up64, ALPHA, LIMIT)
+    (c64[:, None] * h64).backward(dh.double())
+    _assert_clamp_at_work(gate_up)
+    assert_close(h, h64)
+    assert_close(grad, gate_up64.grad)
+    assert_close(dc, c64.grad)
+    with pytest.raises(ValueError, match="does not match"):
+        clamped_swiglu_backward_weighted(dh[:, :40], gate_up, weights, ALPHA, LIMIT)
 
 
 def test_clamped_swiglu_rejects_bad_input(device):

@@ -65,6 +65,10 @@ class LaunchPolicy:
         return max(1, min(n_rows, workers))
 
 
+WHOLE_ROW = LaunchPolicy()
+"""One program per whole row, however wide: for kernels that reduce over the row in one sum."""
+
+
 @functools.cache
 def _multiprocessor_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .._runtime import triton_enabled, warn_fallback
-from ._launch import MAX_BLOCK, LaunchPolicy, launch
+from ._launch import MAX_BLOCK, WHOLE_ROW, LaunchPolicy, launch
 
 _LAUNCH = LaunchPolicy(max_block=MAX_BLOCK)
 
@@ -92,13 +92,16 @@ def _clamped_swiglu_forward_kernel(
 
 @triton.jit
 def _clamped_swiglu_backward_kernel(
-    dh_ptr, gate_up_ptr, dgate_up_ptr, h_ptr,
+    dh_ptr, gate_up_ptr, dgate_up_ptr, h_ptr, weights_ptr, dots_ptr,
     stride_dh, stride_gate_up, stride_dgate_up, stride_h,
     n_cols, alpha, limit,
     STORE_H: tl.constexpr,
+    ROW_WEIGHTS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """dg, dp (module docstring) written interleaved into dgate_up; optionally also h."""
+    """dg, dp (module docstring) written interleaved into dgate_up; optionally also h. With
+    ROW_WEIGHTS (one program per whole row) as the GLU backward's (:mod:`.glu`): the gradient
+    ``c * dh`` of routing-weighted rows, ``dots[row] = <dh, h>``."""
     blocks_per_row = tl.cdiv(n_cols, BLOCK)
     pid = tl.program_id(0)
     row = (pid // blocks_per_row).to(tl.int64)
@@ -112,13 +115,18 @@ def _clamped_swiglu_backward_kernel(
     v = tl.minimum(tl.maximum(p, -limit), limit)
     s = tl.sigmoid(alpha * c)
     glu = c * s
+    h = ((v + 1.0) * glu).to(h_ptr.dtype.element_ty)
+    if ROW_WEIGHTS:
+        tl.store(dots_ptr + row, tl.sum(dh * h.to(tl.float32), axis=0))
+        weight = tl.load(weights_ptr + row).to(dh_ptr.dtype.element_ty).to(tl.float32)
+        dh = (dh * weight).to(dh_ptr.dtype.element_ty).to(tl.float32)
     dg = tl.where(g <= limit, dh * (v + 1.0) * s * (1.0 + alpha * c * (1.0 - s)), 0.0)
     dp = tl.where((p >= -limit) & (p <= limit), dh * glu, 0.0)
     out_pair = dgate_up_ptr + row * stride_dgate_up + 2 * cols
     tl.store(out_pair, dg.to(dgate_up_ptr.dtype.element_ty), mask=mask)
     tl.store(out_pair + 1, dp.to(dgate_up_ptr.dtype.element_ty), mask=mask)
     if STORE_H:
-        tl.store(h_ptr + row * stride_h + cols, ((v + 1.0) * glu).to(h_ptr.dtype.element_ty), mask=mask)
+        tl.store(h_ptr + row * stride_h + cols, h, mask=mask)
 
 
 def _rows(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -160,12 +168,37 @@ def clamped_swiglu_backward(
         block, num_warps = _LAUNCH.settings(n_cols)
         launch(
             _clamped_swiglu_backward_kernel, (dh2.shape[0] * triton.cdiv(n_cols, block),),
-            dh2, gate_up2, dgate_up2, h2,
+            dh2, gate_up2, dgate_up2, h2, dh2, dh2,
             dh2.stride(0), gate_up2.stride(0), dgate_up2.stride(0), h2.stride(0),
             n_cols, float(alpha), float(limit),
-            STORE_H=return_h, BLOCK=block, num_warps=num_warps,
+            STORE_H=return_h, ROW_WEIGHTS=False, BLOCK=block, num_warps=num_warps,
         )  # fmt: skip
     return (h, dgate_up) if return_h else dgate_up
+
+
+def clamped_swiglu_backward_weighted(
+    dh: torch.Tensor, gate_up: torch.Tensor, weights: torch.Tensor, alpha: float, limit: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(h, dgate_up, dc)`` for routing-weighted rows ``y_s = c_s h_s`` from the unscaled ``dh``
+    (rows, I), as :func:`~.glu.glu_backward_weighted`: ``dgate_up`` for ``c_s dh_s``, ``h``
+    recomputed, ``dc_s = <dh_s, h_s>`` in fp32; one program per row."""
+    n_cols = gate_up.shape[-1] // 2
+    if dh.dim() != 2 or dh.shape != (gate_up.shape[0], n_cols) or dh.stride(-1) != 1:
+        raise ValueError(f"clamped_swiglu: dh {tuple(dh.shape)} does not match gate_up {tuple(gate_up.shape)}")
+    dgate_up = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
+    h = torch.empty(dh.shape, dtype=gate_up.dtype, device=gate_up.device)
+    dots = torch.empty(dh.shape[0], dtype=torch.float32, device=dh.device)
+    if dh.numel():
+        gate_up2 = _rows(gate_up, 2 * n_cols)
+        block, num_warps = WHOLE_ROW.settings(n_cols)
+        launch(
+            _clamped_swiglu_backward_kernel, (dh.shape[0],),
+            dh, gate_up2, dgate_up, h, weights, dots,
+            dh.stride(0), gate_up2.stride(0), dgate_up.stride(0), h.stride(0),
+            n_cols, float(alpha), float(limit),
+            STORE_H=True, ROW_WEIGHTS=True, BLOCK=block, num_warps=num_warps,
+        )  # fmt: skip
+    return h, dgate_up, dots
 
 
 class _ClampedSwiGLUFunction(torch.autograd.Function):

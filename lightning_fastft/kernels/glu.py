@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .._runtime import triton_enabled, warn_fallback
-from ._launch import MAX_BLOCK, LaunchPolicy, launch
+from ._launch import MAX_BLOCK, WHOLE_ROW, LaunchPolicy, launch
 
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
 _ACTIVATION_IDS = {name: i for i, name in enumerate(ACTIVATIONS)}
@@ -130,16 +130,19 @@ def _glu_forward_kernel(
 
 @triton.jit
 def _glu_backward_kernel(
-    dh_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, h_ptr,
+    dh_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, h_ptr, weights_ptr, dots_ptr,
     stride_dh, stride_gate, stride_up, stride_dgate, stride_dup, stride_h,
     n_cols,
     ACTIVATION: tl.constexpr,
     STORE_H: tl.constexpr,
+    ROW_WEIGHTS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """dg = dh * u * act'(g), du = dh * act(g), act(g) recomputed from g; optionally also
     h = act(g) * u. Every input element is loaded before any output is stored, so the outputs
-    may alias the inputs (dgate onto gate, dup onto up, h onto dh)."""
+    may alias the inputs (dgate onto gate, dup onto up, h onto dh). With ROW_WEIGHTS (one
+    program per whole row) the incoming gradient is ``c * dh`` with ``c = weights[row]``, rounded to
+    dh's dtype as a separate multiply would be, and ``dots[row] = <dh, h>`` (h rounded) is stored."""
     blocks_per_row = tl.cdiv(n_cols, BLOCK)
     pid = tl.program_id(0)
     row = (pid // blocks_per_row).to(tl.int64)
@@ -149,10 +152,15 @@ def _glu_backward_kernel(
     g = tl.load(gate_ptr + row * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(up_ptr + row * stride_up + cols, mask=mask, other=0.0).to(tl.float32)
     a, da = _activation_and_derivative(g, ACTIVATION, True)
+    h = (a * u).to(h_ptr.dtype.element_ty)
+    if ROW_WEIGHTS:
+        tl.store(dots_ptr + row, tl.sum(dh * h.to(tl.float32), axis=0))
+        weight = tl.load(weights_ptr + row).to(dh_ptr.dtype.element_ty).to(tl.float32)
+        dh = (dh * weight).to(dh_ptr.dtype.element_ty).to(tl.float32)
     tl.store(dgate_ptr + row * stride_dgate + cols, (dh * u * da).to(dgate_ptr.dtype.element_ty), mask=mask)
     tl.store(dup_ptr + row * stride_dup + cols, (dh * a).to(dup_ptr.dtype.element_ty), mask=mask)
     if STORE_H:
-        tl.store(h_ptr + row * stride_h + cols, (a * u).to(h_ptr.dtype.element_ty), mask=mask)
+        tl.store(h_ptr + row * stride_h + cols, h, mask=mask)
 
 
 def _launch_shape(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], int, int, int, int]:
@@ -231,12 +239,42 @@ def glu_backward(
         h2 = views[5] if return_h else dh2
         launch(
             _glu_backward_kernel, (grid,),
-            dh2, gate2, up2, dgate2, dup2, h2,
+            dh2, gate2, up2, dgate2, dup2, h2, dh2, dh2,
             dh2.stride(0), gate2.stride(0), up2.stride(0), dgate2.stride(0), dup2.stride(0), h2.stride(0),
             n_cols,
-            ACTIVATION=act_id, STORE_H=return_h, BLOCK=block, num_warps=num_warps,
+            ACTIVATION=act_id, STORE_H=return_h, ROW_WEIGHTS=False, BLOCK=block, num_warps=num_warps,
         )
     return (h, dgate, dup) if return_h else (dgate, dup)
+
+
+def glu_backward_weighted(
+    dh: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    weights: torch.Tensor,
+    activation: str = "silu",
+    *,
+    out: tuple[torch.Tensor, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GLU backward of rows scaled after it: for ``y_s = c_s h_s`` (a mixture-of-experts row
+    and its routing weight ``c_s``, ``weights`` (rows,)) from the unscaled upstream ``dh`` (rows,
+    cols). Writes ``dgate``, ``dup`` for ``c_s dh_s`` (rounded to dh's dtype first, as a separate
+    multiply would be) into ``out`` and returns ``(h, dc)``: ``h`` recomputed and ``dc_s = <dh_s,
+    h_s>`` in fp32, the gradient of the weights. One pass, one program per row."""
+    act_id = _check_activation(activation)
+    h = torch.empty(dh.shape, dtype=dh.dtype, device=dh.device)
+    dots = torch.empty(dh.shape[0], dtype=torch.float32, device=dh.device)
+    operands = (dh, gate, up, *out, h)
+    if any(t.dim() != 2 or t.shape != dh.shape or t.stride(-1) != 1 for t in operands):
+        raise ValueError(f"glu_backward_weighted: operands must be {tuple(dh.shape)} (rows, cols) with unit column stride")
+    if dh.numel():
+        block, num_warps = WHOLE_ROW.settings(dh.shape[1])
+        launch(
+            _glu_backward_kernel, (dh.shape[0],),
+            *operands, weights, dots, *(t.stride(0) for t in operands), dh.shape[1],
+            ACTIVATION=act_id, STORE_H=True, ROW_WEIGHTS=True, BLOCK=block, num_warps=num_warps,
+        )  # fmt: skip
+    return h, dots
 
 
 class _GLUFunction(torch.autograd.Function):

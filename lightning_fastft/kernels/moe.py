@@ -59,8 +59,13 @@ import triton
 import triton.language as tl
 
 from .._runtime import triton_enabled, warn_fallback
-from .clamped_swiglu import ClampedSwiGLU, clamped_swiglu_backward, clamped_swiglu_forward, clamped_swiglu_reference
-from .glu import glu_backward, glu_forward, glu_reference
+from .clamped_swiglu import (
+    ClampedSwiGLU,
+    clamped_swiglu_backward_weighted,
+    clamped_swiglu_forward,
+    clamped_swiglu_reference,
+)
+from .glu import glu_backward_weighted, glu_forward, glu_reference
 from ._launch import LaunchPolicy, launch
 from .grouped_gemm import grouped_mm, grouped_mm_weight_grad
 
@@ -232,15 +237,17 @@ def _gate_forward(u: torch.Tensor, activation: ExpertActivation) -> torch.Tensor
     return glu_forward(u[:, :inter], u[:, inter:], activation)
 
 
-def _gate_backward(dh: torch.Tensor, u: torch.Tensor, activation: ExpertActivation):
-    """``(h, du)``, ``du`` laid out like ``u`` (one buffer: the GLU writes its two halves)."""
+def _gate_backward(big_g: torch.Tensor, weights: torch.Tensor, u: torch.Tensor, activation: ExpertActivation):
+    """``(h, du, dw)`` for rows scaled by their routing weights after the down projection: ``du``
+    (laid out like ``u``, one buffer: the GLU writes its two halves) for ``dh_s = w_s G_s``, ``h``
+    recomputed, ``dw_s = <G_s, h_s>`` in fp32. One pass (no scaled copy of G)."""
     if isinstance(activation, ClampedSwiGLU):
-        return clamped_swiglu_backward(dh, u, activation.alpha, activation.limit, return_h=True)
+        return clamped_swiglu_backward_weighted(big_g, u, weights, activation.alpha, activation.limit)
     inter = u.shape[1] // 2
     du = torch.empty_like(u)
     halves = (du[:, :inter], du[:, inter:])
-    h, _, _ = glu_backward(dh, u[:, :inter], u[:, inter:], activation, out=halves, return_h=True)
-    return h, du
+    h, d_weights = glu_backward_weighted(big_g, u[:, :inter], u[:, inter:], weights, activation, out=halves)
+    return h, du, d_weights
 
 
 class _MoEExpertsFunction(torch.autograd.Function):
@@ -288,8 +295,7 @@ class _MoEExpertsFunction(torch.autograd.Function):
         dyb = grouped_mm(dy, d_b, offsets) if d_b is not None else None
         d_lora_term = (dyb, d_a, d_scale) if d_b is not None else ()
         big_g = grouped_mm(dy, w_d.transpose(1, 2), offsets, *d_lora_term)
-        h, du = _gate_backward(_scale_rows(big_g, weights), u, ctx.activation)
-        d_weights = torch.bmm(big_g.unsqueeze(1), h.unsqueeze(2)).view(-1)
+        h, du, d_weights = _gate_backward(big_g, weights, u, ctx.activation)
         if d_bias is not None:  # <dy_s, c_d,e>: a grouped product with the bias as an (H, 1) matrix
             d_weights += grouped_mm(dy, d_bias.unsqueeze(2), offsets).view(-1)
         grad_weights = d_weights.index_select(0, inverse).to(top_k_weights.dtype)
