@@ -175,8 +175,9 @@ def test_hf_recording_seen_paused_and_added_to():
 
 @pytest.mark.parametrize("set_to_none", [True, False])
 def test_graph_gradients_become_grad_uncopied_and_accumulate_exactly(set_to_none):
-    """A graph hands out its gradient buffers: kept as .grad (no copy), copied before the next replay
-    overwrites them, so that accumulation over micro-batches and zero_grad both stay exact."""
+    """A graph hands out its gradient buffers: kept as .grad (no copy), copied before the stack's
+    next forward, whose replays may overwrite them (one memory pool for all the stack's graphs), so
+    that accumulation over micro-batches and zero_grad both stay exact."""
     buffer = torch.zeros(3)
 
     class Replayed(torch.autograd.Function):  # as make_graphed_callables' backward: a static buffer
@@ -191,24 +192,25 @@ def test_graph_gradients_become_grad_uncopied_and_accumulate_exactly(set_to_none
             buffer.copy_(grad * x)
             return buffer.detach(), None
 
-    def call(weight, x, buffers, unshare=True):  # as StackGraphs.call
+    def step(weight, x, held, unshare=True):  # as StackGraphs.call at the first layer, then a replay
         if unshare:
-            _unshare_gradients([weight], buffers)
-        Replayed.apply(_GraphGradients.apply(buffers, weight)[0], x).sum().backward()
+            _unshare_gradients(held)
+        buffer.fill_(float("nan"))  # another layer's forward replay writing into the shared pool
+        Replayed.apply(_GraphGradients.apply(held, weight)[0], x).sum().backward()
 
-    weight, buffers = torch.nn.Parameter(torch.randn(3)), set()
-    call(weight, torch.full((3,), 1.0), buffers)
-    assert weight.grad.data_ptr() == buffer.data_ptr() and buffers == {buffer.data_ptr()}  # no copy
-    call(weight, torch.full((3,), 2.0), buffers)  # a second micro-batch
+    weight, held = torch.nn.Parameter(torch.randn(3)), {}
+    step(weight, torch.full((3,), 1.0), held)
+    assert weight.grad.data_ptr() == buffer.data_ptr() and held == {weight: buffer.data_ptr()}  # no copy
+    step(weight, torch.full((3,), 2.0), held)  # a second micro-batch
     torch.testing.assert_close(weight.grad, torch.full((3,), 3.0))
     weight.grad = None if set_to_none else weight.grad.zero_()
-    call(weight, torch.full((3,), 5.0), buffers)
-    call(weight, torch.full((3,), 7.0), buffers)
+    step(weight, torch.full((3,), 5.0), held)
+    step(weight, torch.full((3,), 7.0), held)
     torch.testing.assert_close(weight.grad, torch.full((3,), 12.0))
 
-    weight, buffers = torch.nn.Parameter(torch.randn(3)), set()
+    weight, held = torch.nn.Parameter(torch.randn(3)), {}
     for x in (1.0, 2.0):
-        call(weight, torch.full((3,), x), buffers, unshare=False)
+        step(weight, torch.full((3,), x), held, unshare=False)
     assert not torch.equal(weight.grad, torch.full((3,), 3.0))  # the failure the copy prevents
 
 

@@ -32,9 +32,9 @@ When a layer call replays its graph, and when it runs its own forward ("eagerly"
   inside the layer) warns once with the error, and that stack stays eager.
 
 Gradients: a graph writes the parameter gradients into buffers that its next replay overwrites.
-They become the parameters' ``.grad`` without a copy (:class:`_GraphGradients`); the layer's next
-graphed call first copies any ``.grad`` still held there, so accumulation over micro-batches stays
-exact. A reference to a ``.grad`` taken before ``zero_grad`` is the graph's buffer, as a layer
+They become the parameters' ``.grad`` without a copy (:class:`_GraphGradients`); the stack's next
+training forward first copies any ``.grad`` still held there, so accumulation over micro-batches
+stays exact. A reference to a ``.grad`` taken before ``zero_grad`` is the graph's buffer, as a layer
 output is. Outputs of a graphed layer are the graph's buffers too: a layer output kept past the next
 step (``output_hidden_states`` stored across steps) is overwritten by the next replay.
 """
@@ -75,28 +75,31 @@ _warned_recorded = False
 
 class _GraphGradients(torch.autograd.Function):
     """Identity on a layer's trainable parameters whose backward hands autograd the graph's own
-    parameter-gradient buffers, noting their addresses in ``buffers``. Autograd's AccumulateGrad
-    keeps a gradient that nothing else references as ``.grad`` itself: after a replay a parameter's
-    ``.grad`` is the graph's buffer, with no copy. The layer's next replay would overwrite it, so
-    the call before that replay clones every ``.grad`` still held there (:func:`_unshare_gradients`):
-    accumulation over micro-batches stays exact, and a step without accumulation copies nothing."""
+    parameter-gradient buffers, noting each one's address in ``held`` (by parameter). Autograd's
+    AccumulateGrad keeps a gradient that nothing else references as ``.grad`` itself: after a
+    replay a parameter's ``.grad`` is the graph's buffer, with no copy. The stack's graphs share one
+    memory pool, so any of its replays may overwrite that buffer: before the stack's next forward
+    its first layer's call copies every ``.grad`` still held there (:meth:`StackGraphs.call`).
+    Accumulation over micro-batches stays exact, and a step without accumulation copies nothing."""
 
     @staticmethod
-    def forward(ctx, buffers: set[int], *parameters: Tensor) -> tuple[Tensor, ...]:
-        ctx.buffers = buffers
+    def forward(ctx, held: dict, *parameters: Tensor) -> tuple[Tensor, ...]:
+        ctx.held, ctx.parameters = held, parameters
         return tuple(parameter.view_as(parameter) for parameter in parameters)
 
     @staticmethod
     def backward(ctx, *grads: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
-        ctx.buffers.update(grad.data_ptr() for grad in grads if grad is not None)
+        ctx.held.update((p, grad.data_ptr()) for p, grad in zip(ctx.parameters, grads) if grad is not None)
         return (None, *grads)
 
 
-def _unshare_gradients(parameters: list[nn.Parameter], buffers: set[int]) -> None:
-    """Each ``.grad`` that is one of a graph's gradient ``buffers`` replaced by a copy of it."""
-    for parameter in parameters:
-        if parameter.grad is not None and parameter.grad.data_ptr() in buffers:
+def _unshare_gradients(held: dict) -> None:
+    """Each ``.grad`` that is still the graph buffer ``held`` notes for its parameter replaced by a
+    copy of it; ``held`` emptied."""
+    for parameter, pointer in held.items():
+        if parameter.grad is not None and parameter.grad.data_ptr() == pointer:
             parameter.grad = parameter.grad.clone()
+    held.clear()
 
 
 def call_signature(args: tuple, kwargs: dict) -> Optional[tuple[tuple, list[Tensor]]]:
@@ -186,18 +189,19 @@ class StackGraphs:
     graphs: Optional[_Graphs] = None
     samples: list[Optional[_Sample]] = field(default_factory=list)
     pending: list[Optional[weakref.ref]] = field(default_factory=list)
-    grad_buffers: list[set[int]] = field(default_factory=list)  # per layer: its graph's gradient buffers
+    held_gradients: dict = field(default_factory=dict)  # parameter -> address of its graph's gradient buffer
 
     def __post_init__(self) -> None:
         self.samples = [None] * len(self.layers)
         self.pending = [None] * len(self.layers)
-        self.grad_buffers = [set() for _ in self.layers]
 
     def call(self, i: int, *args: Any, **kwargs: Any) -> Any:
         """Layer ``i``'s call: its graph replayed when one fits the call, else its own forward."""
         layer = self.layers[i]
         if not (torch.is_grad_enabled() and layer.training) or self.eager_reason is not None:
             return self.forwards[i](*args, **kwargs)
+        if i == 0:  # the replays to come may overwrite the graphs' gradient buffers: no .grad left there
+            _unshare_gradients(self.held_gradients)
         args, kwargs = without_cache(args, kwargs)
         signature = call_signature(args, kwargs)
         if signature is None:
@@ -220,8 +224,7 @@ class StackGraphs:
             self.samples[i] = _Sample.of(key, tensors, hidden_states)
             return self.forwards[i](*args, **kwargs)
         parameters = _trainable(layer)
-        _unshare_gradients(parameters, self.grad_buffers[i])
-        routed = _GraphGradients.apply(self.grad_buffers[i], *parameters) if parameters else ()
+        routed = _GraphGradients.apply(self.held_gradients, *parameters) if parameters else ()
         output, router_logits = graphed(*tensors, *routed)
         hf_record("router_logits", router_logits)
         self.replays += 1
