@@ -77,6 +77,7 @@ def _rms_norm_forward_kernel(
     BLOCK: tl.constexpr,
 ):
     """ROWS rows per program: rstd = rsqrt(mean(x^2) + eps), y = (w + offset) * x * rstd.
+
     Saves the fp32 rstd of each row; the backward recomputes x_hat = x * rstd from it.
     """
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -115,6 +116,7 @@ def _rms_norm_backward_kernel(
     BLOCK: tl.constexpr,
 ):
     """Each program walks a contiguous chunk of rows, ROWS at a time.
+
     With w' = w + offset and x_hat = x * rstd:
       dx = rstd * (g * w' - x_hat * mean(g * w' * x_hat))    (per row)
       dw = sum_rows(g * x_hat)   (x_hat rounded to x.dtype for Llama casting, as in the forward)
