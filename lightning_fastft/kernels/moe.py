@@ -133,9 +133,8 @@ def _sort_by_expert(top_k_index: torch.Tensor, n_experts: int):
     permutation (sorted position of each pair), their tokens, int32 group ends."""
     flat = top_k_index.reshape(-1)
     experts, order = torch.sort(flat, stable=True)
-    positions = torch.arange(order.shape[0], device=order.device)
-    inverse = torch.empty_like(order).scatter_(0, order, positions)
-    ids = positions[:n_experts] if n_experts <= order.shape[0] else torch.arange(n_experts, device=flat.device)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
+    ids = torch.arange(n_experts, device=flat.device)
     offsets = torch.searchsorted(experts, ids, right=True, out_int32=True)  # pairs with expert <= e
     return order, inverse, order // top_k_index.shape[1], offsets
 
