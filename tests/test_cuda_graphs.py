@@ -180,7 +180,7 @@ def test_graph_gradients_become_grad_uncopied_and_accumulate_exactly(set_to_none
     that accumulation over micro-batches and zero_grad both stay exact."""
     buffer = torch.zeros(3)
 
-    class Replayed(torch.autograd.Function):  # as make_graphed_callables' backward: a static buffer
+    class Replayed(torch.autograd.Function):  # as a graph's backward replay: a static buffer
         @staticmethod
         def forward(ctx, weight, x):
             ctx.save_for_backward(x)
@@ -237,6 +237,45 @@ def test_graphed_training_equals_eager(checkpointing, accumulate):
     (state,) = cuda_graphs_of(graphed)
     assert state.captures == 1 and state.eager_reason is None
     assert state.replays == 2 * (len(batches) - 1)  # 2 layers; the first forward runs eagerly
+
+
+@needs_cuda
+@pytest.mark.parametrize("checkpointing", ["recompute", None])
+def test_consecutive_layers_share_their_buffers(checkpointing):
+    """Five layers: each layer's input buffer is the previous layer's output buffer, the hidden state's
+    gradient passes through two buffers taken in turn (layer j writes turn j % 2, which layer j-1
+    reads), and training with accumulation still equals eager."""
+    model, _ = lora_llama("cuda", layers=5)
+    graphed, eager = _graphed_and_eager(model, checkpointing=checkpointing)
+    batches = _batches([11] * 8, "cuda")
+    _assert_same(_train(graphed, batches, accumulate=2), _train(eager, batches, accumulate=2))
+    (state,) = cuda_graphs_of(graphed)
+    assert state.captures == 1 and state.replays == 5 * 7
+    graphs = state.graphs.functions
+    assert [graph.shared_input for graph in graphs] == [False, True, True, True, True]
+    turns = set()
+    for before, graph in zip(graphs, graphs[1:]):
+        assert graph.inputs[graph.hidden].data_ptr() == before.outputs[0].data_ptr()
+        assert before.grad_outputs[0].data_ptr() == graph.grad_inputs[graph.hidden].data_ptr()
+        turns.add(before.grad_outputs[0].data_ptr())
+    assert len(turns) == 2
+    pointers = [graph.grad_outputs[0].data_ptr() for graph in graphs[:-1]]
+    assert pointers[0::2] == [pointers[0]] * len(pointers[0::2]) and pointers[1::2] == [pointers[1]] * 2
+
+
+@needs_cuda
+def test_a_hidden_state_changed_between_layers_runs_the_next_layer_eagerly():
+    """A hook on layer 0 hands layer 1 another tensor than layer 0's output buffer, which is layer 1's
+    input buffer: layer 1 (and so every later layer) runs eagerly instead of copying over layer 0's
+    output, and training equals eager."""
+    model, _ = lora_llama("cuda", layers=3)
+    graphed, eager = _graphed_and_eager(model)
+    for patched in (graphed, eager):
+        patched.base_model.model.model.layers[0].register_forward_hook(lambda module, args, output: output * 0.5)
+    batches = _batches([10] * 4, "cuda")
+    _assert_same(_train(graphed, batches), _train(eager, batches))
+    (state,) = cuda_graphs_of(graphed)
+    assert state.captures == 1 and state.replays == 3  # layer 0 in steps 2..4
 
 
 @needs_cuda
@@ -313,7 +352,7 @@ def test_a_failed_capture_leaves_the_stack_eager_and_the_process_as_it_was(monke
         torch.cuda.set_stream(side)
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(torch.cuda, "make_graphed_callables", failing_capture)
+    monkeypatch.setattr(cuda_graphs, "_capture_stack", failing_capture)
     stream = torch.cuda.current_stream()
     batches = _batches([13] * 4, "cuda")
     with pytest.warns(UserWarning, match="stays eager: its capture failed: RuntimeError: operation not permitted"):

@@ -316,10 +316,10 @@ def export_lm(model_type: str, vocab_size: int, seed: int = 0, **overrides) -> n
 LORA_HIDDEN, LORA_INTERMEDIATE, LORA_VOCAB = 72, 177, 61  # 6 heads of 12, 2 KV heads: k/v out 24; odd intermediate
 
 
-def lora_llama(device, dtype=torch.float32, target_modules="all-linear", **lora_kwargs):
+def lora_llama(device, dtype=torch.float32, target_modules="all-linear", layers=2, **lora_kwargs):
     """PEFT LoRA (r 8, alpha 16, random lora_B) Llama on ``device`` in ``dtype``; returns (model, its layer 1)."""
     config = LlamaConfig(
-        hidden_size=LORA_HIDDEN, intermediate_size=LORA_INTERMEDIATE, num_hidden_layers=2,
+        hidden_size=LORA_HIDDEN, intermediate_size=LORA_INTERMEDIATE, num_hidden_layers=layers,
         num_attention_heads=6, num_key_value_heads=2, vocab_size=LORA_VOCAB,
     )  # fmt: skip
     model = LlamaForCausalLM(config)

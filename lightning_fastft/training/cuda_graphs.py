@@ -5,9 +5,11 @@ launches dozens of kernels in forward, again in the backward recompute and in ba
 launch costs the host tens of microseconds of Python, autograd and dispatch. With ``cuda_graphs``
 each decoder layer's training forward and backward (with ``checkpointing="recompute"``: the
 recompute inside the backward) is captured once as a pair of CUDA graphs and replayed afterwards,
-two launches per layer. The capture is :func:`torch.cuda.make_graphed_callables`, all layers of a
-stack in one call so that their graphs share one memory pool in the order they run: the memory of
-the step stays what the checkpointing plan makes it.
+two launches per layer. All layers of a stack are captured together (:func:`_capture_stack`), their
+graphs in one memory pool in the order they run, and consecutive layers share their static buffers:
+a layer's output buffer is the next layer's input buffer (no copy, and what a checkpointed layer
+keeps for its backward is kept once), and the hidden state's gradient passes between layers through
+two buffers taken in turn. The memory of the step stays what the checkpointing plan makes it.
 
 When a layer call replays its graph, and when it runs its own forward ("eagerly"):
 
@@ -25,7 +27,9 @@ When a layer call replays its graph, and when it runs its own forward ("eagerly"
   differs runs eagerly; if its signature repeats, the stack is captured again and the old graphs
   are dropped. After :data:`MAX_CAPTURES` captures of one stack it stays eager, with a warning.
 * A layer whose last graphed forward still waits for its backward (two forwards before one
-  backward) runs eagerly: a replay would overwrite what that backward needs.
+  backward) runs eagerly: a replay would overwrite what that backward needs. So does a layer whose
+  input buffer is the previous layer's output buffer when its hidden state is another tensor (the
+  previous layer ran eagerly, or the model changed its output on the way): a copy would overwrite it.
 * A layer whose parameters or buffers moved since the capture (``model.to``, ``param.data = ...``)
   drops its stack's graphs; the stack is captured again.
 * A capture that fails (an operation CUDA graphs cannot capture, such as a host synchronisation
@@ -36,7 +40,8 @@ They become the parameters' ``.grad`` without a copy (:class:`_GraphGradients`);
 training forward first copies any ``.grad`` still held there, so accumulation over micro-batches
 stays exact. A reference to a ``.grad`` taken before ``zero_grad`` is the graph's buffer, as a layer
 output is. Outputs of a graphed layer are the graph's buffers too: a layer output kept past the next
-step (``output_hidden_states`` stored across steps) is overwritten by the next replay.
+step (``output_hidden_states`` stored across steps) is overwritten by the next replay. The hidden
+state's gradient a layer's backward hands out lives until the backward of the layer two before it.
 """
 
 from __future__ import annotations
@@ -149,10 +154,12 @@ class _Sample:
 
     key: tuple
     tensors: list[Optional[Tensor]]  # None at the hidden state
+    hidden: int  # the hidden state's index among the call's tensors
 
     @classmethod
     def of(cls, key: tuple, tensors: list[Tensor], hidden_states: Tensor) -> "_Sample":
-        return cls(key, [None if t is hidden_states else t.detach().clone() for t in tensors])
+        hidden = next(i for i, tensor in enumerate(tensors) if tensor is hidden_states)
+        return cls(key, [None if i == hidden else t.detach().clone() for i, t in enumerate(tensors)], hidden)
 
     def capture_arguments(self, parameters: list[nn.Parameter]) -> tuple[Tensor, ...]:
         tensors = [
@@ -164,12 +171,158 @@ class _Sample:
 
 
 @dataclass
+class _LayerGraph:
+    """One layer's captured forward and backward graphs with their static tensors: ``inputs`` (the
+    call's tensors, then the trainable parameters), the flat ``outputs`` (``spec`` rebuilds them),
+    ``grad_outputs`` (filled before the backward replay; None where an output needs no gradient) and
+    ``grad_inputs`` (what the backward replay writes; None where an input needs no gradient).
+    ``shared_input``: the hidden-state input is the previous layer's output buffer (its forward
+    replay writes it, so no copy: a call whose hidden state is another tensor runs eagerly)."""
+
+    forward: torch.cuda.CUDAGraph
+    backward: Optional[torch.cuda.CUDAGraph]  # None: nothing to differentiate
+    inputs: tuple[Tensor, ...]
+    calls: int  # how many of ``inputs`` are the call's tensors (copied in at a replay)
+    hidden: int  # the hidden state's index among them
+    shared_input: bool
+    outputs: tuple[Tensor, ...]
+    spec: pytree.TreeSpec
+    grad_outputs: tuple[Optional[Tensor], ...]
+    grad_inputs: tuple[Optional[Tensor], ...]
+
+    def __call__(self, *inputs: Tensor) -> Any:
+        return pytree.tree_unflatten(list(_Replay.apply(self, *inputs)), self.spec)
+
+    def reads(self, hidden_states: Tensor) -> bool:
+        """Whether a replay can take ``hidden_states``: any tensor, or where the input buffer is the
+        previous layer's output, that very buffer (a copy into it would overwrite that output)."""
+        return not self.shared_input or hidden_states.data_ptr() == self.inputs[self.hidden].data_ptr()
+
+
+class _Replay(torch.autograd.Function):
+    """A layer's graphs as an autograd node: forward copies the call's tensors into the static inputs
+    (but those already there) and replays the forward graph; backward copies the incoming gradients
+    into the static gradient outputs (likewise) and replays the backward graph. The outputs and the
+    input gradients handed out are the graphs' static buffers, valid until their next replay."""
+
+    @staticmethod
+    def forward(ctx, graph: _LayerGraph, *inputs: Tensor) -> tuple[Tensor, ...]:
+        ctx.graph = graph
+        for static, given in zip(graph.inputs[: graph.calls], inputs):
+            if static.data_ptr() != given.data_ptr():
+                static.copy_(given)
+        graph.forward.replay()
+        return tuple(output.detach() for output in graph.outputs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads: Tensor) -> tuple[Optional[Tensor], ...]:
+        graph = ctx.graph
+        for static, grad in zip(graph.grad_outputs, grads):
+            if static is not None and static.data_ptr() != grad.data_ptr():
+                static.copy_(grad)
+        if graph.backward is not None:
+            graph.backward.replay()
+        return (None, *(None if grad is None else grad.detach() for grad in graph.grad_inputs))
+
+
+def _capture_stack(functions: list[Callable], arguments: list[tuple[Tensor, ...]], calls: list[int],
+                   hidden: list[int], shares: list[bool], warmups: int = 3) -> list[_LayerGraph]:
+    """Capture each function's forward and backward as CUDA graphs in one memory pool, all forwards
+    in order, then all backwards in reverse (the order a training step runs them). ``arguments[j]``:
+    function j's sample tensors (the call's ``calls[j]`` tensors, the hidden state at ``hidden[j]``,
+    then the parameters to differentiate for). Where ``shares[j]``, function j follows function j-1
+    in the stack and takes its output as hidden state, and the two share buffers:
+
+    * function j's hidden-state input buffer is function j-1's output buffer (no copy at a replay, and
+      no second copy of what a checkpointed layer keeps for its backward);
+    * function j's backward writes the hidden state's gradient into one of two buffers taken in turn
+      (a copy at the graph's end), which is function j-1's incoming-gradient buffer: two hidden-size
+      buffers for the stack instead of one per layer.
+
+    Every other incoming-gradient buffer (the last layer's, the router logits') is filled by a copy
+    just before its backward replay and read only during it: one buffer per shape and dtype serves
+    all layers. Temporaries of the captures come from the pool and are reused between graphs."""
+    torch.cuda.synchronize()
+    with torch.cuda.stream(torch.cuda.Stream()):  # kernels compile and allocate outside the captures
+        for function, sample in zip(functions, arguments):
+            inputs = [a for a in sample if a.requires_grad]
+            for _ in range(warmups):
+                outputs = [o for o in pytree.tree_leaves(function(*sample)) if isinstance(o, Tensor) and o.requires_grad]
+                if outputs and inputs:
+                    torch.autograd.grad(outputs, inputs, [torch.randn_like(o) for o in outputs], allow_unused=True)
+                del outputs
+    torch.cuda.synchronize()
+    pool = torch.cuda.graph_pool_handle()
+    shares = list(shares)
+    forwards, static_inputs, static_outputs, specs = [], [], [], []
+    turns: list[Tensor] = []  # the two hidden-state gradient buffers, taken in turn
+    for j, (function, sample) in enumerate(zip(functions, arguments)):
+        sample = list(sample)
+        if shares[j]:  # only where the previous output stands in for this hidden state exactly
+            previous, own = static_outputs[j - 1][0], sample[hidden[j]]
+            template = turns[0] if turns else own
+            shares[j] = (
+                isinstance(previous, Tensor) and previous.requires_grad == own.requires_grad
+                and (previous.shape, previous.dtype, previous.device) == (own.shape, own.dtype, own.device)
+                and (template.shape, template.dtype) == (own.shape, own.dtype)
+            )
+        if shares[j]:
+            sample[hidden[j]] = previous.detach().requires_grad_(own.requires_grad)
+            if not turns:
+                turns = [torch.empty_like(own) for _ in range(2)]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            flat, spec = pytree.tree_flatten(function(*sample))
+        forwards.append(graph)
+        static_inputs.append(tuple(sample))
+        static_outputs.append(tuple(flat))
+        specs.append(spec)
+    copied_in: dict[tuple, Tensor] = {}  # one incoming-gradient buffer per (shape, dtype) for the rest
+    backwards, grad_outputs, grad_inputs = [None] * len(functions), [None] * len(functions), [None] * len(functions)
+    for j in reversed(range(len(functions))):
+        outputs, inputs = static_outputs[j], static_inputs[j]
+        incoming: list[Optional[Tensor]] = []
+        for k, output in enumerate(outputs):
+            if not (isinstance(output, Tensor) and output.requires_grad):
+                incoming.append(None)
+            elif k == 0 and j + 1 < len(functions) and shares[j + 1]:
+                incoming.append(turns[(j + 1) % 2])
+            else:
+                slot = (tuple(output.shape), output.dtype, output.device)
+                if slot not in copied_in:
+                    copied_in[slot] = torch.empty_like(output)
+                incoming.append(copied_in[slot])
+        differentiable = [k for k, output in enumerate(outputs) if incoming[k] is not None]
+        wanted = [k for k, tensor in enumerate(inputs) if tensor.requires_grad]
+        grads: list[Optional[Tensor]] = [None] * len(inputs)
+        graph = torch.cuda.CUDAGraph() if differentiable and wanted else None
+        if graph is not None:
+            with torch.cuda.graph(graph, pool=pool):
+                found = torch.autograd.grad([outputs[k] for k in differentiable], [inputs[k] for k in wanted],
+                                            [incoming[k] for k in differentiable], allow_unused=True)
+                for k, grad in zip(wanted, found):
+                    grads[k] = grad
+                if shares[j] and inputs[hidden[j]].requires_grad:  # the previous layer's incoming gradient
+                    turn = turns[j % 2]
+                    grads[hidden[j]] = turn.zero_() if grads[hidden[j]] is None else turn.copy_(grads[hidden[j]])
+                del found
+        backwards[j], grad_outputs[j], grad_inputs[j] = graph, tuple(incoming), tuple(grads)
+    torch.cuda.synchronize()
+    return [
+        _LayerGraph(forwards[j], backwards[j], static_inputs[j], calls[j], hidden[j], shares[j], static_outputs[j],
+                    specs[j], grad_outputs[j], grad_inputs[j])
+        for j in range(len(functions))
+    ]
+
+
+@dataclass
 class _Graphs:
-    """The captured graphs of one stack: per layer the key it was captured for, its graphed function
-    (None: that layer was not captured) and the addresses of its weights at capture."""
+    """The captured graphs of one stack: per layer the key it was captured for, its graphs (None:
+    that layer was not captured) and the addresses of its weights at capture."""
 
     keys: list[Optional[tuple]]
-    functions: list[Optional[Callable]]
+    functions: list[Optional[_LayerGraph]]
     pointers: list[tuple[int, ...]]
 
 
@@ -220,6 +373,8 @@ class StackGraphs:
         if i == 0 and self._repeats(key):
             self._capture()
         graphed = self._graphed(i, key)
+        if graphed is not None and not graphed.reads(hidden_states):
+            graphed = None  # the previous layer ran eagerly, or its output was changed on the way
         if graphed is None:
             self.samples[i] = _Sample.of(key, tensors, hidden_states)
             return self.forwards[i](*args, **kwargs)
@@ -247,7 +402,7 @@ class StackGraphs:
             return False
         return all(sample is not None for sample in self.samples) and self.samples[0].key == key
 
-    def _graphed(self, i: int, key: tuple) -> Optional[Callable]:
+    def _graphed(self, i: int, key: tuple) -> Optional[_LayerGraph]:
         graphs = self.graphs
         if graphs is None or graphs.keys[i] != key or graphs.functions[i] is None:
             return None
@@ -279,8 +434,11 @@ class StackGraphs:
             self._stay_eager(f"no layer can be captured (layer 0: {reasons[0]})")
             return
         aliases = [_aliases(self.layers[i]) for i in chosen]
-        functions = tuple(_layer_function(self.forwards[i], samples[i].key) for i in chosen)
-        arguments = tuple(samples[i].capture_arguments(list(a.values())) for i, a in zip(chosen, aliases))
+        functions = [_layer_function(self.forwards[i], samples[i].key) for i in chosen]
+        arguments = [samples[i].capture_arguments(list(a.values())) for i, a in zip(chosen, aliases)]
+        calls = [len(samples[i].tensors) for i in chosen]
+        hidden = [samples[i].hidden for i in chosen]
+        shares = [j > 0 and chosen[j - 1] == i - 1 for j, i in enumerate(chosen)]
         # Garbage collected during a capture (an old graph, a pinned buffer, a CUDA event of an earlier
         # model) frees device resources, which a capturing stream does not allow: collect first, and
         # not during it (torch did the same before its captures until 2.9).
@@ -289,7 +447,7 @@ class StackGraphs:
         gc.disable()
         try:
             with _autocast_cache_off(), _swapped(self.layers, chosen, aliases), hf_output_recording_paused(), _quiet():
-                graphed = torch.cuda.make_graphed_callables(functions, arguments, allow_unused_input=True)
+                graphed = _capture_stack(functions, arguments, calls, hidden, shares)
         except Exception as error:  # noqa: BLE001 - any capture failure leaves the stack eager, named
             torch.cuda.set_stream(stream)  # a capture that failed at its end leaves its side stream current
             self._stay_eager(f"its capture failed: {type(error).__name__}: {error}")
@@ -378,7 +536,8 @@ def _quiet():
 
 @contextlib.contextmanager
 def _autocast_cache_off():
-    """make_graphed_callables refuses autocast's weight-cast cache; the graphs cast as they replay."""
+    """Without autocast's weight-cast cache: a cast cached inside a capture would be a pool tensor that
+    outlives it; the graphs cast as they replay."""
     enabled = torch.is_autocast_cache_enabled()
     torch.set_autocast_cache_enabled(False)
     try:
