@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .._runtime import triton_enabled, warn_fallback
-from ._launch import MAX_BLOCK, WHOLE_ROW, LaunchPolicy, launch
+from ._launch import MAX_BLOCK, LaunchPolicy, launch
 
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
 _ACTIVATION_IDS = {name: i for i, name in enumerate(ACTIVATIONS)}
@@ -129,6 +129,32 @@ def _glu_forward_kernel(
 
 
 @triton.jit
+def _glu_backward_columns(
+    row, cols, mask, dh_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, h_ptr,
+    stride_dh, stride_gate, stride_up, stride_dgate, stride_dup, stride_h,
+    weight,
+    ACTIVATION: tl.constexpr,
+    STORE_H: tl.constexpr,
+    ROW_WEIGHTS: tl.constexpr,
+):
+    """The backward of the columns ``cols`` of one row (see :func:`_glu_backward_kernel`); returns
+    ``dh * h`` (h rounded, dh unscaled) in fp32, the row's share of ``<dh, h>`` there."""
+    dh = tl.load(dh_ptr + row * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(gate_ptr + row * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + row * stride_up + cols, mask=mask, other=0.0).to(tl.float32)
+    a, da = _activation_and_derivative(g, ACTIVATION, True)
+    h = (a * u).to(h_ptr.dtype.element_ty)
+    products = dh * h.to(tl.float32)
+    if ROW_WEIGHTS:
+        dh = (dh * weight).to(dh_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(dgate_ptr + row * stride_dgate + cols, (dh * u * da).to(dgate_ptr.dtype.element_ty), mask=mask)
+    tl.store(dup_ptr + row * stride_dup + cols, (dh * a).to(dup_ptr.dtype.element_ty), mask=mask)
+    if STORE_H:
+        tl.store(h_ptr + row * stride_h + cols, h, mask=mask)
+    return products
+
+
+@triton.jit
 def _glu_backward_kernel(
     dh_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, h_ptr, weights_ptr, dots_ptr,
     stride_dh, stride_gate, stride_up, stride_dgate, stride_dup, stride_h,
@@ -140,27 +166,32 @@ def _glu_backward_kernel(
 ):
     """dg = dh * u * act'(g), du = dh * act(g), act(g) recomputed from g; optionally also
     h = act(g) * u. Every input element is loaded before any output is stored, so the outputs
-    may alias the inputs (dgate onto gate, dup onto up, h onto dh). With ROW_WEIGHTS (one
-    program per whole row) the incoming gradient is ``c * dh`` with ``c = weights[row]``, rounded to
-    dh's dtype as a separate multiply would be, and ``dots[row] = <dh, h>`` (h rounded) is stored."""
-    blocks_per_row = tl.cdiv(n_cols, BLOCK)
-    pid = tl.program_id(0)
-    row = (pid // blocks_per_row).to(tl.int64)
-    cols = (pid % blocks_per_row) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    dh = tl.load(dh_ptr + row * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(gate_ptr + row * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(up_ptr + row * stride_up + cols, mask=mask, other=0.0).to(tl.float32)
-    a, da = _activation_and_derivative(g, ACTIVATION, True)
-    h = (a * u).to(h_ptr.dtype.element_ty)
+    may alias the inputs (dgate onto gate, dup onto up, h onto dh); one program per BLOCK columns
+    of one row. With ROW_WEIGHTS one program per row walks it BLOCK columns at a time: the
+    incoming gradient is ``c * dh`` with ``c = weights[row]``, rounded to dh's dtype as a separate
+    multiply would be, and ``dots[row] = <dh, h>`` (h rounded) is stored."""
     if ROW_WEIGHTS:
-        tl.store(dots_ptr + row, tl.sum(dh * h.to(tl.float32), axis=0))
+        row = tl.program_id(0).to(tl.int64)
         weight = tl.load(weights_ptr + row).to(dh_ptr.dtype.element_ty).to(tl.float32)
-        dh = (dh * weight).to(dh_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(dgate_ptr + row * stride_dgate + cols, (dh * u * da).to(dgate_ptr.dtype.element_ty), mask=mask)
-    tl.store(dup_ptr + row * stride_dup + cols, (dh * a).to(dup_ptr.dtype.element_ty), mask=mask)
-    if STORE_H:
-        tl.store(h_ptr + row * stride_h + cols, h, mask=mask)
+        dots = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            dots += _glu_backward_columns(
+                row, cols, cols < n_cols, dh_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, h_ptr,
+                stride_dh, stride_gate, stride_up, stride_dgate, stride_dup, stride_h,
+                weight, ACTIVATION, STORE_H, ROW_WEIGHTS,
+            )  # fmt: skip
+        tl.store(dots_ptr + row, tl.sum(dots, axis=0))
+    else:
+        blocks_per_row = tl.cdiv(n_cols, BLOCK)
+        pid = tl.program_id(0)
+        row = (pid // blocks_per_row).to(tl.int64)
+        cols = (pid % blocks_per_row) * BLOCK + tl.arange(0, BLOCK)
+        _glu_backward_columns(
+            row, cols, cols < n_cols, dh_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, h_ptr,
+            stride_dh, stride_gate, stride_up, stride_dgate, stride_dup, stride_h,
+            1.0, ACTIVATION, STORE_H, ROW_WEIGHTS,
+        )  # fmt: skip
 
 
 def _launch_shape(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], int, int, int, int]:
@@ -260,7 +291,8 @@ def glu_backward_weighted(
     and its routing weight ``c_s``, ``weights`` (rows,)) from the unscaled upstream ``dh`` (rows,
     cols). Writes ``dgate``, ``dup`` for ``c_s dh_s`` (rounded to dh's dtype first, as a separate
     multiply would be) into ``out`` and returns ``(h, dc)``: ``h`` recomputed and ``dc_s = <dh_s,
-    h_s>`` in fp32, the gradient of the weights. One pass, one program per row."""
+    h_s>`` in fp32, the gradient of the weights. One pass, one program per row, which walks a row
+    wider than the block (Mixtral's 14336) a block at a time."""
     act_id = _check_activation(activation)
     h = torch.empty(dh.shape, dtype=dh.dtype, device=dh.device)
     dots = torch.empty(dh.shape[0], dtype=torch.float32, device=dh.device)
@@ -268,7 +300,7 @@ def glu_backward_weighted(
     if any(t.dim() != 2 or t.shape != dh.shape or t.stride(-1) != 1 for t in operands):
         raise ValueError(f"glu_backward_weighted: operands must be {tuple(dh.shape)} (rows, cols) with unit column stride")
     if dh.numel():
-        block, num_warps = WHOLE_ROW.settings(dh.shape[1])
+        block, num_warps = _LAUNCH.settings(dh.shape[1])
         launch(
             _glu_backward_kernel, (dh.shape[0],),
             *operands, weights, dots, *(t.stride(0) for t in operands), dh.shape[1],
