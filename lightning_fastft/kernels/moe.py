@@ -253,7 +253,7 @@ class _MoEExpertsFunction(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, hidden, top_k_index, top_k_weights, gate_up, down, gu_bias, d_bias, gu_b, gu_a, d_b, d_a,
-        gu_scale, d_scale, activation, transposed,
+        gu_scale, d_scale, activation, transposed, output_unused,
     ):  # fmt: skip
         k = top_k_index.shape[1]
         w_gu, w_d = _as_in_out(gate_up, transposed), _as_in_out(down, transposed)
@@ -264,11 +264,13 @@ class _MoEExpertsFunction(torch.autograd.Function):
         xa = grouped_mm(x, gu_a.transpose(1, 2), offsets) if gu_lora else None
         u = _project(x, w_gu, offsets, gu_lora, xa, gu_bias)
         del x
-        h = _gate_forward(u, activation)
+        h = _gate_forward(u, activation) if d_lora or not output_unused else None
         ha = grouped_mm(h, d_a.transpose(1, 2), offsets) if d_lora else None
-        d = _project(h, w_d, offsets, d_lora, ha, d_bias)
+        if output_unused:  # the backward needs u and the LoRA products, not d
+            out = hidden.new_empty(hidden.shape)
+        else:
+            out = unsort_sum(_project(h, w_d, offsets, d_lora, ha, d_bias), inverse, k, top_k_weights)
         del h
-        out = unsort_sum(d, inverse, k, top_k_weights)
         ctx.save_for_backward(
             hidden, top_k_weights, gate_up, down, d_bias, gu_b, gu_a, d_b, d_a, order, inverse, offsets, u, xa, ha
         )
@@ -327,7 +329,7 @@ class _MoEExpertsFunction(torch.autograd.Function):
         grad_gu_a = grouped_mm_weight_grad(dub, x, offsets) * gu_scale if need_gu_a else None
         return (
             grad_hidden, None, grad_weights.view(top_k_weights.shape), grad_gate_up, grad_down, grad_gu_bias,
-            grad_d_bias, grad_gu_b, grad_gu_a, grad_d_b, grad_d_a, None, None, None, None,
+            grad_d_bias, grad_gu_b, grad_gu_a, grad_d_b, grad_d_a, None, None, None, None, None,
         )  # fmt: skip
 
 
@@ -343,9 +345,15 @@ def moe_experts(
     gate_up_bias: torch.Tensor | None = None,
     down_bias: torch.Tensor | None = None,
     transposed: bool = False,
+    output_unused: bool = False,
 ) -> torch.Tensor:
     """The routed experts' output (T, H) with autograd (see the module docstring); where Triton
-    cannot run (no CUDA device, TRITON_INTERPRET unset) :func:`moe_experts_reference`."""
+    cannot run (no CUDA device, TRITON_INTERPRET unset) :func:`moe_experts_reference`.
+
+    ``output_unused=True``: the caller differentiates through the output but never reads its value
+    (a checkpointed layer's recompute, :func:`~lightning_fastft.training.checkpointing.recomputing`):
+    the down projection and the un-permutation are skipped (the backward does not need ``d``) and
+    the output is left uninitialised; the gradients are the same."""
     n_experts, hidden_size = gate_up.shape[0], hidden.shape[1]
     w_gu, w_d = _as_in_out(gate_up, transposed), _as_in_out(down, transposed)
     if gate_up.dim() != 3 or w_gu.shape[1] != hidden_size or w_d.shape != (n_experts, w_gu.shape[2] // 2, hidden_size):
@@ -373,5 +381,5 @@ def moe_experts(
     return _MoEExpertsFunction.apply(
         hidden, top_k_index, top_k_weights, gate_up, down, gate_up_bias, down_bias,
         gu.b if gu else None, gu.a if gu else None, dn.b if dn else None, dn.a if dn else None,
-        gu.scale if gu else 1.0, dn.scale if dn else 1.0, activation, transposed,
+        gu.scale if gu else 1.0, dn.scale if dn else 1.0, activation, transposed, output_unused,
     )  # fmt: skip

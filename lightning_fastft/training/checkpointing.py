@@ -105,6 +105,26 @@ def keep_router_logits(model: nn.Module) -> None:
                 module._fastft_keeps_output = True
 
 
+_recomputing: list[bool] = [False]
+
+
+def recomputing() -> bool:
+    """Whether a checkpointed layer's forward is running again for its backward. Its outputs' values
+    are not read then (only the tensors its operations save, and the autograd graph): an operation
+    whose output only flows to the layer's output may skip computing it (the experts' down
+    projection of a mixture-of-experts layer, :mod:`~lightning_fastft.patching.moe`)."""
+    return _recomputing[-1]
+
+
+@contextlib.contextmanager
+def _recompute():
+    _recomputing.append(True)
+    try:
+        yield
+    finally:
+        _recomputing.pop()
+
+
 @contextlib.contextmanager
 def collecting_side_outputs():
     """The tensors handed to :func:`keep_differentiable` inside (by layers not checkpointed within it;
@@ -546,7 +566,7 @@ class _OffloadedLayer(torch.autograd.Function):
             tensor.detach().requires_grad_(needs)
             for tensor, needs in zip(saved, needs_grad[1 : 1 + len(call.other_positions)])
         ]
-        with torch.enable_grad(), ctx.rng.restored(), ctx.autocast.restored(), collecting_side_outputs() as side:
+        with torch.enable_grad(), ctx.rng.restored(), ctx.autocast.restored(), _recompute(), collecting_side_outputs() as side:
             output = call.run(hidden_states, other_inputs)
         output_tensors = [leaf for leaf in pytree.tree_leaves(output) if isinstance(leaf, Tensor)] + side
         differentiable = [
