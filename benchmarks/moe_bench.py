@@ -251,7 +251,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--impls", nargs="+", default=["hf", "fastft"], choices=["hf", "fastft", "fastft_graphs", "liger"],
                         help="fastft_graphs: fastft with cuda_graphs=True (after fastft, on the same patched model)")
-    parser.add_argument("--checkpointing", default="recompute", choices=["none", "recompute", "offload"])
+    parser.add_argument("--checkpointing", default="recompute", choices=["none", "recompute", "offload", "auto"])
+    parser.add_argument("--memory-budget-gib", type=float,
+                        help="checkpointing auto: the budget (default: the device's free memory minus a margin)")
     parser.add_argument("--experts-tokens", type=int, nargs="*", default=[2048, 8192],
                         help="token counts of the experts rows (none given: no experts rows)")
     parser.add_argument("--lora-dtype", default="fp32", choices=["fp32", "bf16"],
@@ -266,6 +268,7 @@ def main() -> None:
         parser.error("run --impls liger alone: Liger-Kernel rebinds transformers module globals")
 
     from lightning_fastft.patching import patch_model
+    from lightning_fastft.training.checkpointing import checkpoint_planner_of
 
     config = qwen3_moe_config(args.layers)
     with harness.Stopwatch("cuda") as build, torch.device("cuda"):  # LoRA factors created on the GPU
@@ -289,12 +292,17 @@ def main() -> None:
             wanted["fused_linear_cross_entropy"] = True
             accepted = inspect.signature(apply).parameters
             apply(model=model.get_base_model(), **{k: v for k, v in wanted.items() if k in accepted})
-        if impl == "fastft":
+        if impl == "fastft" and args.checkpointing == "auto":
+            print(patch_model(model, checkpointing="auto", memory_budget_gib=args.memory_budget_gib), flush=True)
+            expert_table = expert_rows(model, args.experts_tokens, args.profile) if args.experts_tokens else []
+        elif impl == "fastft":
             print(patch_model(model), flush=True)
             harness.set_checkpointing(model, args.checkpointing)
             expert_table = expert_rows(model, args.experts_tokens, args.profile) if args.experts_tokens else []
         elif impl == "fastft_graphs":
             graphs = {} if args.checkpointing == "none" else {"checkpointing": args.checkpointing}
+            if args.checkpointing == "auto":
+                graphs["memory_budget_gib"] = args.memory_budget_gib
             print(patch_model(model, cuda_graphs=True, **graphs), flush=True)
         else:
             harness.set_checkpointing(model, hf_checkpointing)
@@ -305,6 +313,11 @@ def main() -> None:
                            f"checkpointing {mode}, LoRA {args.lora_dtype}" + (", CUDA graphs" if impl == "fastft_graphs" else ""),
                            args.profile, args.memory_trace)  # fmt: skip
             )
+            planner = checkpoint_planner_of(model)
+            if impl.startswith("fastft") and planner is not None:
+                plan = planner.plan
+                rows[-1]["note"] += (f" (plan: {plan.count(None)} layers kept, {plan.count('recompute')} recomputed, "
+                                     f"{plan.count('offload')} offloaded; budget {args.memory_budget_gib} GiB)")  # fmt: skip
             print(rows[-1], flush=True)
     notes = [
         (

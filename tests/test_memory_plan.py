@@ -260,6 +260,24 @@ def test_plan_offloads_nothing_when_the_host_has_no_room(monkeypatch):
         loss_and_grads(planned(model, budget, HostOffloader(emulate_on_cpu=True)), make_batch("cpu"), 0)
 
 
+@pytest.mark.filterwarnings("ignore:lightning_fastft. cuda_graphs needs CUDA tensors")
+def test_under_cuda_graphs_the_plan_recomputes_rather_than_offloads():
+    """An offloaded layer runs without its CUDA graphs: under cuda_graphs the plan recomputes where a
+    plan without offload fits (fewer layers without checkpointing), and offloads only where none fits."""
+    from lightning_fastft.training.cuda_graphs import apply_cuda_graphs
+
+    model = lora_llama()
+    stack, fixed, loss = probe(model)
+    cases = [((2, 0, 1), False, (2, 0, 1)), ((2, 0, 1), True, (1, 2, 0)), ((1, 1, 1), True, (1, 1, 1))]
+    for budget_counts, graphed, counts in cases:
+        wrapped = planned(model, estimate_peak_bytes([stack], [budget_counts], fixed, loss), HostOffloader(emulate_on_cpu=True))
+        if graphed:
+            apply_cuda_graphs(wrapped)
+        loss_and_grads(wrapped, make_batch("cpu"), 0)
+        result = checkpoint_planner_of(wrapped).plan
+        assert (result.count(None), result.count("recompute"), result.count("offload")) == counts, (budget_counts, graphed)
+
+
 def test_plans_again_when_batches_grow():
     model = lora_llama()
     stack, fixed, loss = probe(model)

@@ -364,7 +364,9 @@ class AutoCheckpointing:
     The budget (``memory_budget_gib`` or
     :func:`~lightning_fastft.training.memory_plan.default_memory_budget`) and the model state
     (:func:`~lightning_fastft.training.memory_plan.model_state_bytes`) are read at the first plan
-    and kept. Offload is planned on CUDA devices, and on the CPU with an emulating ``offloader``.
+    and kept. Offload is planned on CUDA devices, and on the CPU with an emulating ``offloader``;
+    under ``cuda_graphs`` (:mod:`~lightning_fastft.training.cuda_graphs`), where an offloaded layer
+    runs without its graphs, only when no plan without offload fits the budget.
     """
 
     def __init__(
@@ -424,15 +426,23 @@ class AutoCheckpointing:
             else:
                 self.budget_bytes = round(self.memory_budget_gib * GIB)
         measured = [s for s, memory in enumerate(self.measured) if memory is not None]
-        plan = plan_checkpointing(
+        planning = partial(
+            plan_checkpointing,
             [self.measured[s] for s in measured],
             tokens=tokens,
             fixed_bytes=self._state_bytes,
             loss_workspace_bytes=loss_workspace_bytes(self.model, tokens),
             budget_bytes=self.budget_bytes,
-            offload=device.type == "cuda" or self.offloader.runs_on_cpu,
             host_budget_bytes=self.offloader.host_budget_bytes(),
         )
+        offload = device.type == "cuda" or self.offloader.runs_on_cpu
+        graphed = any(GRAPHED_ATTRIBUTE in layer.__dict__ for stack in self.stacks for layer in stack)
+        plan = None
+        if offload and graphed:  # an offloaded layer runs without its CUDA graphs: recompute where it fits
+            with contextlib.suppress(ValueError):
+                plan = planning(offload=False)
+        if plan is None:
+            plan = planning(offload=offload)
         modes = [(None,) * len(stack) for stack in self.stacks]
         for s, stack_modes in zip(measured, plan.modes):
             modes[s] = stack_modes

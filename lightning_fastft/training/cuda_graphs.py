@@ -15,7 +15,8 @@ When a layer call replays its graph, and when it runs its own forward ("eagerly"
 
 * Only training calls are graphed: grad enabled, the layer in train mode, CUDA tensors, no dropout
   active in the layer (a replayed recompute could not redraw the forward's random mask), the layer
-  not offloaded by the plan of ``checkpointing="auto"`` (host copies on a side stream), and no
+  not offloaded by the plan of ``checkpointing="auto"`` (host copies on a side stream; under graphs
+  that plan offloads only where no plan without offload fits its budget), and no
   Hugging Face output recorded from inside the layers but the router logits (``output_attentions``):
   a replay runs no module hooks, so such a forward runs eagerly, with a warning once. Router logits
   (``output_router_logits=True``, the load-balancing loss) are outputs of the graphs instead: each
