@@ -31,7 +31,8 @@ Plain loop: forward with ``labels = input_ids`` (the same random rows everywhere
 ``--steps`` synchronised steps after ``--warmup`` (Unsloth compiles in its first steps; with ``--rounds
 N`` every variant runs N times, every other round in reverse order, and the timed steps of all rounds
 are pooled: host-bound batch-1 steps drift by +-15% over minutes on the GPU machines); peak
-allocated and reserved memory from the step loop (peaks reset once the model is loaded; the loaded
+allocated (plus the CUDA graph pools' idle bytes, :func:`harness.graph_pool_idle_bytes`) and reserved
+memory from the step loop (peaks reset once the model is loaded; the loaded
 model is ``weights_gib``); every step's loss, so exactness is visible (B = 0 at LoRA init, so the first
 loss is the base model's for every variant).
 
@@ -198,7 +199,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     row.update(step_s=step, tokens_per_sec=args.batch * args.seq_len / step, losses=losses, step_times=times)
     row.update(first_loss=losses[0], last_loss=losses[-1])
     if on_cuda:
-        row["peak_gib"] = torch.cuda.max_memory_allocated() / harness.GIB
+        row["peak_gib"] = (torch.cuda.max_memory_allocated() + harness.graph_pool_idle_bytes()) / harness.GIB
         row["reserved_gib"] = torch.cuda.max_memory_reserved() / harness.GIB
     if "graphs" in args.variant:
         from lightning_fastft.training.cuda_graphs import cuda_graphs_of

@@ -163,8 +163,8 @@ def train_rows(
 def activation_peak(model, optimizer, forward_backward) -> int:
     """Peak bytes of one forward + backward above the model's state: the peak allocated during
     ``forward_backward()`` minus the parameters, buffers, optimizer state and the gradients it made.
-    What remains is activations, saved tensors and transients — CUDA graphs' static buffers and pool
-    included (allocated at capture, they are part of it). The caller steps the optimizer after."""
+    What remains is activations, saved tensors and transients — CUDA graphs' static buffers and their
+    whole pool included (:class:`harness.PeakMemory`). The caller steps the optimizer after."""
     state = [*model.parameters(), *model.buffers()]
     state += [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
     memory = harness.PeakMemory().start()
