@@ -14,7 +14,8 @@ build. bf16 LoRA r16 (alpha 16) on the attention projections and the stacked exp
 Training rows: random tokens, seq 2048, batch 1 and 4, AdamW on the LoRA parameters; each
 implementation's tokens/s (median step after warm-up) and peak CUDA memory (absolute; above
 the allocation before the measured steps, which includes AdamW's temporaries; and ``activation_gib``:
-one more step's forward + backward peak less parameters, buffers, optimizer state and gradients). Checkpointing:
+one more step's forward + backward peak less parameters, buffers, optimizer state and gradients, the
+gradients allocated before it: :func:`activation_peak`). Checkpointing:
 Hugging Face's gradient checkpointing for HF/Liger, ours (``--checkpointing``) for fastft.
 
 Experts rows (``--experts-tokens``): one MoE layer's experts, forward + backward (frozen base,
@@ -162,9 +163,15 @@ def train_rows(
 
 def activation_peak(model, optimizer, forward_backward) -> int:
     """Peak bytes of one forward + backward above the model's state: the peak allocated during
-    ``forward_backward()`` minus the parameters, buffers, optimizer state and the gradients it made.
-    What remains is activations, saved tensors and transients — CUDA graphs' static buffers and their
-    whole pool included (:class:`harness.PeakMemory`). The caller steps the optimizer after."""
+    ``forward_backward()`` minus the parameters, buffers, optimizer state and gradients. The gradients
+    are allocated (zeroed) before it starts, so that the peak is the activations' wherever it falls
+    (an eager backward allocates them as it goes, a graphed one holds them from the capture on: left
+    to the step, an eager peak at the backward's end would hide the activations behind the gradients
+    allocated by then). What remains is activations, saved tensors and transients — CUDA graphs' static
+    buffers and their whole pool included (:class:`harness.PeakMemory`). The caller steps the optimizer after."""
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
     state = [*model.parameters(), *model.buffers()]
     state += [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
     memory = harness.PeakMemory().start()
