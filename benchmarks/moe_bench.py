@@ -165,12 +165,20 @@ def activation_peak(model, optimizer, forward_backward) -> int:
     """Peak bytes of one forward + backward above the model's state: the peak allocated during
     ``forward_backward()`` minus the parameters, buffers, optimizer state and gradients. The gradients
     are allocated (zeroed) before it starts, so that the peak is the activations' wherever it falls
-    (an eager backward allocates them as it goes, a graphed one holds them from the capture on: left
-    to the step, an eager peak at the backward's end would hide the activations behind the gradients
-    allocated by then). What remains is activations, saved tensors and transients — CUDA graphs' static
+    (an eager backward allocates them as it goes, a graphed layer's are its graph's buffers, held from
+    the capture on and handed out as ``.grad``: left to the step, an eager peak at the backward's end
+    would hide the activations behind the gradients allocated by then). What remains is activations, saved tensors and transients — CUDA graphs' static
     buffers and their whole pool included (:class:`harness.PeakMemory`). The caller steps the optimizer after."""
+    from lightning_fastft.training.cuda_graphs import cuda_graphs_of
+
+    graphed = {  # their gradients are the graphs' buffers, allocated at the capture: .grad after the backward
+        parameter
+        for stack in cuda_graphs_of(model) if stack.graphs is not None
+        for layer, graph in zip(stack.layers, stack.graphs.functions) if graph is not None
+        for parameter in layer.parameters()
+    }  # fmt: skip
     for parameter in model.parameters():
-        if parameter.requires_grad and parameter.grad is None:
+        if parameter.requires_grad and parameter.grad is None and parameter not in graphed:
             parameter.grad = torch.zeros_like(parameter)
     state = [*model.parameters(), *model.buffers()]
     state += [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
