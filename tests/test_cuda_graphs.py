@@ -214,6 +214,40 @@ def test_graph_gradients_become_grad_uncopied_and_accumulate_exactly(set_to_none
     assert not torch.equal(weight.grad, torch.full((3,), 3.0))  # the failure the copy prevents
 
 
+def test_replay_copies_what_is_not_in_place_and_hands_out_its_buffers():
+    """A layer's graphs as an autograd node (stand-ins for the CUDA graphs, which replay y = 2x and
+    dx = 3 dy between static buffers): a call's tensor is copied into the static input unless it is that
+    buffer, the incoming gradient likewise; the output and the input gradient handed out are the static
+    buffers. A shared input buffer (the previous layer's output) takes only itself."""
+    import torch.utils._pytree as pytree
+
+    from lightning_fastft.training.cuda_graphs import _LayerGraph
+
+    static_x, static_y, static_dy, static_dx = (torch.full((3,), float("nan")) for _ in range(4))
+    replays = []
+
+    class Replayed:
+        def __init__(self, run):
+            self.replay = lambda: replays.append(run()) or None
+
+    graph = _LayerGraph(
+        Replayed(lambda: static_y.copy_(2 * static_x)), Replayed(lambda: static_dx.copy_(3 * static_dy)),
+        (static_x,), 1, 0, False, (static_y,), pytree.tree_flatten(static_y)[1], (static_dy,), (static_dx,),
+    )  # fmt: skip
+    x = torch.randn(3, requires_grad=True)
+    y = graph(x)
+    assert y.data_ptr() == static_y.data_ptr() and torch.equal(static_x, x.detach())
+    torch.testing.assert_close(y, 2 * x.detach())
+    dy = torch.randn(3)
+    y.backward(dy)
+    torch.testing.assert_close(x.grad, 3 * dy)
+    assert len(replays) == 2 and graph.reads(torch.zeros(3))
+    shared = _LayerGraph(**{**graph.__dict__, "shared_input": True})
+    assert shared.reads(static_x) and not shared.reads(x)
+    static_x.copy_(torch.arange(3.0)).requires_grad_()
+    torch.testing.assert_close(shared(static_x), 2 * torch.arange(3.0))  # its own buffer, taken as it is
+
+
 def test_on_a_cpu_the_layers_run_their_own_forward_once_warned(monkeypatch):
     monkeypatch.setattr(cuda_graphs, "_warned_no_cuda", False)
     graphed, eager = _graphed_and_eager(_lora_model("cpu"))
