@@ -365,14 +365,19 @@ def test_lightning_fit_plans_and_metrics_count_the_recomputed_share(tmp_path):
 
 def test_hf_trainer_callback_counts_the_auto_plan_in_mfu(tmp_path):
     """FastFTCallback (HF Trainer) reads the recomputed share again once checkpointing="auto" has
-    planned: MFU counts the recomputed layer of the plan, not the none-yet of before the first step."""
+    planned: MFU counts the recomputed layer of the plan, not the none-yet of before the first step.
+    The budget comes from the prepared (patched) model's own measure: its layers save other tensors
+    than Hugging Face's (and other ones again where the kernels run their PyTorch reference)."""
     from transformers import Trainer, TrainingArguments
 
     from lightning_fastft.callbacks.metrics import checkpoint_fraction_of, flops_coefficients
     from lightning_fastft.integrations.hf import FastFTCallback, prepare_model
 
     model = lora_llama()
-    stack, fixed, loss = probe(model)
+    measured = prepare_model(copy.deepcopy(model), checkpointing="auto", memory_budget_gib=2**50 / GIB)
+    loss_and_grads(measured, make_batch("cpu"), 0)
+    planner = checkpoint_planner_of(measured)
+    stack, fixed, loss = planner.measured[0], planner.plan.fixed_bytes, loss_workspace_bytes(measured, BATCH * SEQ)
     budget_gib = estimate_peak_bytes([stack], [(2, 1, 0)], fixed, loss) / GIB
     model = prepare_model(copy.deepcopy(model), checkpointing="auto", memory_budget_gib=budget_gib)
     assert checkpoint_fraction_of(model) == 0  # no plan before the first training forward
