@@ -307,12 +307,12 @@ def main() -> None:
             wanted["fused_linear_cross_entropy"] = True
             accepted = inspect.signature(apply).parameters
             apply(model=model.get_base_model(), **{k: v for k, v in wanted.items() if k in accepted})
-        if impl == "fastft" and args.checkpointing == "auto":
-            print(patch_model(model, checkpointing="auto", memory_budget_gib=args.memory_budget_gib), flush=True)
-            expert_table = expert_rows(model, args.experts_tokens, args.profile) if args.experts_tokens else []
-        elif impl == "fastft":
-            print(patch_model(model), flush=True)
-            harness.set_checkpointing(model, args.checkpointing)
+        if impl == "fastft":
+            if args.checkpointing == "auto":
+                print(patch_model(model, checkpointing="auto", memory_budget_gib=args.memory_budget_gib), flush=True)
+            else:
+                print(patch_model(model), flush=True)
+                harness.set_checkpointing(model, args.checkpointing)
             expert_table = expert_rows(model, args.experts_tokens, args.profile) if args.experts_tokens else []
         elif impl == "fastft_graphs":
             graphs = {} if args.checkpointing == "none" else {"checkpointing": args.checkpointing}
