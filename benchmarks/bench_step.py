@@ -233,7 +233,10 @@ def child(argv: list[str], timeout: float) -> dict[str, Any]:
         result = json.loads(Path(result_path).read_text() or "{}")
         if not result:
             result = {"status": f"failed (exit {process.returncode}): {output.strip().splitlines()[-1:]}"}
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as timed_out:
+        output = "".join(part if isinstance(part, str) else (part or b"").decode(errors="replace")
+                         for part in (timed_out.stdout, timed_out.stderr))  # fmt: skip
+        print(output[-3000:], flush=True)
         result = {"status": f"timed out after {timeout:.0f} s"}
     finally:
         Path(result_path).unlink(missing_ok=True)

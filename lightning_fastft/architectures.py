@@ -84,6 +84,9 @@ class ArchitectureSpec:
     gguf_arch: str | None = "LLAMA"  # the ``gguf.MODEL_ARCH`` member llama.cpp loads it as
     gguf_permute_qk: bool = False  # HF rotate-half q/k rows -> llama.cpp interleaved pairs
     tied_lm_head: bool = False  # the LM head is always the embedding (never written to GGUF)
+    mlp_output_to_residual: bool = True
+    """The decoder layer adds the (dense or sparse) MLP's output straight to the residual, so a
+    checkpointed layer's recompute may skip computing it (Gemma2 normalises it first)."""
 
     @property
     def norm_class(self) -> str:
@@ -125,6 +128,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         activation_attribute="hidden_activation",
         attention_kwargs=_layer_sliding_window_and_softcap,
         final_softcap_attribute="final_logit_softcapping",
+        mlp_output_to_residual=False,
     ),
     "qwen3_moe": ArchitectureSpec("Qwen3Moe", attention_kwargs=_layer_sliding_window, moe=MoeSpec(), gguf_arch=None),
     "qwen2_moe": ArchitectureSpec("Qwen2Moe", moe=MoeSpec(), gguf_arch=None),

@@ -385,18 +385,20 @@ def test_offloaded_checkpointing_through_moe_layers(device):
 
 
 @pytest.mark.parametrize("hooked", [False, True], ids=["plain", "hooked"])
-def test_recompute_skips_the_experts_down_projection(device, monkeypatch, hooked):
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe"])
+def test_recompute_skips_the_experts_down_projection(arch, device, monkeypatch, hooked):
     """Nothing reads the experts' output in a checkpointed layer's recompute (the layer only adds it
     to the residual): the down projection is skipped there (1 projection per layer instead of 2),
-    the gradients still equal HF's. A forward hook on the block sees the output: then it is computed."""
+    the gradients still equal HF's. A forward hook on the block sees the output: then it is computed.
+    Qwen2-MoE's shared expert is a dense MLP whose output the block gates: it is always computed."""
     moe_kernels = importlib.import_module("lightning_fastft.kernels.moe")
-    reference = _lora_model("qwen3_moe", device)
+    reference = _lora_model(arch, device)
     model = copy.deepcopy(reference)
     _patch(model, checkpointing="recompute")
     if hooked:
         for patched in (model, reference):
             for module in patched.modules():
-                if type(module).__name__ == "Qwen3MoeSparseMoeBlock":
+                if type(module).__name__.endswith("SparseMoeBlock"):
                     module.register_forward_hook(lambda module, args, output: None)
     projections = []
     project = moe_kernels._project
@@ -405,20 +407,6 @@ def test_recompute_skips_the_experts_down_projection(device, monkeypatch, hooked
     layers = _moe_layers(model)
     assert len(projections) == (4 if hooked else 3) * layers  # forward 2 per layer, recompute 1 (hooked: 2)
     _assert_same_training(model, reference, device)
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_decoder_layers_only_add_the_moe_output_to_the_residual(arch):
-    """What lets a recompute skip the experts' down projection (``patching.moe._output_unused``): in
-    every MoE architecture of the table, the line after the block's call adds its output to the
-    residual, and no later line but the return reads the hidden state."""
-    import inspect
-
-    source = inspect.getsource(type(moe_lm(arch).model.layers[0]).forward)
-    lines = [line.strip() for line in source[source.index("self.mlp(hidden_states)") :].splitlines()[1:]]
-    lines = [line for line in lines if line and not line.startswith("#")]
-    assert lines[0] == "hidden_states = residual + hidden_states", source
-    assert all(line.startswith("return") for line in lines[1:] if "hidden_states" in line), source
 
 
 # ---------------------------------------------------------------- Lightning training vs plain HF

@@ -1,6 +1,7 @@
 """patch_model: patched HF causal LMs compute what the unpatched ones do, on instances only."""
 
 import copy
+import importlib
 import pickle
 
 import pytest
@@ -9,6 +10,7 @@ from helpers import assert_close_scaled
 from tiny_models import ARCHITECTURES, PATCHING_VOCAB, patching_gpt2, patching_lm, patching_lora
 from torch import nn
 
+from lightning_fastft.architectures import ARCHITECTURES as ARCH_SPECS
 from lightning_fastft.attention import use_varlen_attention
 from lightning_fastft.patching import patch_model
 
@@ -82,6 +84,52 @@ def test_patched_peft_lora_matches_hf(model_type, fused_lora, device):
     fused = 2 if fused_lora else 0  # plain fp32 LoRA without dropout is fusable on every projection
     assert (counts["lora_qkv"], counts["lora_o"], counts["lora_mlp"], counts["mlp"]) == (fused, fused, fused, 2 - fused)
     check_patched_matches(reference, patched, random_batch(device))
+
+
+@pytest.mark.parametrize("hooked", [False, True], ids=["plain", "hooked"])
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_recompute_skips_the_mlp_down_projection(model_type, hooked, device, monkeypatch):
+    """Nothing reads the MLP's output in a checkpointed layer's recompute where the layer only adds it
+    to the residual: its down projection is skipped there (2 of 3 projections recomputed per layer),
+    the gradients still equal HF's. Gemma2 normalises the MLP's output first, and a forward hook on
+    the MLP sees it: then it is computed."""
+    lora_kernels = importlib.import_module("lightning_fastft.kernels.lora")
+    reference = patching_lora(patching_lm(model_type, attn_implementation="eager")).to(device)
+    patched = copy.deepcopy(reference)
+    patch_model(patched, checkpointing="recompute")
+    if hooked:
+        for model in (patched, reference):
+            for module in model.modules():
+                if type(module).__name__.endswith("MLP"):
+                    module.register_forward_hook(lambda module, args, output: None)
+    downs = []  # per projection: whether it is a down projection (its input has the intermediate size)
+    project = lora_kernels._project
+
+    def counting_project(x, w, dtype):
+        downs.append(x.shape[-1] == patched.config.intermediate_size)
+        return project(x, w, dtype)
+
+    monkeypatch.setattr(lora_kernels, "_project", counting_project)
+    check_patched_matches(reference, patched, random_batch(device))
+    recomputed = hooked or not ARCH_SPECS[model_type].mlp_output_to_residual
+    assert sum(downs) == (3 if recomputed else 2) * patched.config.num_hidden_layers  # forward, recompute, eval
+
+
+@pytest.mark.parametrize("model_type", ARCH_SPECS)
+def test_decoder_layers_add_the_mlp_output_as_the_table_says(model_type):
+    """``ArchitectureSpec.mlp_output_to_residual`` against the installed transformers: True exactly
+    where the line after the MLP's call adds its output to the residual and no later line but the
+    return reads the hidden state (then a recompute may skip computing it)."""
+    import inspect
+
+    modeling = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    source = inspect.getsource(getattr(modeling, f"{ARCH_SPECS[model_type].class_prefix}DecoderLayer").forward)
+    lines = [line.strip() for line in source[source.index("self.mlp(hidden_states)") :].splitlines()[1:]]
+    lines = [line for line in lines if line and not line.startswith("#")]
+    adds = lines[0] == "hidden_states = residual + hidden_states" and all(
+        line.startswith("return") for line in lines[1:] if "hidden_states" in line
+    )
+    assert adds == ARCH_SPECS[model_type].mlp_output_to_residual, source
 
 
 @pytest.mark.parametrize("switch", ["rms_norm", "rope", "mlp", "cross_entropy"])

@@ -52,14 +52,26 @@ def lora_qkv(x: torch.Tensor, q: LoRAWeights, k: LoRAWeights, v: LoRAWeights):
     return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outputs)
 
 
-def lora_mlp(x: torch.Tensor, gate: LoRAWeights, up: LoRAWeights, down: LoRAWeights, activation: str) -> torch.Tensor:
+def lora_mlp(
+    x: torch.Tensor,
+    gate: LoRAWeights,
+    up: LoRAWeights,
+    down: LoRAWeights,
+    activation: str,
+    output_unused: bool = False,
+) -> torch.Tensor:
     """``down(act(gate(x)) * up(x))`` with LoRA projections and ``activation`` a GLU activation
     name (HF ``hidden_act``: "silu", "gelu_pytorch_tanh", "gelu"). One autograd node when the
-    Triton GLU kernels can run; otherwise three :func:`lora_linear` around the reference GLU."""
+    Triton GLU kernels can run; otherwise three :func:`lora_linear` around the reference GLU.
+
+    ``output_unused=True``: the caller differentiates through the output but never reads its value
+    (a checkpointed layer's recompute, :func:`~lightning_fastft.training.checkpointing.recomputing`):
+    the down projection's base matmul is skipped (the backward needs only ``h A_down^T``) and the
+    output is left uninitialised; the gradients are the same."""
     _check_activation(activation)
     if not triton_enabled(x):
         return lora_linear(glu(lora_linear(x, gate), lora_linear(x, up), activation), down)
-    return _LoRAMLPFunction.apply(x, activation, *gate, *up, *down)
+    return _LoRAMLPFunction.apply(x, activation, output_unused, *gate, *up, *down)
 
 
 _FIELDS = len(LoRAWeights._fields)
@@ -229,16 +241,20 @@ class _LoRAMLPFunction(torch.autograd.Function):
     run only once per forward (retain_graph is refused)."""
 
     @staticmethod
-    def forward(ctx, x, activation, *weight_args):
+    def forward(ctx, x, activation, output_unused, *weight_args):
         gate, up, down = _unpack(weight_args, 3)
         dtype = _compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         g, xa_gate = _project(x2, gate, dtype)
         u, xa_up = _project(x2, up, dtype)
         h = glu_forward(g, u, activation)
-        y, ha_down = _project(h, down, dtype)
+        if output_unused:  # the backward needs g, u and ha_down, not y (which has x's width)
+            ha_down = None if down.lora_A is None else h @ down.lora_A.to(dtype).t()
+            y = x2.new_empty(x2.shape)
+        else:
+            y, ha_down = _project(h, down, dtype)
         del h
-        ctx.weights_offset = 2
+        ctx.weights_offset = 3
         ctx.x_dtype = x.dtype
         ctx.activation = activation
         ctx.consumed = False
@@ -278,4 +294,4 @@ class _LoRAMLPFunction(torch.autograd.Function):
                 dx = _add_input_grad(dx, d_out, dxa, w)
         if dx is not None:
             dx = dx.to(ctx.x_dtype).view(*dy.shape[:-1], x2.shape[-1])
-        return (dx, None, *grads, *_weight_grads(d_down_A, d_down_B))
+        return (dx, None, None, *grads, *_weight_grads(d_down_A, d_down_B))

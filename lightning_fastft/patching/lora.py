@@ -138,7 +138,9 @@ def fused_o(plans: tuple[ProjectionPlan, ...], x: torch.Tensor) -> torch.Tensor:
     return lora_linear(x, plans[0].weights())
 
 
-def fused_mlp(plans: tuple[ProjectionPlan, ...], x: torch.Tensor, activation: str) -> torch.Tensor:
+def fused_mlp(
+    plans: tuple[ProjectionPlan, ...], x: torch.Tensor, activation: str, output_unused: bool = False
+) -> torch.Tensor:
     """``down_proj(act(gate_proj(x)) * up_proj(x))`` as one fused LoRA op (``activation``: one of
-    the GLU kernel's ``ACTIVATIONS``)."""
-    return lora_mlp(x, *(plan.weights() for plan in plans), activation)
+    the GLU kernel's ``ACTIVATIONS``; ``output_unused``: see :func:`lora_mlp`)."""
+    return lora_mlp(x, *(plan.weights() for plan in plans), activation, output_unused=output_unused)

@@ -56,7 +56,7 @@ from lightning_fastft.patching.moe import (
     unsupported_moe_feature,
 )
 from lightning_fastft.patching.options import PatchOptions, takes_patch_options
-from lightning_fastft.training.checkpointing import apply_activation_checkpointing
+from lightning_fastft.training.checkpointing import apply_activation_checkpointing, output_unused
 from lightning_fastft.training.cuda_graphs import apply_cuda_graphs, remove_cuda_graphs
 
 GLU_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
@@ -197,6 +197,7 @@ class _MlpPlan:
     activation: str | None  # the GLU kernel's name for the MLP activation; None: no GLU path
     use_glu: bool
     fused_lora: bool
+    output_to_residual: bool  # see _adds_to_residual
 
 
 class ForwardPasses:
@@ -320,7 +321,7 @@ def _mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     plan: _MlpPlan = self._fastft_mlp
     plans = _pass_plans(self, GLU_MLP) if plan.fused_lora and plan.activation else None
     if plans is not None:
-        return fused_mlp(plans, x, plan.activation)
+        return fused_mlp(plans, x, plan.activation, output_unused=plan.output_to_residual and output_unused(self))
     if not plan.use_glu:  # the mlp switch is off and LoRA stopped being fusable: HF's forward
         return type(self).forward(self, x)
     return self.down_proj(glu(self.gate_proj(x), self.up_proj(x), plan.activation))
@@ -483,11 +484,20 @@ def _patch_attention(
     entry.patched["lora_o"] += fused_o
 
 
+def _adds_to_residual(name: str, spec: ArchitectureSpec) -> bool:
+    """Whether the decoder layer only adds the output of the MLP or sparse block at ``name`` to the
+    residual: it is the layer's ``mlp`` (not Qwen2-MoE's shared expert, whose output the block
+    gates) and the architecture adds it unnormalised. Then a checkpointed layer's recompute may
+    skip computing it (:func:`~lightning_fastft.training.checkpointing.output_unused`)."""
+    return spec.mlp_output_to_residual and name.rpartition(".")[2] == "mlp"
+
+
 def _patch_mlp(
     mlp: nn.Module,
     activation: str | None,
     use_glu: bool,
     fused_lora: bool,
+    output_to_residual: bool,
     entry: ModelPatchReport,
     unfused: Counter,
     passes: ForwardPasses,
@@ -498,13 +508,15 @@ def _patch_mlp(
     if not (fused or use_glu):
         return
     mlp._fastft_passes = passes
-    mlp._fastft_mlp = _MlpPlan(activation=activation, use_glu=use_glu, fused_lora=fused_lora)
+    mlp._fastft_mlp = _MlpPlan(activation, use_glu, fused_lora, output_to_residual)
     _install_forward(mlp, _mlp_forward)
     entry.patched["mlp"] += not fused
     entry.patched["lora_mlp"] += fused
 
 
-def _patch_moe(block: nn.Module, spec: ArchitectureSpec, activation: str | None, fused_lora: bool, entry) -> None:
+def _patch_moe(
+    block: nn.Module, spec: ArchitectureSpec, activation: str | None, fused_lora: bool, output_to_residual: bool, entry
+) -> None:
     missing = unsupported_moe_feature(block, spec, activation)
     if missing is not None:
         reason = f"moe: {type(block).__name__} has {missing}; Hugging Face's forward is kept for these blocks"
@@ -512,7 +524,7 @@ def _patch_moe(block: nn.Module, spec: ArchitectureSpec, activation: str | None,
             entry.skipped.append(reason)
             warnings.warn(f"lightning_fastft: {reason}", stacklevel=5)
         return
-    patch_moe_block(block, spec, activation, fused_lora, _install_forward)
+    patch_moe_block(block, spec, activation, fused_lora, output_to_residual, _install_forward)
     entry.patched["moe"] += 1
     entry.patched["lora_experts"] += fused_lora and has_expert_lora(block)
 
@@ -533,7 +545,7 @@ def _patch_causal_lm(path: str, model: PreTrainedModel, switches: dict[str, bool
 
     unfused = Counter()
     passes = _install_forward_passes(getattr(model, model.base_model_prefix, model))
-    for module in model.modules():
+    for name, module in model.named_modules():
         class_name = type(module).__name__
         if class_name == spec.norm_class and switches["rms_norm"]:
             if _replaceable("rms_norm", module, entry):
@@ -545,10 +557,11 @@ def _patch_causal_lm(path: str, model: PreTrainedModel, switches: dict[str, bool
                 _patch_attention(module, spec, switches["rope"], switches["fused_lora"], entry, unfused, passes)
         elif class_name == spec.moe_block_class:  # before the MLP: gpt-oss's sparse block is GptOssMLP
             if switches["mlp"] and _replaceable("moe", module, entry):
-                _patch_moe(module, spec, activation, switches["fused_lora"], entry)
+                _patch_moe(module, spec, activation, switches["fused_lora"], _adds_to_residual(name, spec), entry)
         elif class_name == spec.mlp_class:
             if _replaceable("mlp", module, entry):
-                _patch_mlp(module, activation, switches["mlp"], switches["fused_lora"], entry, unfused, passes)
+                to_residual = _adds_to_residual(name, spec)
+                _patch_mlp(module, activation, switches["mlp"], switches["fused_lora"], to_residual, entry, unfused, passes)
     entry.skipped += [f"{kind}: {n} LoRA modules not fusable, PEFT's forward kept" for kind, n in unfused.items() if n]
 
     if switches["cross_entropy"] and _replaceable("cross_entropy", model, entry):

@@ -36,7 +36,7 @@ from torch import nn
 from lightning_fastft.architectures import ArchitectureSpec
 from lightning_fastft.kernels.clamped_swiglu import ClampedSwiGLU
 from lightning_fastft.kernels.moe import ExpertLora, moe_experts
-from lightning_fastft.training.checkpointing import recomputing
+from lightning_fastft.training.checkpointing import output_unused
 
 EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
 _QWEN2_SHARED = ("shared_expert", "shared_expert_gate")
@@ -63,6 +63,7 @@ class _MoePlan:
     returns_router_scores: bool
     shared_expert: bool  # Qwen2-MoE: sigmoid(shared_expert_gate(x)) * shared_expert(x) added
     fused_lora: bool
+    output_to_residual: bool
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -176,14 +177,6 @@ def _fused_experts(module: nn.Module) -> tuple[nn.Module, ExpertLora | None, Exp
     return module, lora.get("gate_up_proj"), lora.get("down_proj")
 
 
-def _output_unused(block: nn.Module) -> bool:
-    """Whether nothing reads the block's output value: in a checkpointed layer's recompute, where the
-    decoder layer only adds it to the residual (every architecture of the table;
-    ``tests/test_moe.py`` checks their layers) and no forward hook sees it."""
-    hooks = block._forward_hooks or nn.modules.module._global_forward_hooks
-    return recomputing() and not hooks
-
-
 def _moe_block_forward(self: nn.Module, hidden_states: torch.Tensor):
     """The sparse block: the architecture's router, then all experts by grouped GEMMs (gpt-oss:
     returns ``(output, routing weights)``)."""
@@ -202,7 +195,8 @@ def _moe_block_forward(self: nn.Module, hidden_states: torch.Tensor):
         biases = (experts.gate_up_proj_bias, experts.down_proj_bias) if plan.interleaved else (None, None)
         out = moe_experts(
             flat, top_k_index, top_k_weights, experts.gate_up_proj, experts.down_proj, activation,
-            gate_up_lora, down_lora, *biases, transposed=plan.interleaved, output_unused=_output_unused(self),
+            gate_up_lora, down_lora, *biases, transposed=plan.interleaved,
+            output_unused=plan.output_to_residual and output_unused(self),
         )  # fmt: skip
     if plan.shared_expert:
         out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
@@ -214,9 +208,10 @@ def has_expert_lora(block: nn.Module) -> bool:
 
 
 def patch_moe_block(
-    block: nn.Module, spec: ArchitectureSpec, activation: str | None, fused_lora: bool, install
+    block: nn.Module, spec: ArchitectureSpec, activation: str | None, fused_lora: bool, output_to_residual: bool, install
 ) -> None:
-    """Install the grouped-GEMM forward on one checked block (``install(module, forward)``)."""
+    """Install the grouped-GEMM forward on one checked block (``install(module, forward)``);
+    ``output_to_residual``: the decoder layer only adds the block's output to the residual."""
     interleaved = spec.moe.expert_layout == "interleaved"
     block._fastft_moe = _MoePlan(
         activation=None if interleaved else activation,
@@ -225,6 +220,7 @@ def patch_moe_block(
         returns_router_scores=spec.moe.returns_router_scores,
         shared_expert=hasattr(block, "shared_expert"),
         fused_lora=fused_lora,
+        output_to_residual=output_to_residual,
     )
     install(block, _moe_block_forward)
 

@@ -116,6 +116,14 @@ def recomputing() -> bool:
     return _recomputing[-1]
 
 
+def output_unused(module: nn.Module) -> bool:
+    """Whether nothing reads ``module``'s output value now: in a checkpointed layer's recompute, for
+    a module whose output the decoder layer only adds to the residual
+    (:attr:`~lightning_fastft.architectures.ArchitectureSpec.mlp_output_to_residual`, which the
+    caller checks) and that no forward hook sees."""
+    return recomputing() and not (module._forward_hooks or nn.modules.module._global_forward_hooks)
+
+
 @contextlib.contextmanager
 def _recompute():
     _recomputing.append(True)
