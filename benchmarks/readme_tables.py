@@ -48,14 +48,21 @@ MAX_CONTEXT_FILES = (
 MAX_CONTEXT_VARIANTS = ("hf", "liger", "fastft", "fastft_offload")
 MISSING = "—"
 
-# bench_step.py runs (one lease each): (row label, results file); every (quant, batch) in a file is one pair of rows
-STEP_ROWS: tuple[tuple[str, str], ...] = (
-    ("8B LoRA (12-02)", "step_llama8b_bf16_h200.json"),
-    ("8B QLoRA (12-02)", "step_llama8b_nf4_h200.json"),
-    ("Qwen3-30B-A3B shape, 8 layers, LoRA (12-02)", "step_qwen3moe_8l_h200.json"),
-    ("8B LoRA (12-03)", "step_llama8b_bf16_bs4_graphs_h200.json"),
-    ("8B LoRA (12-03, 2 rounds)", "step_llama8b_bf16_bs1_graphs_rounds_h200.json"),
-    ("8B QLoRA (12-03b)", "step_llama8b_nf4_bs1_graphs_h200.json"),
+# bench_step.py runs: (row label, the results files of one lease); every (quant, batch) in them is one pair of rows
+STEP_ROWS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("8B LoRA (12-02)", ("step_llama8b_bf16_h200.json",)),
+    ("8B QLoRA (12-02)", ("step_llama8b_nf4_h200.json",)),
+    ("Qwen3-30B-A3B shape, 8 layers, LoRA (12-02)", ("step_qwen3moe_8l_h200.json",)),
+    ("8B LoRA (12-03)", ("step_llama8b_bf16_bs4_graphs_h200.json",)),
+    ("8B LoRA (12-03, 2 rounds)", ("step_llama8b_bf16_bs1_graphs_rounds_h200.json",)),
+    ("8B QLoRA (12-03b)", ("step_llama8b_nf4_bs1_graphs_h200.json",)),
+    ("Qwen3-30B-A3B shape, 8 layers, LoRA (12-04)", ("step_qwen3moe_8l_unsloth_h200.json",)),
+    (
+        "Qwen3-30B-A3B shape, 48 layers, LoRA (12-04b)",
+        ("step_qwen3moe_48l_bs4_h200.json", "step_qwen3moe_48l_bs4_auto80_h200.json", "step_qwen3moe_48l_bs1_h200.json"),
+    ),
+    ("8B LoRA (12-04b)", ("step_llama8b_bf16_bs4_skip_down_h200.json",)),
+    ("8B QLoRA (12-04b)", ("step_llama8b_nf4_bs4_skip_down_h200.json",)),
 )
 STEP_VARIANTS = (
     "hf", "liger", "unsloth", "fastft", "fastft_offload", "fastft_auto80", "fastft_auto_unsloth", "fastft_graphs",
@@ -137,11 +144,12 @@ def step_table(results_dir: Path = harness.RESULTS_DIR) -> str:
     """Tokens/s (ratio to Unsloth's, else to HF's, in the same file) and peak GiB per variant of the
     ``bench_step.py`` runs of :data:`STEP_ROWS`; a variant that ran but failed shows its status."""
     lines = ["| run | " + " | ".join(STEP_VARIANTS) + " |", "|---" * (len(STEP_VARIANTS) + 1) + "|"]
-    for label, file in STEP_ROWS:
-        _, rows = harness.load_results(results_dir / file)
+    for label, files in STEP_ROWS:
+        rows = [row for file in files for row in harness.load_results(results_dir / file)[1]]
         for quant, batch in dict.fromkeys((row["quant"], row["batch"]) for row in rows):
             by_variant = {row["variant"]: row for row in rows if (row["quant"], row["batch"]) == (quant, batch)}
             base = "unsloth" if by_variant.get("unsloth", {}).get("status") == "ok" else "hf"
+            base_tokens = by_variant[base]["tokens_per_sec"]
             speed, memory = [], []
             for variant in STEP_VARIANTS:
                 row = by_variant.get(variant)
@@ -152,12 +160,12 @@ def step_table(results_dir: Path = harness.RESULTS_DIR) -> str:
                     speed.append(row["status"])
                     memory.append(MISSING)
                 else:
-                    ratio = "" if variant == base else f" ({row[f'vs_{base}']:.2f}x)"
+                    ratio = "" if variant == base else f" ({row['tokens_per_sec'] / base_tokens:.2f}x)"
                     speed.append(f"{row['tokens_per_sec']:.0f}{ratio}")
                     memory.append(f"{row['peak_gib']:.1f}")
             lines.append(f"| {label}, bs {batch} tok/s (x {base}) | " + " | ".join(speed) + " |")
             lines.append("| peak GiB | " + " | ".join(memory) + " |")
-    sources = ", ".join(f"`{file}`" for _, file in STEP_ROWS)
+    sources = ", ".join(f"`{file}`" for _, files in STEP_ROWS for file in files)
     lines += ["", f"Sources (`benchmarks/results/`): {sources}."]
     return "\n".join(lines)
 
