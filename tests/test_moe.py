@@ -16,6 +16,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import hook_outputs
 from test_convergence import BF16_STEPS, STEPS, _assert_same_run, run_fit
 from test_packing import check_packed_equals_unpacked
 from tiny_models import CONVERGENCE_VOCAB, MOE, MOE_VOCAB, moe_config, moe_lm
@@ -396,10 +397,7 @@ def test_recompute_skips_the_experts_down_projection(arch, device, monkeypatch, 
     model = copy.deepcopy(reference)
     _patch(model, checkpointing="recompute")
     if hooked:
-        for patched in (model, reference):
-            for module in patched.modules():
-                if type(module).__name__.endswith("SparseMoeBlock"):
-                    module.register_forward_hook(lambda module, args, output: None)
+        hook_outputs("SparseMoeBlock", model, reference)
     projections = []
     project = moe_kernels._project
     monkeypatch.setattr(moe_kernels, "_project", lambda *args: projections.append(1) or project(*args))

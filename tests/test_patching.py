@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 import torch
-from helpers import assert_close_scaled
+from helpers import assert_close_scaled, hook_outputs
 from tiny_models import ARCHITECTURES, PATCHING_VOCAB, patching_gpt2, patching_lm, patching_lora
 from torch import nn
 
@@ -98,10 +98,7 @@ def test_recompute_skips_the_mlp_down_projection(model_type, hooked, device, mon
     patched = copy.deepcopy(reference)
     patch_model(patched, checkpointing="recompute")
     if hooked:
-        for model in (patched, reference):
-            for module in model.modules():
-                if type(module).__name__.endswith("MLP"):
-                    module.register_forward_hook(lambda module, args, output: None)
+        hook_outputs("MLP", patched, reference)
     downs = []  # per projection: whether it is a down projection (its input has the intermediate size)
     project = lora_kernels._project
 
