@@ -141,7 +141,7 @@ def max_context_table(results_dir: Path = harness.RESULTS_DIR) -> str:
 
 
 def step_table(results_dir: Path = harness.RESULTS_DIR) -> str:
-    """Tokens/s (ratio to Unsloth's, else to HF's, in the same file) and peak GiB per variant of the
+    """Tokens/s (ratio to Unsloth's, else to HF's, in the same row's files) and peak GiB per variant of the
     ``bench_step.py`` runs of :data:`STEP_ROWS`; a variant that ran but failed shows its status."""
     lines = ["| run | " + " | ".join(STEP_VARIANTS) + " |", "|---" * (len(STEP_VARIANTS) + 1) + "|"]
     for label, files in STEP_ROWS:
