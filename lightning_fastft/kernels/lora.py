@@ -14,6 +14,8 @@ With ``xa = x A^T`` (kept from the forward: r values per token) and the upstream
 Only the LoRA weights and the input get gradients: base weight and bias are frozen. Matmuls run
 in the compute dtype (the input's, or the autocast dtype when autocast is on), accumulating in
 fp32 inside the matmul; LoRA weights are cast to it, their gradients back to their own dtype.
+The rank-r terms added onto a full-width result (``s xa B^T`` onto ``y``, ``dxa A`` onto ``dx``) go
+through :func:`~lightning_fastft.kernels.low_rank.add_low_rank_`, which streams the result once.
 A projection whose ``lora_A`` is ``None`` is the plain frozen linear ``y = x W^T + b``.
 """
 
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 
 from .._runtime import triton_enabled
 from .glu import _check_activation, glu, glu_backward, glu_forward
+from .low_rank import add_low_rank_
 from .nf4 import dequantize_4bit
 
 
@@ -99,7 +102,7 @@ def _project(x2: torch.Tensor, w: LoRAWeights, dtype: torch.dtype) -> tuple[torc
     if w.lora_A is None:
         return y, None
     xa = x2 @ w.lora_A.to(dtype).t()
-    y.addmm_(xa, w.lora_B.to(dtype).t(), alpha=w.scaling)
+    add_low_rank_(y, xa, w.lora_B.to(dtype), w.scaling)
     return y, xa
 
 
@@ -133,7 +136,7 @@ def _add_input_grad(dx: torch.Tensor | None, dy: torch.Tensor, dxa: torch.Tensor
         dx.addmm_(dy, weight)
     del weight
     if dxa is not None:
-        dx.addmm_(dxa, w.lora_A.to(dy.dtype))
+        add_low_rank_(dx, dxa, w.lora_A.to(dy.dtype).t(), 1.0)
     return dx
 
 
