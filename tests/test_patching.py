@@ -102,9 +102,9 @@ def test_recompute_skips_the_mlp_down_projection(model_type, hooked, device, mon
     downs = []  # per projection: whether it is a down projection (its input has the intermediate size)
     project = lora_kernels._project
 
-    def counting_project(x, w, dtype):
+    def counting_project(x, w, dtype, xa=None):
         downs.append(x.shape[-1] == patched.config.intermediate_size)
-        return project(x, w, dtype)
+        return project(x, w, dtype, xa)
 
     monkeypatch.setattr(lora_kernels, "_project", counting_project)
     check_patched_matches(reference, patched, random_batch(device))

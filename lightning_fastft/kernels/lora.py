@@ -93,17 +93,32 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _project(x2: torch.Tensor, w: LoRAWeights, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(y, xa)``: ``y = x W^T + b + s xa B^T`` and ``xa = x A^T`` (``None`` without LoRA)."""
+def _project(
+    x2: torch.Tensor, w: LoRAWeights, dtype: torch.dtype, xa: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(y, xa)``: ``y = x W^T + b + s xa B^T`` and ``xa = x A^T`` (given, or computed here; ``None``
+    without LoRA)."""
     weight = _dense_weight(w, dtype)
     bias = None if w.bias is None else w.bias.to(dtype)
     y = F.linear(x2, weight, bias)
     del weight
     if w.lora_A is None:
         return y, None
-    xa = x2 @ w.lora_A.to(dtype).t()
+    if xa is None:
+        xa = x2 @ w.lora_A.to(dtype).t()
     add_low_rank_(y, xa, w.lora_B.to(dtype), w.scaling)
     return y, xa
+
+
+def _lora_inputs(x2: torch.Tensor, weights: list[LoRAWeights], dtype: torch.dtype) -> list[torch.Tensor | None]:
+    """``xa = x A^T`` of each projection of one input (``None`` without LoRA), from one matmul over
+    their ``A`` stacked: ``x`` is read once (column views of one (tokens, sum of ranks) result)."""
+    adapters = [w.lora_A for w in weights if w.lora_A is not None]
+    if not adapters:
+        return [None] * len(weights)
+    xa = x2 @ torch.cat([a.to(dtype) for a in adapters]).t()
+    parts = iter(xa.split([a.shape[0] for a in adapters], dim=1))
+    return [None if w.lora_A is None else next(parts) for w in weights]
 
 
 def _grad_lora_B(dy: torch.Tensor, xa: torch.Tensor, w: LoRAWeights) -> torch.Tensor:
@@ -116,15 +131,25 @@ def _grad_lora_input(dy: torch.Tensor, w: LoRAWeights) -> torch.Tensor:
     return (dy @ w.lora_B.to(dy.dtype)).mul_(w.scaling)
 
 
-def _lora_grads(dy: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor | None, w: LoRAWeights, need_ab: bool):
-    """``(dA, dB, dxa)`` of one projection (all ``None`` without LoRA; dA/dB ``None`` unless
-    ``need_ab``), with ``dB = s dy^T xa``, ``dxa = s dy B``, ``dA = dxa^T x``."""
+def _lora_grads(dy: torch.Tensor, xa: torch.Tensor | None, w: LoRAWeights, need_ab: bool):
+    """``(dB, dxa)`` of one projection (both ``None`` without LoRA; dB ``None`` unless ``need_ab``),
+    with ``dB = s dy^T xa``, ``dxa = s dy B``; ``dA`` comes from :func:`_grad_lora_A`."""
     if w.lora_A is None:
-        return None, None, None
-    dxa = _grad_lora_input(dy, w)
-    if not need_ab:
-        return None, None, dxa
-    return (dxa.t() @ x2).to(w.lora_A.dtype), _grad_lora_B(dy, xa, w), dxa
+        return None, None
+    return (_grad_lora_B(dy, xa, w) if need_ab else None), _grad_lora_input(dy, w)
+
+
+def _grad_lora_A(x2: torch.Tensor, dxas: list, weights: list[LoRAWeights], needs: list[bool]) -> list:
+    """``dA = dxa^T x`` of each projection of one input that needs it (else ``None``), in lora_A's
+    dtype, from one matmul over their ``dxa`` side by side: ``x`` is read once."""
+    chosen = [i for i, (dxa, need) in enumerate(zip(dxas, needs)) if dxa is not None and need]
+    grads = [None] * len(weights)
+    if not chosen:
+        return grads
+    stacked = torch.cat([dxas[i] for i in chosen], dim=1) if len(chosen) > 1 else dxas[chosen[0]]
+    for i, part in zip(chosen, (stacked.t() @ x2).split([dxas[i].shape[1] for i in chosen])):
+        grads[i] = part.to(weights[i].lora_A.dtype)
+    return grads
 
 
 def _add_input_grad(dx: torch.Tensor | None, dy: torch.Tensor, dxa: torch.Tensor | None, w: LoRAWeights):
@@ -191,7 +216,8 @@ class _LoRALinearFunction(torch.autograd.Function):
         x2, xa, *weight_tensors = ctx.saved_tensors
         (w,) = _saved_weights(ctx, weight_tensors, 1)
         dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
-        d_lora_A, d_lora_B, dxa = _lora_grads(dy2, x2, xa, w, _needs_ab(ctx, 0))
+        d_lora_B, dxa = _lora_grads(dy2, xa, w, _needs_ab(ctx, 0))
+        (d_lora_A,) = _grad_lora_A(x2, [dxa], [w], [_needs_ab(ctx, 0)])
         dx = None
         if ctx.needs_input_grad[0]:
             dx = _add_input_grad(None, dy2, dxa, w).to(ctx.x_dtype).view(*dy.shape[:-1], x2.shape[-1])
@@ -208,7 +234,7 @@ class _LoRAQKVFunction(torch.autograd.Function):
         weights = _unpack(weight_args, 3)
         dtype = _compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-        outputs, xas = zip(*(_project(x2, w, dtype) for w in weights))
+        outputs, xas = zip(*(_project(x2, w, dtype, xa) for w, xa in zip(weights, _lora_inputs(x2, weights, dtype))))
         ctx.weights_offset = 1
         ctx.x_dtype, ctx.x_shape = x.dtype, x.shape
         ctx.save_for_backward(x2, *xas, *_save_weights(ctx, weights))
@@ -218,13 +244,17 @@ class _LoRAQKVFunction(torch.autograd.Function):
     def backward(ctx, *dys):
         x2, *rest = ctx.saved_tensors
         xas, weights = rest[:3], _saved_weights(ctx, rest[3:], 3)
-        grads, dx = [], None
-        for i, (dy, xa, w) in enumerate(zip(dys, xas, weights)):
+        needs = [_needs_ab(ctx, i) for i in range(3)]
+        d_lora_B, dxas, dx = [], [], None
+        for dy, xa, w, need in zip(dys, xas, weights, needs):
             dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
-            d_lora_A, d_lora_B, dxa = _lora_grads(dy2, x2, xa, w, _needs_ab(ctx, i))
-            grads += _weight_grads(d_lora_A, d_lora_B)
+            d_B, dxa = _lora_grads(dy2, xa, w, need)
+            d_lora_B.append(d_B)
+            dxas.append(dxa)
             if ctx.needs_input_grad[0]:
                 dx = _add_input_grad(dx, dy2, dxa, w)
+        d_lora_A = _grad_lora_A(x2, dxas, weights, needs)
+        grads = [grad for d_A, d_B in zip(d_lora_A, d_lora_B) for grad in _weight_grads(d_A, d_B)]
         if dx is not None:
             dx = dx.to(ctx.x_dtype).view(ctx.x_shape)
         return (dx, *grads)
@@ -248,8 +278,9 @@ class _LoRAMLPFunction(torch.autograd.Function):
         gate, up, down = _unpack(weight_args, 3)
         dtype = _compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-        g, xa_gate = _project(x2, gate, dtype)
-        u, xa_up = _project(x2, up, dtype)
+        xa_gate, xa_up = _lora_inputs(x2, [gate, up], dtype)
+        g, xa_gate = _project(x2, gate, dtype, xa_gate)
+        u, xa_up = _project(x2, up, dtype, xa_up)
         h = glu_forward(g, u, activation)
         if output_unused:  # the backward needs g, u and ha_down, not y (which has x's width)
             ha_down = None if down.lora_A is None else h @ down.lora_A.to(dtype).t()
@@ -283,18 +314,22 @@ class _LoRAMLPFunction(torch.autograd.Function):
         del dy2
         if need_down_ab:
             h, dg, du = glu_backward(dh, g, u, ctx.activation, inplace=True, return_h=True)
-            d_down_A = (dha.t() @ h).to(down.lora_A.dtype)
+            (d_down_A,) = _grad_lora_A(h, [dha], [down], [True])
             del h
         else:
             dg, du = glu_backward(dh, g, u, ctx.activation, inplace=True)
         del dh
 
-        grads, dx = [], None
-        for d_out, xa, w, index in ((dg, xa_gate, gate, 0), (du, xa_up, up, 1)):
-            d_lora_A, d_lora_B, dxa = _lora_grads(d_out, x2, xa, w, _needs_ab(ctx, index))
-            grads += _weight_grads(d_lora_A, d_lora_B)
+        needs = [_needs_ab(ctx, 0), _needs_ab(ctx, 1)]
+        d_lora_B, dxas, dx = [], [], None
+        for d_out, xa, w, need in ((dg, xa_gate, gate, needs[0]), (du, xa_up, up, needs[1])):
+            d_B, dxa = _lora_grads(d_out, xa, w, need)
+            d_lora_B.append(d_B)
+            dxas.append(dxa)
             if ctx.needs_input_grad[0]:
                 dx = _add_input_grad(dx, d_out, dxa, w)
+        d_lora_A = _grad_lora_A(x2, dxas, [gate, up], needs)
+        grads = [grad for d_A, d_B in zip(d_lora_A, d_lora_B) for grad in _weight_grads(d_A, d_B)]
         if dx is not None:
             dx = dx.to(ctx.x_dtype).view(*dy.shape[:-1], x2.shape[-1])
         return (dx, None, None, *grads, *_weight_grads(d_down_A, d_down_B))
