@@ -13,9 +13,7 @@ host) and the kernels with the most GPU time. ``--host`` adds a cProfile of one 
 host-device synchronisation of one step, by the line that caused it. ``--launch-ab N`` times
 ``2 N`` more steps per fastft mode, alternating the kernels' cached launch path with Triton's own
 (``lightning_fastft.kernels._launch.CACHED_LAUNCH``) step by step, so that drift of the machine
-falls on both alike: the medians, and the host microseconds per launch of both paths. ``--low-rank-ab N``
-does the same for LoRA's rank-r updates, by the Triton kernel (``kernels.low_rank.add_low_rank_``) and by
-``torch.addmm_``. Writes
+falls on both alike: the medians, and the host microseconds per launch of both paths. Writes
 ``<out>`` (JSON, one row per mode) and ``.md`` (``harness.write_results``).
 """
 
@@ -29,7 +27,6 @@ import pstats
 import statistics
 import sys
 import warnings
-from typing import Callable
 from pathlib import Path
 
 import torch
@@ -38,14 +35,13 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
-from lightning_fastft.kernels import _launch, low_rank  # noqa: E402
-from lightning_fastft.kernels import lora as lora_kernels  # noqa: E402
+from lightning_fastft.kernels import _launch  # noqa: E402
 from lightning_fastft.patching import patch_model  # noqa: E402
 
 MODES = ("hf", "recompute", "offload", "none", "recompute_half")
 COLUMNS = (
     "mode", "step_s", "tokens_per_sec", "wall_s", "gpu_kernel_s", "gpu_busy", "peak_gib", "cached_launch_step_s",
-    "triton_launch_step_s", "low_rank_kernel_step_s", "low_rank_addmm_step_s",
+    "triton_launch_step_s",
 )  # fmt: skip
 
 
@@ -135,37 +131,19 @@ def launch_costs(calls: int = 2000) -> dict:
     return costs
 
 
-def alternate(step, steps: int, use: Callable[[bool], None]) -> dict[bool, list[float]]:
-    """Step times with ``use(True)`` and with ``use(False)``, alternating step by step (``use(True)`` after)."""
+def launch_ab(step, steps: int) -> dict:
+    """Median step time with the cached launch path and with Triton's own, alternating step by step."""
     times: dict[bool, list[float]] = {True: [], False: []}
     try:
         for index in range(2 * steps):
-            use(index % 2 == 0)
-            times[index % 2 == 0] += harness.time_steps(step, 1)
+            _launch.CACHED_LAUNCH = index % 2 == 0
+            times[_launch.CACHED_LAUNCH] += harness.time_steps(step, 1)
     finally:
-        use(True)
-    return times
-
-
-def launch_ab(step, steps: int) -> dict:
-    """Median step time with the cached launch path and with Triton's own, alternating step by step."""
-    times = alternate(step, steps, lambda cached: setattr(_launch, "CACHED_LAUNCH", cached))
+        _launch.CACHED_LAUNCH = True
     return {
         "cached_launch_step_s": statistics.median(times[True]),
         "triton_launch_step_s": statistics.median(times[False]),
         "launch_ab_steps_s": {"cached": times[True], "triton": times[False]},
-    }
-
-
-def low_rank_ab(step, steps: int) -> dict:
-    """Median step time with LoRA's rank-r updates by the Triton kernel and by ``torch.addmm_``, alternating."""
-    kernel = lora_kernels.add_low_rank_
-    use = lambda triton: setattr(lora_kernels, "add_low_rank_", kernel if triton else low_rank.add_low_rank_reference)  # noqa: E731
-    times = alternate(step, steps, use)
-    return {
-        "low_rank_kernel_step_s": statistics.median(times[True]),
-        "low_rank_addmm_step_s": statistics.median(times[False]),
-        "low_rank_ab_steps_s": {"kernel": times[True], "addmm": times[False]},
     }
 
 
@@ -181,8 +159,6 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--host", action="store_true", help="also cProfile one step and list its host syncs")
     parser.add_argument("--launch-ab", type=int, default=0, metavar="N", help="N steps per launch path, alternating")
-    parser.add_argument("--low-rank-ab", type=int, default=0, metavar="N",
-                        help="N steps per way of LoRA's rank-r update (Triton kernel / addmm_), alternating")  # fmt: skip
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -218,9 +194,6 @@ def main() -> None:
         if args.launch_ab and mode != "hf":
             row.update(launch_ab(step, args.launch_ab))
             print(f"   launch A/B: cached {row['cached_launch_step_s']:.4f} s, Triton's {row['triton_launch_step_s']:.4f} s")
-        if args.low_rank_ab and mode != "hf":
-            row.update(low_rank_ab(step, args.low_rank_ab))
-            print(f"   low-rank A/B: kernel {row['low_rank_kernel_step_s']:.4f} s, addmm_ {row['low_rank_addmm_step_s']:.4f} s")
         rows.append(row)
         print(f"== {mode}: step {row['step_s']:.4f} s, {row['tokens_per_sec']:.0f} tok/s, GPU kernels "
               f"{row['gpu_kernel_s']:.4f} s/step, busy {row['gpu_busy']:.2f}, peak {row['peak_gib']:.1f} GiB", flush=True)  # fmt: skip

@@ -14,9 +14,9 @@ With ``xa = x A^T`` (kept from the forward: r values per token) and the upstream
 Only the LoRA weights and the input get gradients: base weight and bias are frozen. Matmuls run
 in the compute dtype (the input's, or the autocast dtype when autocast is on), accumulating in
 fp32 inside the matmul; LoRA weights are cast to it, their gradients back to their own dtype.
-The rank-r terms added onto a full-width result (``s xa B^T`` onto ``y``, ``dxa A`` onto ``dx``) go
-through :func:`~lightning_fastft.kernels.low_rank.add_low_rank_`, which streams the result once.
 A projection whose ``lora_A`` is ``None`` is the plain frozen linear ``y = x W^T + b``.
+Projections of one input (Q/K/V, gate/up) get their ``xa`` from one matmul over their ``A`` stacked
+and their ``dA`` from one over their ``dxa`` side by side: ``x`` is read once each way, not per projection.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import torch.nn.functional as F
 
 from .._runtime import triton_enabled
 from .glu import _check_activation, glu, glu_backward, glu_forward
-from .low_rank import add_low_rank_
 from .nf4 import dequantize_4bit
 
 
@@ -106,7 +105,7 @@ def _project(
         return y, None
     if xa is None:
         xa = x2 @ w.lora_A.to(dtype).t()
-    add_low_rank_(y, xa, w.lora_B.to(dtype), w.scaling)
+    y.addmm_(xa, w.lora_B.to(dtype).t(), alpha=w.scaling)
     return y, xa
 
 
@@ -152,6 +151,22 @@ def _grad_lora_A(x2: torch.Tensor, dxas: list, weights: list[LoRAWeights], needs
     return grads
 
 
+def _input_grads(
+    x2: torch.Tensor, dys: list, xas: list, weights: list[LoRAWeights], needs: list[bool], want_dx: bool
+):
+    """``(grads, dx)`` of projections of one input ``x``: their LoRA gradients in LoRAWeights field order,
+    projection after projection, and ``dx = sum of (dy W + dxa A)`` (``None`` unless ``want_dx``)."""
+    d_lora_B, dxas, dx = [], [], None
+    for dy, xa, w, need in zip(dys, xas, weights, needs):
+        d_B, dxa = _lora_grads(dy, xa, w, need)
+        d_lora_B.append(d_B)
+        dxas.append(dxa)
+        if want_dx:
+            dx = _add_input_grad(dx, dy, dxa, w)
+    d_lora_A = _grad_lora_A(x2, dxas, weights, needs)
+    return [grad for d_A, d_B in zip(d_lora_A, d_lora_B) for grad in _weight_grads(d_A, d_B)], dx
+
+
 def _add_input_grad(dx: torch.Tensor | None, dy: torch.Tensor, dxa: torch.Tensor | None, w: LoRAWeights):
     """``dx + dy W + dxa A`` (``dx`` may be ``None``: then it starts at zero)."""
     weight = _dense_weight(w, dy.dtype)
@@ -161,7 +176,7 @@ def _add_input_grad(dx: torch.Tensor | None, dy: torch.Tensor, dxa: torch.Tensor
         dx.addmm_(dy, weight)
     del weight
     if dxa is not None:
-        add_low_rank_(dx, dxa, w.lora_A.to(dy.dtype).t(), 1.0)
+        dx.addmm_(dxa, w.lora_A.to(dy.dtype))
     return dx
 
 
@@ -216,12 +231,10 @@ class _LoRALinearFunction(torch.autograd.Function):
         x2, xa, *weight_tensors = ctx.saved_tensors
         (w,) = _saved_weights(ctx, weight_tensors, 1)
         dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
-        d_lora_B, dxa = _lora_grads(dy2, xa, w, _needs_ab(ctx, 0))
-        (d_lora_A,) = _grad_lora_A(x2, [dxa], [w], [_needs_ab(ctx, 0)])
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = _add_input_grad(None, dy2, dxa, w).to(ctx.x_dtype).view(*dy.shape[:-1], x2.shape[-1])
-        return (dx, *_weight_grads(d_lora_A, d_lora_B))
+        grads, dx = _input_grads(x2, [dy2], [xa], [w], [_needs_ab(ctx, 0)], ctx.needs_input_grad[0])
+        if dx is not None:
+            dx = dx.to(ctx.x_dtype).view(*dy.shape[:-1], x2.shape[-1])
+        return (dx, *grads)
 
 
 class _LoRAQKVFunction(torch.autograd.Function):
@@ -244,17 +257,9 @@ class _LoRAQKVFunction(torch.autograd.Function):
     def backward(ctx, *dys):
         x2, *rest = ctx.saved_tensors
         xas, weights = rest[:3], _saved_weights(ctx, rest[3:], 3)
+        dys = [dy.reshape(-1, dy.shape[-1]).to(x2.dtype) for dy in dys]
         needs = [_needs_ab(ctx, i) for i in range(3)]
-        d_lora_B, dxas, dx = [], [], None
-        for dy, xa, w, need in zip(dys, xas, weights, needs):
-            dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
-            d_B, dxa = _lora_grads(dy2, xa, w, need)
-            d_lora_B.append(d_B)
-            dxas.append(dxa)
-            if ctx.needs_input_grad[0]:
-                dx = _add_input_grad(dx, dy2, dxa, w)
-        d_lora_A = _grad_lora_A(x2, dxas, weights, needs)
-        grads = [grad for d_A, d_B in zip(d_lora_A, d_lora_B) for grad in _weight_grads(d_A, d_B)]
+        grads, dx = _input_grads(x2, dys, xas, weights, needs, ctx.needs_input_grad[0])
         if dx is not None:
             dx = dx.to(ctx.x_dtype).view(ctx.x_shape)
         return (dx, *grads)
@@ -321,15 +326,7 @@ class _LoRAMLPFunction(torch.autograd.Function):
         del dh
 
         needs = [_needs_ab(ctx, 0), _needs_ab(ctx, 1)]
-        d_lora_B, dxas, dx = [], [], None
-        for d_out, xa, w, need in ((dg, xa_gate, gate, needs[0]), (du, xa_up, up, needs[1])):
-            d_B, dxa = _lora_grads(d_out, xa, w, need)
-            d_lora_B.append(d_B)
-            dxas.append(dxa)
-            if ctx.needs_input_grad[0]:
-                dx = _add_input_grad(dx, d_out, dxa, w)
-        d_lora_A = _grad_lora_A(x2, dxas, [gate, up], needs)
-        grads = [grad for d_A, d_B in zip(d_lora_A, d_lora_B) for grad in _weight_grads(d_A, d_B)]
+        grads, dx = _input_grads(x2, [dg, du], [xa_gate, xa_up], [gate, up], needs, ctx.needs_input_grad[0])
         if dx is not None:
             dx = dx.to(ctx.x_dtype).view(*dy.shape[:-1], x2.shape[-1])
         return (dx, None, None, *grads, *_weight_grads(d_down_A, d_down_B))
