@@ -97,6 +97,20 @@ def test_fused_o_matches_peft(dtype, device):
     _assert_matches(fused, attn.o_proj, attn, x, TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_projections_of_one_input_with_unequal_ranks(dtype, device):
+    """Q/K/V and gate/up take ``x A^T`` and ``dA`` from one matmul over their stacked ``A``: unequal
+    ranks (PEFT's ``rank_pattern``) are split back to the right projection, forward and backward."""
+    model, layer = lora_llama(device, dtype, rank_pattern={"k_proj": 3, "v_proj": 11, "up_proj": 5})
+    attn = layer.self_attn
+    ranks = [module.lora_A["default"].weight.shape[0] for module in (attn.q_proj, attn.k_proj, layer.mlp.up_proj)]
+    assert ranks == [8, 3, 5]
+    x = torch.randn(2, 5, LORA_HIDDEN, device=device, dtype=dtype)
+    reference = lambda x: (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))  # noqa: E731
+    _assert_matches(make_fused_qkv(attn), reference, attn, x, TOLERANCE[dtype])
+    _assert_matches(make_fused_mlp(layer.mlp, model.config.hidden_act), layer.mlp, layer.mlp, x, TOLERANCE[dtype])
+
+
 def test_partial_targets_fuse_plain_projections(device):
     """LoRA on q, v, gate, up only: k_proj and down_proj are plain frozen linears."""
     model, layer = lora_llama(device, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj"])
