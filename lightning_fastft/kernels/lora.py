@@ -104,7 +104,7 @@ def _project(
     if w.lora_A is None:
         return y, None
     if xa is None:
-        xa = x2 @ w.lora_A.to(dtype).t()
+        (xa,) = _lora_inputs(x2, [w], dtype)
     y.addmm_(xa, w.lora_B.to(dtype).t(), alpha=w.scaling)
     return y, xa
 
@@ -115,7 +115,8 @@ def _lora_inputs(x2: torch.Tensor, weights: list[LoRAWeights], dtype: torch.dtyp
     adapters = [w.lora_A for w in weights if w.lora_A is not None]
     if not adapters:
         return [None] * len(weights)
-    xa = x2 @ torch.cat([a.to(dtype) for a in adapters]).t()
+    stacked = torch.cat([a.to(dtype) for a in adapters]) if len(adapters) > 1 else adapters[0].to(dtype)
+    xa = x2 @ stacked.t()
     parts = iter(xa.split([a.shape[0] for a in adapters], dim=1))
     return [None if w.lora_A is None else next(parts) for w in weights]
 
@@ -288,7 +289,7 @@ class _LoRAMLPFunction(torch.autograd.Function):
         u, xa_up = _project(x2, up, dtype, xa_up)
         h = glu_forward(g, u, activation)
         if output_unused:  # the backward needs g, u and ha_down, not y (which has x's width)
-            ha_down = None if down.lora_A is None else h @ down.lora_A.to(dtype).t()
+            (ha_down,) = _lora_inputs(h, [down], dtype)
             y = x2.new_empty(x2.shape)
         else:
             y, ha_down = _project(h, down, dtype)
