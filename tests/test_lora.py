@@ -135,6 +135,23 @@ def _reference_linear(x, w):
     return F.linear(x, w.base, w.bias) + w.scaling * (x @ w.lora_A.t()) @ w.lora_B.t()
 
 
+def test_qkv_with_a_frozen_adapter_and_a_plain_projection(device):
+    """Q trains its LoRA, K's LoRA is frozen (its ``dxa A`` still reaches ``dx``, it gets no grads),
+    V is a plain linear: the side-by-side ``dxa`` and stacked ``A`` keep each projection's part."""
+    q, k = _direct_weights(device, 33, 47, 5), _direct_weights(device, 33, 13, 7)
+    k.lora_A.requires_grad_(False)
+    k.lora_B.requires_grad_(False)
+    v = _direct_weights(device, 33, 13, 3)._replace(lora_A=None, lora_B=None)
+    x = torch.randn(3, 11, 33, device=device, requires_grad=True)
+    dys = [torch.randn(3, 11, n, device=device) for n in (47, 13, 13)]
+    expected = (_reference_linear(x, q), _reference_linear(x, k), F.linear(x, v.base, v.bias))
+    expected_grads = torch.autograd.grad(expected, (x, q.lora_A, q.lora_B), dys)
+    outputs = lora_kernels.lora_qkv(x, q, k, v)
+    actual_grads = torch.autograd.grad(outputs, (x, q.lora_A, q.lora_B), dys)
+    for actual, want in zip((*outputs, *actual_grads), (*expected, *expected_grads)):
+        torch.testing.assert_close(actual, want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("leading", [(11,), (2, 3, 5)])
 def test_lora_linear_odd_shapes_and_grad_accumulation(leading, device):
     w = _direct_weights(device, 33, 47, 5)

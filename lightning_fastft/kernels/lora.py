@@ -15,8 +15,9 @@ Only the LoRA weights and the input get gradients: base weight and bias are froz
 in the compute dtype (the input's, or the autocast dtype when autocast is on), accumulating in
 fp32 inside the matmul; LoRA weights are cast to it, their gradients back to their own dtype.
 A projection whose ``lora_A`` is ``None`` is the plain frozen linear ``y = x W^T + b``.
-Projections of one input (Q/K/V, gate/up) get their ``xa`` from one matmul over their ``A`` stacked
-and their ``dA`` from one over their ``dxa`` side by side: ``x`` is read once each way, not per projection.
+Projections of one input (Q/K/V, gate/up) get their ``xa`` from one matmul over their ``A`` stacked,
+their ``dA`` from one over their ``dxa`` side by side and their ``dxa A`` terms of ``dx`` from one
+more: ``x`` is read once each way and ``dx`` updated once, not per projection.
 """
 
 from __future__ import annotations
@@ -109,14 +110,18 @@ def _project(
     return y, xa
 
 
+def _joined(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """``torch.cat(tensors, dim)``, without a copy for a single tensor."""
+    return torch.cat(tensors, dim) if len(tensors) > 1 else tensors[0]
+
+
 def _lora_inputs(x2: torch.Tensor, weights: list[LoRAWeights], dtype: torch.dtype) -> list[torch.Tensor | None]:
     """``xa = x A^T`` of each projection of one input (``None`` without LoRA), from one matmul over
     their ``A`` stacked: ``x`` is read once (column views of one (tokens, sum of ranks) result)."""
     adapters = [w.lora_A for w in weights if w.lora_A is not None]
     if not adapters:
         return [None] * len(weights)
-    stacked = torch.cat([a.to(dtype) for a in adapters]) if len(adapters) > 1 else adapters[0].to(dtype)
-    xa = x2 @ stacked.t()
+    xa = x2 @ _joined([a.to(dtype) for a in adapters], 0).t()
     parts = iter(xa.split([a.shape[0] for a in adapters], dim=1))
     return [None if w.lora_A is None else next(parts) for w in weights]
 
@@ -139,45 +144,54 @@ def _lora_grads(dy: torch.Tensor, xa: torch.Tensor | None, w: LoRAWeights, need_
     return (_grad_lora_B(dy, xa, w) if need_ab else None), _grad_lora_input(dy, w)
 
 
-def _grad_lora_A(x2: torch.Tensor, dxas: list, weights: list[LoRAWeights], needs: list[bool]) -> list:
-    """``dA = dxa^T x`` of each projection of one input that needs it (else ``None``), in lora_A's
-    dtype, from one matmul over their ``dxa`` side by side: ``x`` is read once."""
-    chosen = [i for i, (dxa, need) in enumerate(zip(dxas, needs)) if dxa is not None and need]
-    grads = [None] * len(weights)
-    if not chosen:
-        return grads
-    stacked = torch.cat([dxas[i] for i in chosen], dim=1) if len(chosen) > 1 else dxas[chosen[0]]
-    for i, part in zip(chosen, (stacked.t() @ x2).split([dxas[i].shape[1] for i in chosen])):
-        grads[i] = part.to(weights[i].lora_A.dtype)
-    return grads
-
-
 def _input_grads(
     x2: torch.Tensor, dys: list, xas: list, weights: list[LoRAWeights], needs: list[bool], want_dx: bool
 ):
     """``(grads, dx)`` of projections of one input ``x``: their LoRA gradients in LoRAWeights field order,
-    projection after projection, and ``dx = sum of (dy W + dxa A)`` (``None`` unless ``want_dx``)."""
+    projection after projection, and ``dx = sum of (dy W + dxa A)`` (``None`` unless ``want_dx``).
+    The ``dxa`` of all projections sit side by side in one (tokens, sum of ranks) matrix, so ``x`` is
+    read once for every ``dA = dxa^T x`` and ``dx`` is updated once for every ``dxa A``."""
     d_lora_B, dxas, dx = [], [], None
     for dy, xa, w, need in zip(dys, xas, weights, needs):
         d_B, dxa = _lora_grads(dy, xa, w, need)
         d_lora_B.append(d_B)
         dxas.append(dxa)
         if want_dx:
-            dx = _add_input_grad(dx, dy, dxa, w)
-    d_lora_A = _grad_lora_A(x2, dxas, weights, needs)
+            dx = _add_base_input_grad(dx, dy, w)
+    d_lora_A = [None] * len(weights)
+    lora = [i for i, dxa in enumerate(dxas) if dxa is not None]
+    if lora:
+        stacked = _joined([dxas[i] for i in lora], 1)
+        if want_dx:
+            _add_lora_input_grad(dx, stacked, [weights[i] for i in lora])
+        chosen = [i for i in lora if needs[i]]
+        if chosen:
+            both = stacked if chosen == lora else _joined([dxas[i] for i in chosen], 1)
+            for i, d_A in zip(chosen, _grad_lora_A(x2, both, [weights[i] for i in chosen])):
+                d_lora_A[i] = d_A
     return [grad for d_A, d_B in zip(d_lora_A, d_lora_B) for grad in _weight_grads(d_A, d_B)], dx
 
 
-def _add_input_grad(dx: torch.Tensor | None, dy: torch.Tensor, dxa: torch.Tensor | None, w: LoRAWeights):
-    """``dx + dy W + dxa A`` (``dx`` may be ``None``: then it starts at zero)."""
+def _grad_lora_A(x2: torch.Tensor, dxa: torch.Tensor, weights: list[LoRAWeights]) -> list[torch.Tensor]:
+    """``dA = dxa^T x`` of projections of one input, in their lora_A's dtype, from one matmul over
+    their ``dxa`` side by side (``dxa``: (tokens, sum of their ranks))."""
+    parts = (dxa.t() @ x2).split([w.lora_A.shape[0] for w in weights])
+    return [part.to(w.lora_A.dtype) for w, part in zip(weights, parts)]
+
+
+def _add_lora_input_grad(dx: torch.Tensor, dxa: torch.Tensor, weights: list[LoRAWeights]) -> None:
+    """``dx += sum of dxa A`` over projections of one input, in place, as one matmul over their
+    ``dxa`` side by side and their ``A`` stacked."""
+    dx.addmm_(dxa, _joined([w.lora_A.to(dx.dtype) for w in weights], 0))
+
+
+def _add_base_input_grad(dx: torch.Tensor | None, dy: torch.Tensor, w: LoRAWeights) -> torch.Tensor:
+    """``dx + dy W`` (``dx`` may be ``None``: then it starts at zero)."""
     weight = _dense_weight(w, dy.dtype)
     if dx is None:
         dx = dy @ weight
     else:
         dx.addmm_(dy, weight)
-    del weight
-    if dxa is not None:
-        dx.addmm_(dxa, w.lora_A.to(dy.dtype))
     return dx
 
 
@@ -316,11 +330,13 @@ class _LoRAMLPFunction(torch.autograd.Function):
         d_down_A = d_down_B = None
         if need_down_ab:
             d_down_B = _grad_lora_B(dy2, ha_down, down)
-        dh = _add_input_grad(None, dy2, dha, down)
+        dh = _add_base_input_grad(None, dy2, down)
+        if has_lora:
+            _add_lora_input_grad(dh, dha, [down])
         del dy2
         if need_down_ab:
             h, dg, du = glu_backward(dh, g, u, ctx.activation, inplace=True, return_h=True)
-            (d_down_A,) = _grad_lora_A(h, [dha], [down], [True])
+            (d_down_A,) = _grad_lora_A(h, dha, [down])
             del h
         else:
             dg, du = glu_backward(dh, g, u, ctx.activation, inplace=True)
