@@ -1,24 +1,40 @@
-"""GPU micro-benchmark for issue 13, goal 1: is ``x [W; A]^T`` (LoRA's ``A`` rows appended to the frozen
-weight) in one GEMM faster than today's separate GEMMs, at the Llama-3-8B LoRA shapes?
+"""GPU micro-benchmark for issue 13, goal 1: where should LoRA's rank-r terms ride, at the Llama-3-8B
+LoRA shapes? Every scheme computes a whole projection group (Q/K/V of one input, O, gate/up of one
+input, down) with its LoRA terms; they differ in the passes they make over the wide tensors.
 
     . benchmarks/gpu_env.sh
     python benchmarks/lora_concat_gemm.py --out benchmarks/results/lora_concat_gemm_h200.json
 
-Today (``lightning_fastft/kernels/lora.py``) each projection ``i`` of a group (Q/K/V of one input,
-gate/up of one input, O, down) runs ``y_i = x W_i^T`` and ``xa_i = x A_i^T`` as two GEMMs, and its
-input gradient ``dx += dy_i W_i + dxa_i A_i`` as two more. Concatenated:
+Forward, ``y_i = x W_i^T + s xa_i B_i^T`` with ``xa = x [A_1; ..; A_n]^T`` (one matmul in every scheme):
 
-* forward: ``[y_1 .. y_n, xa_1 .. xa_n] = x [W_1; ..; W_n; A_1; ..; A_n]^T``, one GEMM with N = sum of
-  the outputs + n r; the ``A`` rows are copied (cast to the compute dtype) into a buffer that holds
-  the frozen ``W`` for good, every step (timed with it);
-* backward: ``dx = [dy_1 .. dy_n, dxa_1 .. dxa_n] [W_1; ..; W_n; A_1; ..; A_n]``, one GEMM with
-  K = sum of the outputs + n r, after concatenating the incoming gradients (timed with it).
+* ``update`` (``kernels/lora.py`` today): ``y_i = x W_i^T``, then ``y_i += s xa_i B_i^T`` in place
+  (a rank-r GEMM reading and writing all of ``y_i``);
+* ``prefill``: ``y_i = xa_i (s B_i)^T`` first, then the frozen GEMM accumulates onto it (``beta = 1``:
+  ``y_i`` is read in the GEMM's epilogue, not in a pass of its own);
+* ``kcat_copy``: one GEMM per projection over ``[x | xa]`` and ``[W_i | s B_i in its own columns]``
+  (K grows by the group's ranks); ``x`` is copied into the wide input, ``s B_i`` into the wide weight
+  (which would hold the frozen ``W_i`` for good);
+* ``kcat``: as ``kcat_copy`` with ``x`` already in the wide input (its producer — RMSNorm, attention,
+  the GLU — would write it there); only ``xa`` and ``s B_i`` are copied;
+* ``kcat_fused``: as ``kcat`` with the group's projections as one GEMM (their wide weights stacked),
+  the outputs column views of one result.
 
-The ``s xa B^T`` update and the weight gradients are the same either way and not timed. Per group:
-the medians (``triton.testing.do_bench``) of both ways, the speed-up, and the largest difference of
-each way from an fp32 reference relative to its largest value (both must be at bf16 rounding).
-CPU: ``--device cpu --tokens 64 --scale 64`` runs the same code on shapes divided by 64 (times
-meaningless), as a check of the script.
+Input gradient, ``dx = sum_i (dy_i W_i + dxa_i A_i)`` with ``dxa_i = s dy_i B_i`` (returned too):
+
+* ``update`` (today): ``dxa_i`` from rank-r GEMMs over ``dy_i``, ``dx = sum dy_i W_i``, then
+  ``dx += [dxa_1 .. dxa_n] [A_1; ..; A_n]`` in place;
+* ``prefill``: ``dx = [dxa ..] [A ..]`` first, the frozen GEMMs accumulate onto it;
+* ``ncat``: ``[dx | dxa_1 .. dxa_n] = sum dy_i [W_i | s B_i in its own columns]`` — the forward's wide
+  weight; ``dxa`` comes out of the frozen GEMMs (no rank-r GEMM over ``dy``), then ``dx += dxa A``;
+* ``kcat_copy``: ``dx = [dy_1 .. dy_n | dxa_1 .. dxa_n] [W_1; ..; W_n; A_1; ..; A_n]``, one GEMM over
+  the gradients copied side by side.
+
+Weight gradients (``dA``, ``dB``) are the same in every scheme and not timed. Per group and scheme:
+the median (``triton.testing.do_bench``, L2 flushed) and the largest difference from an fp32 reference
+relative to its largest value (bf16 rounding is ~4e-3). ``layer_*`` rows sum a decoder layer (one of
+each group) per scheme, with the forward counted twice (the recompute) — the number to weigh against
+the step. CPU: ``--device cpu --tokens 64 --scale 64`` runs the same code on shapes divided by 64
+(times meaningless), as a check of the script.
 """
 
 from __future__ import annotations
@@ -42,10 +58,10 @@ GROUPS = {  # input features, output features of each projection
     "gate_up": (HIDDEN, (INTERMEDIATE, INTERMEDIATE)),
     "down": (INTERMEDIATE, (HIDDEN,)),
 }
-COLUMNS = (
-    "group", "tokens", "n_fused", "fwd_separate_ms", "fwd_concat_ms", "fwd_speedup", "bwd_separate_ms",
-    "bwd_concat_ms", "bwd_speedup", "fwd_err_separate", "fwd_err_concat", "bwd_err_separate", "bwd_err_concat",
-)  # fmt: skip
+FORWARD = ("update", "prefill", "kcat_copy", "kcat", "kcat_fused")
+BACKWARD = ("update", "prefill", "ncat", "kcat_copy")
+COLUMNS = ("group", "tokens", "pass", "scheme", "ms", "vs_update", "err")
+SCALING = 2.0  # PEFT's alpha / r at the benchmark's r 16, alpha 32
 
 
 def median_ms(fn, device: torch.device) -> float:
@@ -63,78 +79,161 @@ def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
     return ((actual.float() - reference).abs().max() / reference.abs().max()).item()
 
 
-def run_group(name: str, tokens: int, rank: int, scale: int, device: torch.device, dtype: torch.dtype) -> dict:
-    features, outs = GROUPS[name]
-    features, outs = features // scale, tuple(out // scale for out in outs)
-    x = torch.randn(tokens, features, device=device, dtype=dtype)
-    weights = [torch.randn(out, features, device=device, dtype=dtype) / features**0.5 for out in outs]
-    adapters = [torch.randn(rank, features, device=device) / features**0.5 for _ in outs]  # PEFT's fp32 A
-    dys = [torch.randn(tokens, out, device=device, dtype=dtype) for out in outs]
-    dxas = [torch.randn(tokens, rank, device=device, dtype=dtype) for _ in outs]
-    total = sum(outs)
-    packed = torch.empty(total + rank * len(outs), features, device=device, dtype=dtype)
-    torch.cat(weights, out=packed[:total])
+class Group:
+    """One projection group's tensors in bf16 (the LoRA weights cast as the kernels cast them) and
+    its wide layouts: ``wide_x`` (tokens, in + R) and per projection ``wide_w[i]`` (out_i, in + R),
+    ``W_i`` in its first ``in`` columns, zeros but for ``s B_i`` in its own rank columns;
+    ``stacked_w`` ((sum out) + R, in) = ``[W_1; ..; W_n; A_1; ..; A_n]``."""
 
-    def forward_separate():
-        return [F.linear(x, w) for w in weights] + [x @ a.to(dtype).t() for a in adapters]
+    def __init__(self, name: str, tokens: int, rank: int, scale: int, device: torch.device, dtype: torch.dtype):
+        features, outs = GROUPS[name]
+        self.features, self.outs = features // scale, tuple(out // scale for out in outs)
+        k, ranks = self.features, rank * len(self.outs)
+        randn = lambda *shape: torch.randn(*shape, device=device, dtype=dtype)  # noqa: E731
+        self.x = randn(tokens, k)
+        self.weights = [randn(out, k) / k**0.5 for out in self.outs]
+        self.adapters = [randn(rank, k) / k**0.5 for _ in self.outs]
+        self.lora_B = [randn(out, rank) / rank**0.5 for out in self.outs]
+        self.dys = [randn(tokens, out) for out in self.outs]
+        self.columns = [slice(k + i * rank, k + (i + 1) * rank) for i in range(len(self.outs))]
+        self.wide_x = torch.empty(tokens, k + ranks, device=device, dtype=dtype)
+        self.wide_x[:, :k].copy_(self.x)
+        self.wide_w = [torch.zeros(out, k + ranks, device=device, dtype=dtype) for out in self.outs]
+        for wide, weight in zip(self.wide_w, self.weights):
+            wide[:, :k].copy_(weight)
+        self.fused_w = torch.cat(self.wide_w)  # kcat_fused: views of it stand for the wide weights
+        self.fused_views = list(self.fused_w.split(self.outs))
+        self.stacked_w = torch.cat([*self.weights, *self.adapters])
 
-    def forward_concat():
-        for i, a in enumerate(adapters):
-            packed[total + i * rank : total + (i + 1) * rank].copy_(a)
-        return x @ packed.t()
+    def stacked_A(self) -> torch.Tensor:
+        return torch.cat(self.adapters) if len(self.adapters) > 1 else self.adapters[0]
 
-    def backward_separate():
-        dx = dys[0] @ weights[0]
-        for dy, w in zip(dys[1:], weights[1:]):
-            dx.addmm_(dy, w)
-        for dxa, a in zip(dxas, adapters):
-            dx.addmm_(dxa, a.to(dtype))
-        return dx
+    def lora_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.stacked_A().t()
 
-    def backward_concat():
-        return torch.cat([*dys, *dxas], dim=1) @ packed
+    def place_lora_B(self, wides: list[torch.Tensor]) -> None:
+        for wide, lora_B, columns in zip(wides, self.lora_B, self.columns):
+            wide[:, columns].copy_(lora_B)
+            wide[:, columns].mul_(SCALING)
 
-    reference_fwd = torch.cat([x.float() @ w.float().t() for w in weights] + [x.float() @ a.to(dtype).float().t() for a in adapters], 1)
-    reference_bwd = sum(dy.float() @ w.float() for dy, w in zip(dys, weights))
-    reference_bwd = reference_bwd + sum(dxa.float() @ a.to(dtype).float() for dxa, a in zip(dxas, adapters))
-    row = {"group": name, "tokens": tokens, "n_fused": packed.shape[0]}
-    row["fwd_err_separate"] = relative_error(torch.cat(forward_separate(), 1), reference_fwd)
-    row["fwd_err_concat"] = relative_error(forward_concat(), reference_fwd)
-    row["bwd_err_separate"] = relative_error(backward_separate(), reference_bwd)
-    row["bwd_err_concat"] = relative_error(backward_concat(), reference_bwd)
-    row["fwd_separate_ms"] = median_ms(forward_separate, device)
-    row["fwd_concat_ms"] = median_ms(forward_concat, device)
-    row["bwd_separate_ms"] = median_ms(backward_separate, device)
-    row["bwd_concat_ms"] = median_ms(backward_concat, device)
-    row["fwd_speedup"] = row["fwd_separate_ms"] / row["fwd_concat_ms"]
-    row["bwd_speedup"] = row["bwd_separate_ms"] / row["bwd_concat_ms"]
-    return row
+    def forward(self, scheme: str) -> list[torch.Tensor]:
+        k = self.features
+        if scheme in ("update", "prefill"):
+            xa = self.lora_inputs(self.x).split([a.shape[0] for a in self.adapters], dim=1)
+            outputs = []
+            for weight, lora_B, part in zip(self.weights, self.lora_B, xa):
+                if scheme == "update":
+                    y = F.linear(self.x, weight)
+                    y.addmm_(part, lora_B.t(), alpha=SCALING)
+                else:
+                    y = part @ (lora_B * SCALING).t()
+                    y.addmm_(self.x, weight.t())
+                outputs.append(y)
+            return outputs
+        if scheme == "kcat_copy":
+            self.wide_x[:, :k].copy_(self.x)
+        self.wide_x[:, k:].copy_(self.lora_inputs(self.wide_x[:, :k]))
+        if scheme == "kcat_fused":
+            self.place_lora_B(self.fused_views)
+            return list((self.wide_x @ self.fused_w.t()).split(self.outs, dim=1))
+        self.place_lora_B(self.wide_w)
+        return [self.wide_x @ wide.t() for wide in self.wide_w]
+
+    def lora_input_grads(self) -> list[torch.Tensor]:
+        return [(dy @ lora_B).mul_(SCALING) for dy, lora_B in zip(self.dys, self.lora_B)]
+
+    def backward(self, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(dx, [dxa_1 .. dxa_n])``."""
+        if scheme == "ncat":
+            self.place_lora_B(self.wide_w)
+            out = self.dys[0] @ self.wide_w[0]
+            for dy, wide in zip(self.dys[1:], self.wide_w[1:]):
+                out.addmm_(dy, wide)
+            dx, dxa = out[:, : self.features], out[:, self.features :]
+            dx.addmm_(dxa, self.stacked_A())
+            return dx, dxa
+        dxa = torch.cat(self.lora_input_grads(), dim=1)
+        if scheme == "kcat_copy":
+            return torch.cat([*self.dys, dxa], dim=1) @ self.stacked_w, dxa
+        if scheme == "update":
+            dx = self.dys[0] @ self.weights[0]
+            for dy, weight in zip(self.dys[1:], self.weights[1:]):
+                dx.addmm_(dy, weight)
+            dx.addmm_(dxa, self.stacked_A())
+        else:
+            dx = dxa @ self.stacked_A()
+            for dy, weight in zip(self.dys, self.weights):
+                dx.addmm_(dy, weight)
+        return dx, dxa
+
+    def references(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """fp32 ``(all y side by side, dx, all dxa side by side)``."""
+        f = lambda t: t.float()  # noqa: E731
+        y = torch.cat([f(self.x) @ f(w).t() + SCALING * (f(self.x) @ f(a).t()) @ f(b).t()
+                       for w, a, b in zip(self.weights, self.adapters, self.lora_B)], dim=1)  # fmt: skip
+        dxa = [SCALING * f(dy) @ f(b) for dy, b in zip(self.dys, self.lora_B)]
+        dx = sum(f(dy) @ f(w) + d @ f(a) for dy, w, d, a in zip(self.dys, self.weights, dxa, self.adapters))
+        return y, dx, torch.cat(dxa, dim=1)
 
 
-def main() -> None:
+def run_group(name: str, tokens: int, rank: int, scale: int, device: torch.device) -> list[dict]:
+    group = Group(name, tokens, rank, scale, device, torch.bfloat16)
+    y_ref, dx_ref, dxa_ref = group.references()
+    rows = []
+    for scheme in FORWARD:
+        err = relative_error(torch.cat(group.forward(scheme), dim=1), y_ref)
+        rows.append({"pass": "forward", "scheme": scheme, "err": err, "ms": median_ms(lambda: group.forward(scheme), device)})
+    for scheme in BACKWARD:
+        dx, dxa = group.backward(scheme)
+        err = max(relative_error(dx, dx_ref), relative_error(dxa, dxa_ref))
+        rows.append({"pass": "backward", "scheme": scheme, "err": err, "ms": median_ms(lambda: group.backward(scheme), device)})
+    for row in rows:
+        row.update(group=name, tokens=tokens)
+    return rows
+
+
+def layer_rows(rows: list[dict], tokens: int) -> list[dict]:
+    """Per scheme, a decoder layer's forward (twice: forward and recompute) plus input gradient."""
+    update = {}
+    out = []
+    for pass_name, schemes, times in (("forward x2", FORWARD, 2), ("backward", BACKWARD, 1)):
+        for scheme in schemes:
+            picked = [r for r in rows if r["tokens"] == tokens and r["pass"] == pass_name.split()[0] and r["scheme"] == scheme]
+            out.append({"group": "layer", "tokens": tokens, "pass": pass_name, "scheme": scheme,
+                        "ms": times * sum(r["ms"] for r in picked), "err": max(r["err"] for r in picked)})  # fmt: skip
+            update.setdefault(pass_name, out[-1]["ms"])
+    for row in out:
+        row["vs_update"] = update[row["pass"]] / row["ms"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 2048], help="bs 4 and bs 1 at seq 2048")
     parser.add_argument("--rank", type=int, default=harness.LORA_R)
     parser.add_argument("--scale", type=int, default=1, help="divide every feature size (CPU check)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    device, dtype = torch.device(args.device), torch.bfloat16
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
     torch.manual_seed(0)
     rows = []
     for tokens in args.tokens:
+        group_rows = []
         for name in GROUPS:
-            rows.append(run_group(name, tokens, args.rank, args.scale, device, dtype))
-            row = rows[-1]
-            print(f"{name} x{tokens}: fwd {row['fwd_separate_ms']:.3f} -> {row['fwd_concat_ms']:.3f} ms "
-                  f"({row['fwd_speedup']:.3f}x), bwd {row['bwd_separate_ms']:.3f} -> {row['bwd_concat_ms']:.3f} ms "
-                  f"({row['bwd_speedup']:.3f}x)", flush=True)  # fmt: skip
+            group_rows += run_group(name, tokens, args.rank, args.scale, device)
+        for row in group_rows:
+            first = next(r for r in group_rows if r["group"] == row["group"] and r["pass"] == row["pass"])
+            row["vs_update"] = first["ms"] / row["ms"]
+        rows += group_rows + layer_rows(group_rows, tokens)
+        print(harness.markdown_table(rows[-len(FORWARD) - len(BACKWARD):], COLUMNS), flush=True)
     notes = [
-        "Per decoder layer one each of qkv, o, gate_up, down: the sums of the columns are the layer's "
-        "forward / input-gradient GEMM time both ways (frozen-weight input gradients, recompute aside).",
-        "err: max |result - fp32 reference| / max |reference| (bf16 rounding is ~4e-3).",
+        "vs_update: the `update` scheme's time over this one (> 1: faster than today). err: max |result - fp32 "
+        "reference| / max |reference| over y (forward) or dx and dxa (backward); bf16 rounding is ~4e-3.",
+        "layer rows: one of each group, the forward counted twice (forward and recompute of a checkpointed layer).",
     ]
-    harness.write_results(args.out, "LoRA: [W; A] in one GEMM vs separate GEMMs", harness.run_meta(), rows, COLUMNS, notes)
+    title = "LoRA's rank-r terms: in-place update, prefill, or inside the frozen GEMM (K/N-concatenated)"
+    harness.write_results(args.out, title, harness.run_meta(), rows, COLUMNS, notes)
 
 
 if __name__ == "__main__":
