@@ -9,7 +9,7 @@ Forward, ``y_i = x W_i^T + s xa_i B_i^T`` with ``xa = x [A_1; ..; A_n]^T`` (one 
 
 * ``update`` (``kernels/lora.py`` today): ``y_i = x W_i^T``, then ``y_i += s xa_i B_i^T`` in place
   (a rank-r GEMM reading and writing all of ``y_i``);
-* ``prefill``: ``y_i = xa_i (s B_i)^T`` first, then the frozen GEMM accumulates onto it (``beta = 1``:
+* ``prefill``: ``y_i = s xa_i B_i^T`` first, then the frozen GEMM accumulates onto it (``beta = 1``:
   ``y_i`` is read in the GEMM's epilogue, not in a pass of its own);
 * ``kcat_copy``: one GEMM per projection over ``[x | xa]`` and ``[W_i | s B_i in its own columns]``
   (K grows by the group's ranks); ``x`` is copied into the wide input, ``s B_i`` into the wide weight
@@ -126,7 +126,7 @@ class Group:
                     y = F.linear(self.x, weight)
                     y.addmm_(part, lora_B.t(), alpha=SCALING)
                 else:
-                    y = part @ (lora_B * SCALING).t()
+                    y = torch.addmm(self.x.new_zeros(()), part, lora_B.t(), beta=0, alpha=SCALING)
                     y.addmm_(self.x, weight.t())
                 outputs.append(y)
             return outputs
