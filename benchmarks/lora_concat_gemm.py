@@ -194,17 +194,20 @@ def run_group(name: str, tokens: int, rank: int, scale: int, device: torch.devic
 
 def layer_rows(rows: list[dict], tokens: int) -> list[dict]:
     """Per scheme, a decoder layer's forward (twice: forward and recompute) plus input gradient."""
-    update = {}
     out = []
     for pass_name, schemes, times in (("forward x2", FORWARD, 2), ("backward", BACKWARD, 1)):
         for scheme in schemes:
             picked = [r for r in rows if r["tokens"] == tokens and r["pass"] == pass_name.split()[0] and r["scheme"] == scheme]
             out.append({"group": "layer", "tokens": tokens, "pass": pass_name, "scheme": scheme,
                         "ms": times * sum(r["ms"] for r in picked), "err": max(r["err"] for r in picked)})  # fmt: skip
-            update.setdefault(pass_name, out[-1]["ms"])
-    for row in out:
-        row["vs_update"] = update[row["pass"]] / row["ms"]
     return out
+
+
+def set_vs_update(rows: list[dict]) -> None:
+    """``vs_update`` of each row: the ``update`` scheme's time for its group and pass over its own."""
+    update = {(r["group"], r["pass"]): r["ms"] for r in rows if r["scheme"] == "update"}
+    for row in rows:
+        row["vs_update"] = update[row["group"], row["pass"]] / row["ms"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -222,10 +225,9 @@ def main(argv: list[str] | None = None) -> None:
         group_rows = []
         for name in GROUPS:
             group_rows += run_group(name, tokens, args.rank, args.scale, device)
-        for row in group_rows:
-            first = next(r for r in group_rows if r["group"] == row["group"] and r["pass"] == row["pass"])
-            row["vs_update"] = first["ms"] / row["ms"]
-        rows += group_rows + layer_rows(group_rows, tokens)
+        group_rows += layer_rows(group_rows, tokens)
+        set_vs_update(group_rows)
+        rows += group_rows
         print(harness.markdown_table(rows[-len(FORWARD) - len(BACKWARD):], COLUMNS), flush=True)
     notes = [
         "vs_update: the `update` scheme's time over this one (> 1: faster than today). err: max |result - fp32 "
