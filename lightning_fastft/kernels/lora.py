@@ -164,11 +164,9 @@ def _input_grads(
         stacked = _joined([dxas[i] for i in lora], 1)
         if want_dx:
             _add_lora_input_grad(dx, stacked, [weights[i] for i in lora])
-        chosen = [i for i in lora if needs[i]]
-        if chosen:
-            both = stacked if chosen == lora else _joined([dxas[i] for i in chosen], 1)
-            for i, d_A in zip(chosen, _grad_lora_A(x2, both, [weights[i] for i in chosen])):
-                d_lora_A[i] = d_A
+        if any(needs[i] for i in lora):  # a frozen adapter's rows of the one matmul are left unused
+            for i, d_A in zip(lora, _grad_lora_A(x2, stacked, [weights[i] for i in lora])):
+                d_lora_A[i] = d_A if needs[i] else None
     return [grad for d_A, d_B in zip(d_lora_A, d_lora_B) for grad in _weight_grads(d_A, d_B)], dx
 
 
