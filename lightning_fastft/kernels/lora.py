@@ -17,7 +17,12 @@ fp32 inside the matmul; LoRA weights are cast to it, their gradients back to the
 A projection whose ``lora_A`` is ``None`` is the plain frozen linear ``y = x W^T + b``.
 Projections of one input (Q/K/V, gate/up) get their ``xa`` from one matmul over their ``A`` stacked,
 their ``dA`` from one over their ``dxa`` side by side and their ``dxa A`` terms of ``dx`` from one
-more: ``x`` is read once each way and ``dx`` updated once, not per projection.
+more: ``x`` is read once each way, not per projection.
+
+The rank-r terms go first and the frozen GEMMs accumulate onto them (``beta = 1``): ``y = s xa B^T + b``,
+then ``y += x W^T``; ``dx = dxa A``, then ``dx += dy W``. A full-width result is so written by the
+small GEMM and read once in the large one's epilogue, rather than read and written again by a
+rank-r update after it.
 """
 
 from __future__ import annotations
@@ -100,13 +105,13 @@ def _project(
     without LoRA)."""
     weight = _dense_weight(w, dtype)
     bias = None if w.bias is None else w.bias.to(dtype)
-    y = F.linear(x2, weight, bias)
-    del weight
     if w.lora_A is None:
-        return y, None
+        return F.linear(x2, weight, bias), None
     if xa is None:
         (xa,) = _lora_inputs(x2, [w], dtype)
-    y.addmm_(xa, w.lora_B.to(dtype).t(), alpha=w.scaling)
+    start, beta = (x2.new_zeros(()), 0) if bias is None else (bias, 1)
+    y = torch.addmm(start, xa, w.lora_B.to(dtype).t(), beta=beta, alpha=w.scaling)
+    y.addmm_(x2, weight.t())
     return y, xa
 
 
@@ -151,22 +156,22 @@ def _input_grads(
     projection after projection, and ``dx = sum of (dy W + dxa A)`` (``None`` unless ``want_dx``).
     The ``dxa`` of all projections sit side by side in one (tokens, sum of ranks) matrix, so ``x`` is
     read once for every ``dA = dxa^T x`` and ``dx`` is updated once for every ``dxa A``."""
-    d_lora_B, dxas, dx = [], [], None
+    d_lora_B, dxas = [], []
     for dy, xa, w, need in zip(dys, xas, weights, needs):
         d_B, dxa = _lora_grads(dy, xa, w, need)
         d_lora_B.append(d_B)
         dxas.append(dxa)
-        if want_dx:
+    lora = [i for i, dxa in enumerate(dxas) if dxa is not None]
+    stacked = _joined([dxas[i] for i in lora], 1) if lora else None
+    dx = None
+    if want_dx:
+        dx = _lora_input_grad(stacked, [weights[i] for i in lora]) if lora else None
+        for dy, w in zip(dys, weights):
             dx = _add_base_input_grad(dx, dy, w)
     d_lora_A = [None] * len(weights)
-    lora = [i for i, dxa in enumerate(dxas) if dxa is not None]
-    if lora:
-        stacked = _joined([dxas[i] for i in lora], 1)
-        if want_dx:
-            _add_lora_input_grad(dx, stacked, [weights[i] for i in lora])
-        if any(needs[i] for i in lora):  # a frozen adapter's rows of the one matmul are left unused
-            for i, d_A in zip(lora, _grad_lora_A(x2, stacked, [weights[i] for i in lora])):
-                d_lora_A[i] = d_A if needs[i] else None
+    if any(needs[i] for i in lora):  # a frozen adapter's rows of the one matmul are left unused
+        for i, d_A in zip(lora, _grad_lora_A(x2, stacked, [weights[i] for i in lora])):
+            d_lora_A[i] = d_A if needs[i] else None
     return [grad for d_A, d_B in zip(d_lora_A, d_lora_B) for grad in _weight_grads(d_A, d_B)], dx
 
 
@@ -177,10 +182,10 @@ def _grad_lora_A(x2: torch.Tensor, dxa: torch.Tensor, weights: list[LoRAWeights]
     return [part.to(w.lora_A.dtype) for w, part in zip(weights, parts)]
 
 
-def _add_lora_input_grad(dx: torch.Tensor, dxa: torch.Tensor, weights: list[LoRAWeights]) -> None:
-    """``dx += sum of dxa A`` over projections of one input, in place, as one matmul over their
-    ``dxa`` side by side and their ``A`` stacked."""
-    dx.addmm_(dxa, _joined([w.lora_A.to(dx.dtype) for w in weights], 0))
+def _lora_input_grad(dxa: torch.Tensor, weights: list[LoRAWeights]) -> torch.Tensor:
+    """``sum of dxa A`` over projections of one input, as one matmul over their ``dxa`` side by side
+    and their ``A`` stacked: the start of ``dx``, onto which the frozen GEMMs accumulate."""
+    return dxa @ _joined([w.lora_A.to(dxa.dtype) for w in weights], 0)
 
 
 def _add_base_input_grad(dx: torch.Tensor | None, dy: torch.Tensor, w: LoRAWeights) -> torch.Tensor:
@@ -328,9 +333,7 @@ class _LoRAMLPFunction(torch.autograd.Function):
         d_down_A = d_down_B = None
         if need_down_ab:
             d_down_B = _grad_lora_B(dy2, ha_down, down)
-        dh = _add_base_input_grad(None, dy2, down)
-        if has_lora:
-            _add_lora_input_grad(dh, dha, [down])
+        dh = _add_base_input_grad(_lora_input_grad(dha, [down]) if has_lora else None, dy2, down)
         del dy2
         if need_down_ab:
             h, dg, du = glu_backward(dh, g, u, ctx.activation, inplace=True, return_h=True)
