@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -164,7 +165,7 @@ def measure(tokens: int, rank: int, scale: int, device: torch.device, configs, d
             for label, lora in (("triton", False), ("triton_lora", True)):
                 best = None
                 for config in configs:
-                    fn = lambda config=config, a2=a2 if lora else None: triton_lora_gemm(a, b, a2, b2, config, kmajor)  # noqa: E731
+                    fn = partial(triton_lora_gemm, a, b, a2 if lora else None, b2, config, kmajor)
                     try:
                         ms = _time(fn, device)
                     except Exception as error:  # a configuration this GPU or Triton cannot compile
