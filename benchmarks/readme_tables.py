@@ -69,6 +69,8 @@ STEP_ROWS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "8B LoRA (12-05, prefill)",
         ("step_llama8b_bf16_bs4_prefill_before_h200.json", "step_llama8b_bf16_bs4_prefill_after_h200.json"),
     ),
+    ("8B LoRA (12-05b)", ("step_llama8b_bf16_bs4_prefill_auto_h200.json",)),
+    ("8B QLoRA (12-05b)", ("step_llama8b_nf4_bs4_prefill_h200.json",)),
 )
 STEP_VARIANTS = (
     "hf", "liger", "unsloth", "fastft", "fastft_offload", "fastft_auto80", "fastft_auto_unsloth", "fastft_graphs",
