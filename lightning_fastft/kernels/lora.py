@@ -155,7 +155,7 @@ def _input_grads(
     """``(grads, dx)`` of projections of one input ``x``: their LoRA gradients in LoRAWeights field order,
     projection after projection, and ``dx = sum of (dy W + dxa A)`` (``None`` unless ``want_dx``).
     The ``dxa`` of all projections sit side by side in one (tokens, sum of ranks) matrix, so ``x`` is
-    read once for every ``dA = dxa^T x`` and ``dx`` is updated once for every ``dxa A``."""
+    read once for every ``dA = dxa^T x`` and one matmul gives every ``dxa A`` (where ``dx`` starts)."""
     d_lora_B, dxas = [], []
     for dy, xa, w, need in zip(dys, xas, weights, needs):
         d_B, dxa = _lora_grads(dy, xa, w, need)
