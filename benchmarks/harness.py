@@ -254,6 +254,23 @@ def launch_ms(fn: Callable[[], Any], grad_to_none: Optional[Sequence[torch.Tenso
     return do_bench(fn, grad_to_none=grad_to_none, return_mode="median")
 
 
+def median_ms(fn: Callable[[], Any], device: torch.device) -> float:
+    """:func:`launch_ms` on CUDA; elsewhere the median wall time of three calls (a CPU check of a script)."""
+    if device.type == "cuda":
+        return launch_ms(fn)
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |actual - reference| / max |reference| (``reference`` in fp32)."""
+    return ((actual.float() - reference).abs().max() / reference.abs().max()).item()
+
+
 _L2_ROTATION_BYTES = 4 * 50 * 2**20  # input sets per graph cover 4x the H100's 50 MiB L2
 _MAX_INPUT_SETS = 8
 _GRAPH_REPLAYS = 15

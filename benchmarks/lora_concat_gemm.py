@@ -40,9 +40,7 @@ the step. CPU: ``--device cpu --tokens 64 --scale 64`` runs the same code on sha
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -62,21 +60,6 @@ FORWARD = ("update", "prefill", "kcat_copy", "kcat", "kcat_fused")
 BACKWARD = ("update", "prefill", "ncat", "kcat_copy")
 COLUMNS = ("group", "tokens", "pass", "scheme", "ms", "vs_update", "err")
 SCALING = 2.0  # PEFT's alpha / r at the benchmark's r 16, alpha 32
-
-
-def median_ms(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        return harness.launch_ms(fn)
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((actual.float() - reference).abs().max() / reference.abs().max()).item()
 
 
 class Group:
@@ -181,12 +164,14 @@ def run_group(name: str, tokens: int, rank: int, scale: int, device: torch.devic
     y_ref, dx_ref, dxa_ref = group.references()
     rows = []
     for scheme in FORWARD:
-        err = relative_error(torch.cat(group.forward(scheme), dim=1), y_ref)
-        rows.append({"pass": "forward", "scheme": scheme, "err": err, "ms": median_ms(lambda: group.forward(scheme), device)})
+        err = harness.relative_error(torch.cat(group.forward(scheme), dim=1), y_ref)
+        ms = harness.median_ms(lambda: group.forward(scheme), device)
+        rows.append({"pass": "forward", "scheme": scheme, "err": err, "ms": ms})
     for scheme in BACKWARD:
         dx, dxa = group.backward(scheme)
-        err = max(relative_error(dx, dx_ref), relative_error(dxa, dxa_ref))
-        rows.append({"pass": "backward", "scheme": scheme, "err": err, "ms": median_ms(lambda: group.backward(scheme), device)})
+        err = max(harness.relative_error(dx, dx_ref), harness.relative_error(dxa, dxa_ref))
+        ms = harness.median_ms(lambda: group.backward(scheme), device)
+        rows.append({"pass": "backward", "scheme": scheme, "err": err, "ms": ms})
     for row in rows:
         row.update(group=name, tokens=tokens)
     return rows

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
@@ -119,18 +118,6 @@ def triton_lora_gemm(a, b, a2, b2, config, b_kmajor: bool):
     return c
 
 
-def _time(fn, device) -> float:
-    if device.type != "cuda":
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
-    return triton.testing.do_bench(fn, warmup=25, rep=100)
-
-
-def _err(out, ref) -> float:
-    return ((out.float() - ref).abs().max() / ref.abs().max()).item()
-
-
 def measure(tokens: int, rank: int, scale: int, device: torch.device, configs, dtype=torch.bfloat16) -> list[dict]:
     rows = []
     s = 2.0
@@ -167,7 +154,7 @@ def measure(tokens: int, rank: int, scale: int, device: torch.device, configs, d
                 for config in configs:
                     fn = partial(triton_lora_gemm, a, b, a2 if lora else None, b2, config, kmajor)
                     try:
-                        ms = _time(fn, device)
+                        ms = harness.median_ms(fn, device)
                     except Exception as error:  # a configuration this GPU or Triton cannot compile
                         print(f"{name} {pass_name} {label} {config}: {type(error).__name__}: {error}"[:300], flush=True)
                         continue
@@ -176,10 +163,10 @@ def measure(tokens: int, rank: int, scale: int, device: torch.device, configs, d
                 if best is not None:
                     schemes[label] = (best[2], lora_ref if lora else base_ref, best[1])
             for scheme, (fn, ref, *config) in schemes.items():
-                ms = _time(fn, device)
+                ms, err = harness.median_ms(fn, device), harness.relative_error(fn(), ref)
                 rows.append({
                     "group": name, "tokens": tokens, "pass": pass_name, "scheme": scheme, "ms": ms,
-                    "tflops": flops / ms / 1e9, "err": _err(fn(), ref), "config": str(config[0]) if config else "",
+                    "tflops": flops / ms / 1e9, "err": err, "config": str(config[0]) if config else "",
                 })  # fmt: skip
                 print(rows[-1], flush=True)
     return rows
