@@ -21,7 +21,8 @@ the tokenizer of ``examples/assets``) under ``--weights``; every variant then lo
   CUDA graphs; the JSON row has their ``captures`` / ``replays``), ``fastft_graphs_auto80`` the same with
   ``fastft_auto80``'s checkpointing;
 * ``fastft_auto80``: ``checkpointing="auto"`` with ``memory_budget_gib=80``; ``fastft_auto_unsloth``: with the
-  budget set to the peak that ``unsloth`` measured in this run at the same batch and quantisation.
+  budget set to the peak that ``unsloth`` measured in this run at the same batch and quantisation (or, where
+  ``unsloth`` is not among the variants, to ``--memory-budget-gib``: a peak measured in an earlier run).
 
 QLoRA (``--quant nf4``): bitsandbytes NF4 with double quantisation and bf16 compute, quantised at load
 (``lightning_fastft.qlora.load_qlora``; Unsloth's ``load_in_4bit=True``). LoRA r16, alpha 16, dropout 0,
@@ -75,7 +76,7 @@ FASTFT_VARIANTS = {
 }
 COLUMNS = (
     "quant", "batch", "variant", "status", "tokens_per_sec", "vs_hf", "vs_unsloth", "step_s", "peak_gib",
-    "reserved_gib", "weights_gib", "load_s", "first_loss", "last_loss", "plan", "budget_gib",
+    "reserved_gib", "weights_gib", "load_s", "first_loss", "last_loss", "plan", "estimated_peak_gib", "budget_gib",
 )  # fmt: skip
 
 
@@ -263,7 +264,7 @@ def parent(args: argparse.Namespace) -> None:
                             "--weights", str(weights), "--device", args.device, "--warmup", str(args.warmup),
                             "--steps", str(args.steps)]  # fmt: skip
                     if variant == "fastft_auto_unsloth":
-                        peak = group.get("unsloth", {}).get("peak_gib")
+                        peak = group.get("unsloth", {}).get("peak_gib", args.memory_budget_gib)
                         if peak is None:
                             group[variant] = {"variant": variant, "quant": quant, "batch": batch,
                                               "status": "skipped: no unsloth peak"}  # fmt: skip
@@ -340,7 +341,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     # child mode
     parser.add_argument("--save", action="store_true")
     parser.add_argument("--variant", choices=VARIANTS)
-    parser.add_argument("--memory-budget-gib", type=float, default=None)
+    parser.add_argument("--memory-budget-gib", type=float, default=None, help="fastft_auto_unsloth's budget where "
+                        "unsloth does not run in the same call (it takes unsloth's measured peak where it does)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--result", default=None)
     args = parser.parse_args(argv)

@@ -109,7 +109,8 @@ def _project(
         return F.linear(x2, weight, bias), None
     if xa is None:
         (xa,) = _lora_inputs(x2, [w], dtype)
-    start, beta = (x2.new_zeros(()), 0) if bias is None else (bias, 1)
+    # without bias addmm's input is ignored (beta = 0: not even its NaNs), so an empty one (no fill kernel)
+    start, beta = (x2.new_empty(()), 0) if bias is None else (bias, 1)
     y = torch.addmm(start, xa, w.lora_B.to(dtype).t(), beta=beta, alpha=w.scaling)
     y.addmm_(x2, weight.t())
     return y, xa
