@@ -173,7 +173,7 @@ def step_table(results_dir: Path = harness.RESULTS_DIR) -> str:
                     memory.append(f"{row['peak_gib']:.1f}")
             lines.append(f"| {label}, bs {batch} tok/s (x {base}) | " + " | ".join(speed) + " |")
             lines.append("| peak GiB | " + " | ".join(memory) + " |")
-    sources = ", ".join(f"`{file}`" for _, files in STEP_ROWS for file in files)
+    sources = ", ".join(f"`{file}`" for file in dict.fromkeys(file for _, files in STEP_ROWS for file in files))
     lines += ["", f"Sources (`benchmarks/results/`): {sources}."]
     return "\n".join(lines)
 
