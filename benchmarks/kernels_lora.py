@@ -68,7 +68,7 @@ def cases(device: str = "cuda", tokens: int = TOKENS, hidden: int = HIDDEN, inte
     returns a tensor or a tuple to backpropagate, ``leaves`` get ``.grad``."""
     import torch.nn.functional as F
 
-    from lightning_fastft.patching.lora import make_fused_mlp, make_fused_qkv
+    from lightning_fastft.patching.lora import GLU_MLP, QKV, fused_mlp, fused_qkv, projection_plans
 
     for nf4 in (False, True):
         dtype_name = "nf4" if nf4 else "bf16"
@@ -77,20 +77,20 @@ def cases(device: str = "cuda", tokens: int = TOKENS, hidden: int = HIDDEN, inte
         mlp = _peft(dict(gate_proj=(hidden, intermediate), up_proj=(hidden, intermediate),
                          down_proj=(intermediate, hidden)), nf4, device)
         leaves = [x] + [p for p in mlp.parameters() if p.requires_grad]
-        fused_mlp = make_fused_mlp(mlp, "silu")
-        assert fused_mlp is not None
+        mlp_plans = projection_plans(mlp, GLU_MLP)
+        assert mlp_plans is not None
         shape = f"{tokens}x{hidden}x{intermediate}"
-        yield "lora_mlp", shape, dtype_name, "fastft", lambda x=x, f=fused_mlp: f(x), leaves
+        yield "lora_mlp", shape, dtype_name, "fastft", lambda x=x, p=mlp_plans: fused_mlp(p, x, "silu"), leaves
         yield "lora_mlp", shape, dtype_name, "peft", (
             lambda x=x, m=mlp: m.down_proj(F.silu(m.gate_proj(x)) * m.up_proj(x))), leaves
-        del mlp, fused_mlp
+        del mlp, mlp_plans
 
         attn = _peft(dict(q_proj=(hidden, q_out), k_proj=(hidden, kv_out), v_proj=(hidden, kv_out)), nf4, device)
         leaves = [x] + [p for p in attn.parameters() if p.requires_grad]
-        fused_qkv = make_fused_qkv(attn)
-        assert fused_qkv is not None
+        qkv_plans = projection_plans(attn, QKV)
+        assert qkv_plans is not None
         shape = f"{tokens}x{hidden}->{q_out}+2x{kv_out}"
-        yield "lora_qkv", shape, dtype_name, "fastft", lambda x=x, f=fused_qkv: f(x), leaves
+        yield "lora_qkv", shape, dtype_name, "fastft", lambda x=x, p=qkv_plans: fused_qkv(p, x), leaves
         yield "lora_qkv", shape, dtype_name, "peft", (
             lambda x=x, m=attn: (m.q_proj(x), m.k_proj(x), m.v_proj(x))), leaves
 
