@@ -18,6 +18,9 @@ Forward, ``y_i = x W_i^T + s xa_i B_i^T`` with ``xa = x [A_1; ..; A_n]^T`` (one 
   the GLU — would write it there); only ``xa`` and ``s B_i`` are copied;
 * ``kcat_fused``: as ``kcat`` with the group's projections as one GEMM (their wide weights stacked),
   the outputs column views of one result.
+* ``merged``: ``prefill`` with the group's projections as one GEMM: ``[y_1 .. y_n] = s xa [B_1 ⊕ .. ⊕ B_n]^T``
+  (one rank-R GEMM over the block-diagonal ``B``s), then ``+= x [W_1; ..; W_n]^T`` (the frozen weights
+  stacked, as they would be held for good); the outputs column views of one result.
 
 Input gradient, ``dx = sum_i (dy_i W_i + dxa_i A_i)`` with ``dxa_i = s dy_i B_i`` (returned too):
 
@@ -28,6 +31,9 @@ Input gradient, ``dx = sum_i (dy_i W_i + dxa_i A_i)`` with ``dxa_i = s dy_i B_i`
   weight; ``dxa`` comes out of the frozen GEMMs (no rank-r GEMM over ``dy``), then ``dx += dxa A``;
 * ``kcat_copy``: ``dx = [dy_1 .. dy_n | dxa_1 .. dxa_n] [W_1; ..; W_n; A_1; ..; A_n]``, one GEMM over
   the gradients copied side by side.
+* ``merged``: the ``dy_i`` already side by side (their producer — the GLU backward — writes them there):
+  ``[dxa_1 .. dxa_n] = s [dy_1 .. dy_n] [B_1 ⊕ .. ⊕ B_n]``, ``dx = dxa [A ..]``, then
+  ``dx += [dy_1 .. dy_n] [W_1; ..; W_n]``: one frozen GEMM over K = sum of out.
 
 Weight gradients (``dA``, ``dB``) are the same in every scheme and not timed. Per group and scheme:
 the median (``triton.testing.do_bench``, L2 flushed) and the largest difference from an fp32 reference
@@ -56,8 +62,8 @@ GROUPS = {  # input features, output features of each projection
     "gate_up": (HIDDEN, (INTERMEDIATE, INTERMEDIATE)),
     "down": (INTERMEDIATE, (HIDDEN,)),
 }
-FORWARD = ("update", "prefill", "kcat_copy", "kcat", "kcat_fused")
-BACKWARD = ("update", "prefill", "ncat", "kcat_copy")
+FORWARD = ("update", "prefill", "kcat_copy", "kcat", "kcat_fused", "merged")
+BACKWARD = ("update", "prefill", "ncat", "kcat_copy", "merged")
 COLUMNS = ("group", "tokens", "pass", "scheme", "ms", "vs_update", "err")
 SCALING = 2.0  # PEFT's alpha / r at the benchmark's r 16, alpha 32
 
@@ -66,7 +72,8 @@ class Group:
     """One projection group's tensors in bf16 (the LoRA weights cast as the kernels cast them) and
     its wide layouts: ``wide_x`` (tokens, in + R) and per projection ``wide_w[i]`` (out_i, in + R),
     ``W_i`` in its first ``in`` columns, zeros but for ``s B_i`` in its own rank columns;
-    ``stacked_w`` ((sum out) + R, in) = ``[W_1; ..; W_n; A_1; ..; A_n]``."""
+    ``stacked_w`` ((sum out) + R, in) = ``[W_1; ..; W_n; A_1; ..; A_n]``; ``merged_w`` (sum out, in) =
+    ``[W_1; ..; W_n]``, ``block_B`` (sum out, R) = ``s (B_1 ⊕ .. ⊕ B_n)``, ``merged_dy`` the ``dy_i`` side by side."""
 
     def __init__(self, name: str, tokens: int, rank: int, scale: int, device: torch.device, dtype: torch.dtype):
         features, outs = GROUPS[name]
@@ -87,6 +94,9 @@ class Group:
         self.fused_w = torch.cat(self.wide_w)  # kcat_fused: views of it stand for the wide weights
         self.fused_views = list(self.fused_w.split(self.outs))
         self.stacked_w = torch.cat([*self.weights, *self.adapters])
+        self.merged_w = torch.cat(self.weights)
+        self.merged_dy = torch.cat(self.dys, dim=1)
+        self.block_B = torch.block_diag(*self.lora_B).mul_(SCALING)
 
     def stacked_A(self) -> torch.Tensor:
         return torch.cat(self.adapters) if len(self.adapters) > 1 else self.adapters[0]
@@ -113,6 +123,9 @@ class Group:
                     y.addmm_(self.x, weight.t())
                 outputs.append(y)
             return outputs
+        if scheme == "merged":
+            y = torch.addmm(self.x.new_zeros(()), self.lora_inputs(self.x), self.block_B.t(), beta=0)
+            return list(y.addmm_(self.x, self.merged_w.t()).split(self.outs, dim=1))
         if scheme == "kcat_copy":
             self.wide_x[:, :k].copy_(self.x)
         self.wide_x[:, k:].copy_(self.lora_inputs(self.wide_x[:, :k]))
@@ -135,6 +148,9 @@ class Group:
             dx, dxa = out[:, : self.features], out[:, self.features :]
             dx.addmm_(dxa, self.stacked_A())
             return dx, dxa
+        if scheme == "merged":
+            dxa = self.merged_dy @ self.block_B
+            return (dxa @ self.stacked_A()).addmm_(self.merged_dy, self.merged_w), dxa
         dxa = torch.cat(self.lora_input_grads(), dim=1)
         if scheme == "kcat_copy":
             return torch.cat([*self.dys, dxa], dim=1) @ self.stacked_w, dxa
