@@ -31,7 +31,8 @@ Input gradient, ``dx = sum_i (dy_i W_i + dxa_i A_i)`` with ``dxa_i = s dy_i B_i`
   weight; ``dxa`` comes out of the frozen GEMMs (no rank-r GEMM over ``dy``), then ``dx += dxa A``;
 * ``kcat_copy``: ``dx = [dy_1 .. dy_n | dxa_1 .. dxa_n] [W_1; ..; W_n; A_1; ..; A_n]``, one GEMM over
   the gradients copied side by side.
-* ``merged``: the ``dy_i`` already side by side (their producer — the GLU backward — writes them there):
+* ``merged``: the ``dy_i`` already side by side (the GLU backward could write gate/up's there; Q/K/V's come
+  apart from attention and RoPE and would need gathering first, which is not timed):
   ``[dxa_1 .. dxa_n] = s [dy_1 .. dy_n] [B_1 ⊕ .. ⊕ B_n]``, ``dx = dxa [A ..]``, then
   ``dx += [dy_1 .. dy_n] [W_1; ..; W_n]``: one frozen GEMM over K = sum of out.
 
