@@ -153,6 +153,42 @@ def test_layer_saved_bytes_scale_with_the_batch():
     assert measured[0].saved_bytes > 10 * measured[0].input_bytes
 
 
+def _saved_by_layer(model, index: int) -> int:
+    """Bytes of the storages layer ``index`` saves for backward in a plain training forward of ``model``,
+    less the parameters and what an earlier layer saved first (the rotary tables all layers share)."""
+    layers = next(module for name, module in model.named_modules() if name.endswith("layers"))
+    excluded = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved, running = {}, [False]
+
+    def pack(tensor):
+        key = tensor.untyped_storage().data_ptr()
+        if key not in excluded:
+            if running[0]:
+                saved.setdefault(key, tensor.untyped_storage().nbytes())
+            else:
+                excluded.add(key)
+        return tensor
+
+    handles = [layers[index].register_forward_pre_hook(lambda *_: running.__setitem__(0, True)),
+               layers[index].register_forward_hook(lambda *_: running.__setitem__(0, False))]  # fmt: skip
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(**make_batch("cpu"))
+    for handle in handles:
+        handle.remove()
+    return sum(saved.values())
+
+
+def test_measures_what_a_layer_with_an_input_gradient_saves():
+    """The planner measures on the stack's first layer, whose input (the frozen embeddings' output) needs no
+    gradient; every later layer's input does, and those layers save more for it (the input norm's input and
+    statistics, ...). The measurement must be a later layer's, or the estimate runs low by that per layer."""
+    model = lora_llama()
+    assert not model.get_input_embeddings().weight.requires_grad
+    first, second = _saved_by_layer(model, 0), _saved_by_layer(model, 1)
+    assert second > first
+    assert probe(model)[0].saved_bytes == second
+
+
 # ---------------------------------------------------------------- options
 
 

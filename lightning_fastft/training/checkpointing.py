@@ -417,6 +417,13 @@ class AutoCheckpointing:
             return
         device = hidden_states.device
         run_layer = self._run_layer[s][i]
+        # measured as a layer whose input needs a gradient: the first layer's input (frozen embeddings)
+        # needs none, every later one's does, and they save more for it (the input norm's input, ...)
+        probe = hidden_states if hidden_states.requires_grad else hidden_states.detach().requires_grad_()
+        if args:
+            args = (probe, *args[1:])
+        else:
+            kwargs = {**kwargs, "hidden_states": probe}
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             saved = saved_activation_bytes(
                 lambda: run_layer(*args, **kwargs), exclude=[*layer.parameters(), *layer.buffers(), *others]

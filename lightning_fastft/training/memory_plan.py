@@ -42,7 +42,8 @@ The terms:
   plan is made, i.e. the weights and the batch, plus the gradients and AdamW's two moments of the
   trainable parameters as long as they are not allocated yet).
 * kept bytes: ``A`` (none), ``I`` (recompute) or 0 (offload). ``A`` is measured, not modelled:
-  one layer's forward runs once more on the real batch under
+  one layer's forward runs once more on the real batch (its input requiring a gradient, as every
+  layer's but the first does) under
   ``torch.autograd.graph.saved_tensors_hooks`` and the distinct storages it saves are summed
   (:func:`saved_activation_bytes`; the parameters and the inputs all layers share, such as the
   rotary tables and the mask, are left out).
