@@ -71,6 +71,8 @@ STEP_ROWS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
     ("8B LoRA (12-05b)", ("step_llama8b_bf16_bs4_prefill_auto_h200.json",)),
     ("8B QLoRA (12-05b)", ("step_llama8b_nf4_bs4_prefill_h200.json",)),
+    ("8B LoRA (12-05d, H100)", ("step_llama8b_bf16_bs4_auto_h100.json",)),
+    ("8B QLoRA (12-05d, H100)", ("step_llama8b_nf4_bs4_auto_h100.json",)),
 )
 STEP_VARIANTS = (
     "hf", "liger", "unsloth", "fastft", "fastft_offload", "fastft_auto80", "fastft_auto_unsloth", "fastft_graphs",
